@@ -1,0 +1,46 @@
+"""safepg: PostgreSQL connections that are always encrypted and authenticated.
+
+``safepg.connect(...)`` takes what ``psycopg.connect`` takes and returns a real
+``psycopg.Connection``, always with ``sslmode=verify-full`` and the right trust anchors::
+
+    import safepg
+
+    conn = safepg.connect("postgresql://app:secret@mydb.abc123.eu-central-1.rds.amazonaws.com/app")
+    print(safepg.check(conn))
+"""
+
+from ._check import SSLReport, check, check_async
+from ._connect import connect, connect_async, resolve_trust, secure_conninfo
+from ._errors import (
+    CertificateExpiredError,
+    ConfigurationError,
+    ConnectionSecurityError,
+    HostnameMismatchError,
+    InsecureConnectionError,
+    SafePGError,
+    SSLNotSupportedError,
+    UntrustedCertificateError,
+)
+from ._trust import TrustSource
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "CertificateExpiredError",
+    "ConfigurationError",
+    "ConnectionSecurityError",
+    "HostnameMismatchError",
+    "InsecureConnectionError",
+    "SSLNotSupportedError",
+    "SSLReport",
+    "SafePGError",
+    "TrustSource",
+    "UntrustedCertificateError",
+    "__version__",
+    "check",
+    "check_async",
+    "connect",
+    "connect_async",
+    "resolve_trust",
+    "secure_conninfo",
+]

@@ -1,0 +1,221 @@
+"""`connect` and `connect_async`: psycopg's calls, hardened, diagnosed and checked."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, overload
+
+import psycopg
+from psycopg import AsyncConnection, AsyncCursor, Connection, Cursor
+from psycopg.abc import AdaptContext, ConnParam
+from psycopg.rows import AsyncRowFactory, Row, RowFactory, TupleRow
+
+from . import _check, _diagnose
+from ._errors import InsecureConnectionError
+from ._params import Plan, build_plan
+from ._trust import TrustSource
+
+__all__ = ["connect", "connect_async", "resolve_trust", "secure_conninfo"]
+
+
+def secure_conninfo(
+    conninfo: str = "", *, allow_unencrypted_unix_socket: bool = False, **kwargs: ConnParam
+) -> str:
+    """Return the conninfo string safepg would connect with, for any libpq client.
+
+    Use it for psql, psycopg_pool, psycopg2 and other libpq users. The result always holds
+    ``sslmode=verify-full``, ``sslrootcert`` (see `resolve_trust`), ``gssencmode=disable`` and a
+    TLS minimum of 1.2; everything else is passed through untouched. It contains the password
+    if you gave one.
+
+    Args:
+        conninfo: a libpq conninfo string or a ``postgresql://`` URL.
+        allow_unencrypted_unix_socket: accept a Unix-domain socket host, which libpq never
+            encrypts. Off by default.
+        **kwargs: libpq connection parameters, overriding those in *conninfo*.
+
+    Raises:
+        ConfigurationError: the parameters are invalid, or cannot give a verified session.
+    """
+    return build_plan(
+        conninfo, kwargs, allow_unencrypted_unix_socket=allow_unencrypted_unix_socket
+    ).conninfo
+
+
+def resolve_trust(
+    conninfo: str = "", *, allow_unencrypted_unix_socket: bool = False, **kwargs: ConnParam
+) -> TrustSource:
+    """Return the trust anchors safepg would use for these parameters: a PEM path and a label.
+
+    The order: the caller's ``sslrootcert``; ``PGSSLROOTCERT``; ``~/.postgresql/root.crt``; a
+    bundled provider set chosen by host name (Amazon RDS); the OS trust store; certifi.
+
+    Raises:
+        ConfigurationError: as for `secure_conninfo`, or a CA file named by the caller is
+            missing, empty, unreadable or not PEM.
+    """
+    return build_plan(
+        conninfo, kwargs, allow_unencrypted_unix_socket=allow_unencrypted_unix_socket
+    ).trust
+
+
+def _refuse(
+    conn: Connection[Any] | AsyncConnection[Any], problem: str, plan: Plan
+) -> InsecureConnectionError:
+    err = InsecureConnectionError(
+        f"safepg refused the session: {problem}. Trust anchors: {plan.trust}."
+    )
+    err.host = (conn.pgconn.host or b"").decode("utf-8", "replace")
+    err.port = (conn.pgconn.port or b"").decode()
+    err.trust = plan.trust
+    return err
+
+
+@overload
+def connect(
+    conninfo: str = "",
+    *,
+    autocommit: bool = False,
+    prepare_threshold: int | None = 5,
+    context: AdaptContext | None = None,
+    row_factory: RowFactory[Row],
+    cursor_factory: type[Cursor[Row]] | None = None,
+    allow_unencrypted_unix_socket: bool = False,
+    **kwargs: ConnParam,
+) -> Connection[Row]: ...
+
+
+@overload
+def connect(
+    conninfo: str = "",
+    *,
+    autocommit: bool = False,
+    prepare_threshold: int | None = 5,
+    context: AdaptContext | None = None,
+    row_factory: None = None,
+    cursor_factory: type[Cursor[TupleRow]] | None = None,
+    allow_unencrypted_unix_socket: bool = False,
+    **kwargs: ConnParam,
+) -> Connection[TupleRow]: ...
+
+
+def connect(
+    conninfo: str = "",
+    *,
+    autocommit: bool = False,
+    prepare_threshold: int | None = 5,
+    context: AdaptContext | None = None,
+    row_factory: RowFactory[Any] | None = None,
+    cursor_factory: type[Cursor[Any]] | None = None,
+    allow_unencrypted_unix_socket: bool = False,
+    **kwargs: ConnParam,
+) -> Connection[Any]:
+    """Connect like `psycopg.connect`, always with a verified TLS session.
+
+    Takes what `psycopg.connect` takes and returns a real `psycopg.Connection`. The parameters
+    go through `secure_conninfo` first, and the new session is checked before it is returned.
+
+    Args:
+        conninfo: a libpq conninfo string or a ``postgresql://`` URL.
+        autocommit, prepare_threshold, context, row_factory, cursor_factory: as for psycopg.
+        allow_unencrypted_unix_socket: accept a Unix-domain socket host (local, never
+            encrypted); `check` then reports "local socket, not encrypted". Off by default.
+        **kwargs: libpq connection parameters, overriding those in *conninfo*.
+
+    Raises:
+        ConfigurationError: bad parameters, or ones that cannot give a verified session; raised
+            before any network I/O.
+        HostnameMismatchError, UntrustedCertificateError, CertificateExpiredError,
+        SSLNotSupportedError: the server could not be verified.
+        InsecureConnectionError: the session came up below policy (defence in depth).
+        psycopg.OperationalError: any other failure (authentication, refused, timeout), as
+            psycopg raises it.
+    """
+    plan = build_plan(conninfo, kwargs, allow_unencrypted_unix_socket=allow_unencrypted_unix_socket)
+    try:
+        conn = Connection.connect(
+            plan.conninfo,
+            autocommit=autocommit,
+            prepare_threshold=prepare_threshold,
+            context=context,
+            row_factory=row_factory,
+            cursor_factory=cursor_factory,
+        )
+    except psycopg.OperationalError as ex:
+        err = _diagnose.diagnose(ex, plan)
+        if err is None:
+            raise
+        raise err from ex
+    problem = _check.session_problem(conn.pgconn, plan.allow_unix_socket)
+    if problem:
+        conn.close()
+        raise _refuse(conn, problem, plan)
+    _check.remember(conn, plan)
+    return conn
+
+
+@overload
+async def connect_async(
+    conninfo: str = "",
+    *,
+    autocommit: bool = False,
+    prepare_threshold: int | None = 5,
+    context: AdaptContext | None = None,
+    row_factory: AsyncRowFactory[Row],
+    cursor_factory: type[AsyncCursor[Row]] | None = None,
+    allow_unencrypted_unix_socket: bool = False,
+    **kwargs: ConnParam,
+) -> AsyncConnection[Row]: ...
+
+
+@overload
+async def connect_async(
+    conninfo: str = "",
+    *,
+    autocommit: bool = False,
+    prepare_threshold: int | None = 5,
+    context: AdaptContext | None = None,
+    row_factory: None = None,
+    cursor_factory: type[AsyncCursor[TupleRow]] | None = None,
+    allow_unencrypted_unix_socket: bool = False,
+    **kwargs: ConnParam,
+) -> AsyncConnection[TupleRow]: ...
+
+
+async def connect_async(
+    conninfo: str = "",
+    *,
+    autocommit: bool = False,
+    prepare_threshold: int | None = 5,
+    context: AdaptContext | None = None,
+    row_factory: AsyncRowFactory[Any] | None = None,
+    cursor_factory: type[AsyncCursor[Any]] | None = None,
+    allow_unencrypted_unix_socket: bool = False,
+    **kwargs: ConnParam,
+) -> AsyncConnection[Any]:
+    """`connect` for asyncio: like `psycopg.AsyncConnection.connect`, always verified.
+
+    Returns a real `psycopg.AsyncConnection`. Arguments and errors are those of `connect`.
+    """
+    plan = build_plan(conninfo, kwargs, allow_unencrypted_unix_socket=allow_unencrypted_unix_socket)
+    try:
+        conn = await AsyncConnection.connect(
+            plan.conninfo,
+            autocommit=autocommit,
+            prepare_threshold=prepare_threshold,
+            context=context,
+            row_factory=row_factory,
+            cursor_factory=cursor_factory,
+        )
+    except psycopg.OperationalError as ex:
+        # The diagnosis may open one more connection: keep it off the event loop.
+        err = await asyncio.to_thread(_diagnose.diagnose, ex, plan)
+        if err is None:
+            raise
+        raise err from ex
+    problem = _check.session_problem(conn.pgconn, plan.allow_unix_socket)
+    if problem:
+        await conn.close()
+        raise _refuse(conn, problem, plan)
+    _check.remember(conn, plan)
+    return conn

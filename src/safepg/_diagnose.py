@@ -1,0 +1,172 @@
+"""Turning libpq's connection failures into safepg's error classes, with advice.
+
+libpq reports TLS failures as text. The phrases matched here are stable across libpq 14-18 and
+are checked by the tests against both psycopg-binary's libpq and the system's.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import psycopg
+
+from . import _probe
+from ._errors import (
+    CertificateExpiredError,
+    ConfigurationError,
+    ConnectionSecurityError,
+    HostnameMismatchError,
+    SafePGError,
+    SSLNotSupportedError,
+    UntrustedCertificateError,
+)
+from ._params import Plan, Target
+from ._redact import redact
+
+_MISMATCH = re.compile(
+    r'server certificate for "(?P<name>[^"]*)"(?: \(and (?P<more>\d+) other names?\))? '
+    r'does not match host name "(?P<host>[^"]*)"'
+)
+_NO_NAMES = "could not get server's host name from server certificate"
+_VERIFY_FAILED = "certificate verify failed"
+_NO_SSL = "server does not support SSL"
+_ROOT_FILE = re.compile(r'root certificate file "(?P<path>[^"]*)"')
+_AT = re.compile(r'connection to server at "(?P<addr>[^"]*)"(?:.*?), port (?P<port>\d+) failed')
+# X509_V_ERR_CERT_NOT_YET_VALID and X509_V_ERR_CERT_HAS_EXPIRED.
+_EXPIRY_CODES = (9, 10)
+_DEFAULT_PROBE_TIMEOUT = 5.0
+
+
+def _find_target(plan: Plan, host: str | None, addr: str | None) -> Target | None:
+    for t in plan.targets:
+        if host is not None and t.host == host:
+            return t
+    for t in plan.targets:
+        if addr is not None and addr in (t.host, t.hostaddr):
+            return t
+    return plan.targets[0] if len(plan.targets) == 1 else None
+
+
+def _probe_timeout(plan: Plan) -> float:
+    try:
+        value = float(plan.params.get("connect_timeout", ""))
+    except ValueError:
+        return _DEFAULT_PROBE_TIMEOUT
+    return min(max(value, 2.0), _DEFAULT_PROBE_TIMEOUT) if value > 0 else _DEFAULT_PROBE_TIMEOUT
+
+
+def _run_probe(
+    plan: Plan, target: Target | None, addr: str | None, port: str | None
+) -> _probe.ProbeResult | None:
+    address = (target.hostaddr if target else None) or addr or (target.host if target else None)
+    if not address or not port or not port.isdigit():
+        return None
+    return _probe.probe(
+        address,
+        int(port),
+        plan.trust.path,
+        server_hostname=target.host if target else None,
+        timeout=_probe_timeout(plan),
+    )
+
+
+def _failure_line(text: str, needles: Sequence[str]) -> str | None:
+    for line in text.splitlines():
+        if any(n in line for n in needles):
+            return line
+    return None
+
+
+def diagnose(ex: psycopg.OperationalError, plan: Plan, *, probe: bool = True) -> SafePGError | None:
+    """The safepg error for libpq's failure *ex*, or None when it is not a TLS problem.
+
+    Args:
+        probe: on a certificate failure, connect once more with Python's ``ssl`` to read the
+            chain and tell an expired certificate from an untrusted one.
+    """
+    text = str(ex)
+    line = _failure_line(
+        text, ("server certificate for", _NO_NAMES, _VERIFY_FAILED, _NO_SSL, "root certificate")
+    )
+    if line is None:
+        return None
+    at = _AT.search(line)
+    addr, port = (at["addr"], at["port"]) if at else (None, None)
+    pg = ex.pgconn
+    if port is None and pg is not None:
+        port = (pg.port or b"").decode() or None
+    trust = f"Trust anchors: {plan.trust.label} ({plan.trust.path})."
+    libpq = f"libpq said: {redact(line.strip(), plan.secrets)}"
+
+    root = _ROOT_FILE.search(line)
+    if root:
+        return ConfigurationError(
+            f"libpq could not use the CA file {root['path']!r}. {trust}\n{libpq}"
+        )
+
+    mismatch = _MISMATCH.search(line)
+    if mismatch or _NO_NAMES in line:
+        host = mismatch["host"] if mismatch else (pg.host.decode() if pg and pg.host else None)
+        target = _find_target(plan, host, addr)
+        result = _run_probe(plan, target, addr, port) if probe else None
+        leaf = result.chain[0] if result and result.chain else None
+        if mismatch:
+            more = int(mismatch["more"] or 0)
+            holds = f'"{mismatch["name"]}"' + (f" and {more} other name(s)" if more else "")
+        else:
+            holds = "no host name at all (no subjectAltName and no common name)"
+        listing = f" The certificate lists: {', '.join(leaf.names)}." if leaf and leaf.names else ""
+        mismatch_err = HostnameMismatchError(
+            f"The server at {addr or host}:{port} presented a certificate that does not name "
+            f'"{host}": it holds {holds}.{listing}\n{trust}\n'
+            "To fix: connect with a name the certificate holds. If you dial a DNS alias (a CNAME "
+            "such as db.internal -> the real endpoint), connect to the endpoint's own name, or "
+            "give that name as host= and the alias's address as hostaddr=. If the name is right "
+            "and the certificate is not, the server's operator must reissue it for this name.\n"
+            f"{libpq}"
+        )
+        mismatch_err.certificate_names = (
+            leaf.names if leaf else ((mismatch["name"],) if mismatch else ())
+        )
+        err: ConnectionSecurityError = mismatch_err
+    elif _VERIFY_FAILED in line:
+        host = pg.host.decode() if pg and pg.host else addr
+        target = _find_target(plan, host, addr)
+        result = _run_probe(plan, target, addr, port) if probe else None
+        leaf = result.chain[0] if result and result.chain else None
+        presented = f"\nThe server presented (unverified): {leaf.describe()}." if leaf else ""
+        if result and result.verify_code in _EXPIRY_CODES:
+            expired = result.verify_message or "certificate has expired"
+            err = CertificateExpiredError(
+                f"The certificate of the server at {host}:{port} is outside its validity period "
+                f"({expired}).{presented}\n{trust}\n"
+                "To fix: the server's operator must renew the certificate (or the expired CA in "
+                "its chain). Check this machine's clock too.\n"
+                f"{libpq}"
+            )
+        else:
+            reason = f" ({result.verify_message})" if result and result.verify_message else ""
+            issuer = f' The issuer "{leaf.issuer}" is not among them.' if leaf else ""
+            err = UntrustedCertificateError(
+                f"The certificate of the server at {host}:{port} does not chain to a trusted "
+                f"root{reason}.{presented}\n{trust}{issuer}\n"
+                "To fix: if this is the server you meant, give safepg the CA that issued its "
+                "certificate: sslrootcert=/path/to/ca.pem, or PGSSLROOTCERT. Managed services "
+                "publish theirs (for example Amazon RDS's global-bundle.pem). If you did not "
+                "expect a new certificate here, something may be intercepting the connection.\n"
+                f"{libpq}"
+            )
+    else:
+        host = pg.host.decode() if pg and pg.host else addr
+        err = SSLNotSupportedError(
+            f"The server at {host}:{port} does not offer TLS, and safepg never connects without "
+            "it.\nTo fix: the server's operator turns TLS on with ssl = on, ssl_cert_file and "
+            "ssl_key_file in postgresql.conf. If the server should have TLS, something between "
+            "you and it may be stripping it.\n"
+            f"{libpq}"
+        )
+    err.host = host
+    err.port = port
+    err.trust = plan.trust
+    return err

@@ -1,0 +1,270 @@
+"""Hardening: the one function that builds the final libpq parameters.
+
+It reads the caller's conninfo and keywords, asks libpq itself how it would resolve them (service
+file, ``PG*`` environment variables, defaults), refuses what cannot be verified, and returns the
+parameters with safepg's settings on top. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import ntpath
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import pq
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from . import _trust
+from ._errors import ConfigurationError
+from ._redact import redact, redact_parse_error
+from ._trust import TrustSource
+
+logger = logging.getLogger("safepg")
+
+# The only sslmode that encrypts *and* checks that the certificate names the host dialled.
+REQUIRED_SSLMODE = "verify-full"
+# TLS 1.0 and 1.1 are deprecated (RFC 8996); libpq's own default minimum is TLS 1.2 since PG 13.
+MIN_TLS_VERSION = "TLSv1.2"
+_TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+# An invalid target_session_attrs makes libpq stop after resolving the options and before any
+# I/O, so that PQconninfo shows what libpq would use (see _libpq_view).
+_RESOLVE_ONLY = "__safepg_resolve_only__"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One host entry of a (possibly multi-host) connection."""
+
+    host: str  # the name libpq verifies, or the socket directory
+    hostaddr: str | None
+    socket: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The outcome of hardening: what to hand to libpq, and why."""
+
+    params: dict[str, str] = field(hash=False)
+    trust: TrustSource
+    targets: tuple[Target, ...]
+    allow_unix_socket: bool
+
+    @property
+    def conninfo(self) -> str:
+        return make_conninfo("", **self.params)
+
+    @property
+    def secrets(self) -> tuple[str | None, ...]:
+        return (self.params.get("password"), self.params.get("sslpassword"))
+
+
+_DEFAULT_ORIGIN = "libpq's default"
+# (parameter, value, origin) already warned about: a pool should not log on every connection.
+_warned: set[tuple[str, str, str]] = set()
+
+
+def _raise_logged(param: str, value: str, new: str, origin: str, why: str) -> None:
+    """Log that a setting was raised: a warning the first time, debug after that.
+
+    libpq's own defaults (sslmode=prefer) are raised silently: nobody chose them.
+    """
+    if origin == _DEFAULT_ORIGIN:
+        return
+    key = (param, value, origin)
+    level = logging.DEBUG if key in _warned else logging.WARNING
+    _warned.add(key)
+    logger.log(level, "%s=%s (from %s) raised to %s: %s", param, value, origin, new, why)
+
+
+def _reject_unsafe_text(conninfo: str, kwargs: Mapping[str, Any]) -> None:
+    # libpq reads C strings: a NUL byte would silently cut a value short ("host=a\0b" -> "a").
+    items = [("conninfo", conninfo)] + [(k, v) for k, v in kwargs.items() if isinstance(v, str)]
+    for name, value in items:
+        if "\x00" in value:
+            raise ConfigurationError(f"{name} contains a NUL byte, which libpq cannot take")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigurationError(f"{name} is not valid UTF-8 text") from None
+
+
+def _libpq_view(params: Mapping[str, str], secrets: tuple[str | None, ...]) -> dict[str, str]:
+    """The options libpq would use for *params*, after service files, env vars and defaults."""
+    probe = make_conninfo("", **{**params, "target_session_attrs": _RESOLVE_ONLY})
+    pgconn = pq.PGconn.connect_start(probe.encode())
+    try:
+        message = pgconn.error_message.decode("utf-8", "replace").strip()
+        if pgconn.status != pq.ConnStatus.BAD:  # pragma: no cover - a libpq that changed
+            raise RuntimeError(
+                f"libpq {pq.version()} started connecting while safepg only resolved options; "
+                "refusing to continue"
+            )
+        if _RESOLVE_ONLY not in message:
+            raise ConfigurationError(f"invalid connection parameters: {redact(message, secrets)}")
+        return {
+            opt.keyword.decode(): opt.val.decode("utf-8", "replace")
+            for opt in pgconn.info
+            if opt.val is not None
+        }
+    finally:
+        pgconn.finish()
+
+
+def _env_origin(envvar: str) -> str:
+    return f"the {envvar} environment variable"
+
+
+def _split(value: str | None) -> list[str]:
+    return value.split(",") if value is not None else []
+
+
+def _is_socket(host: str) -> bool:
+    # libpq's is_unixsock_path(): an absolute path, or "@" for Linux's abstract namespace. An
+    # empty host means libpq's default, which is a socket everywhere but Windows.
+    if os.name == "nt":
+        return host.startswith("@") or ntpath.isabs(host)
+    return host == "" or host.startswith(("/", "@"))
+
+
+_SOCKET_FIX = (
+    "libpq never uses TLS on a Unix-domain socket, so the session could be neither encrypted "
+    "nor verified. Connect over TCP with the name in the server's certificate "
+    "(host=db.example.com), or, for a server on this machine where a socket is what you want, "
+    "pass allow_unencrypted_unix_socket=True."
+)
+
+
+def _targets(resolved: Mapping[str, str], allow_socket: bool) -> tuple[Target, ...]:
+    hosts, addrs = _split(resolved.get("host")), _split(resolved.get("hostaddr"))
+    targets = []
+    for i in range(max(len(hosts), len(addrs), 1)):
+        host = hosts[i] if i < len(hosts) else ""
+        addr = addrs[i] if i < len(addrs) else ""
+        if addr:
+            if not host:
+                raise ConfigurationError(
+                    f"hostaddr={addr} is given without a host name, so there is no name to "
+                    "verify the server's certificate against. Add the name the certificate holds "
+                    f"as host, next to it: host=db.example.com hostaddr={addr} (libpq then "
+                    "connects to hostaddr and verifies host)."
+                )
+            targets.append(Target(host, addr, socket=False))
+        elif _is_socket(host):
+            if not allow_socket:
+                where = (
+                    f"host {host!r} is a Unix-domain socket directory"
+                    if host
+                    else "no host was given (conninfo, keyword, service file or PGHOST), so libpq "
+                    "would use its default Unix-domain socket"
+                )
+                raise ConfigurationError(f"{where}. {_SOCKET_FIX}")
+            targets.append(Target(host, None, socket=True))
+        else:
+            targets.append(Target(host or "localhost", None, socket=False))
+    return tuple(targets)
+
+
+def _min_tls(resolved: Mapping[str, str], origin: str) -> str:
+    value = resolved.get("ssl_min_protocol_version", "")
+    if value in _TLS_VERSIONS and _TLS_VERSIONS.index(value) >= _TLS_VERSIONS.index(
+        MIN_TLS_VERSION
+    ):
+        return value
+    _raise_logged(
+        "ssl_min_protocol_version",
+        value,
+        MIN_TLS_VERSION,
+        origin,
+        "TLS versions before 1.2 are deprecated (RFC 8996)",
+    )
+    return MIN_TLS_VERSION
+
+
+def build_plan(
+    conninfo: str, kwargs: Mapping[str, Any], *, allow_unencrypted_unix_socket: bool = False
+) -> Plan:
+    """Harden *conninfo* and *kwargs* into the final libpq parameters.
+
+    Raises:
+        ConfigurationError: the input is invalid, or cannot lead to a verified session.
+    """
+    _reject_unsafe_text(conninfo, kwargs)
+    try:
+        parsed = conninfo_to_dict(conninfo, **kwargs)
+    except psycopg.ProgrammingError as ex:
+        raise ConfigurationError(
+            f"invalid connection parameters: {redact_parse_error(str(ex))}"
+        ) from None
+    params = {k: str(v) for k, v in parsed.items() if v is not None}
+    secrets = (params.get("password"), params.get("sslpassword"))
+    try:
+        resolved = _libpq_view(params, secrets)
+    except psycopg.ProgrammingError as ex:
+        # make_conninfo validates keywords given as kwargs (conninfo_to_dict does not).
+        raise ConfigurationError(
+            f"invalid connection parameters: {redact_parse_error(str(ex))}"
+        ) from None
+
+    service = params.get("service") or os.environ.get("PGSERVICE")
+    defaults: dict[str, str | None] = {}
+
+    def origin(key: str, envvar: str) -> str:
+        if kwargs.get(key) is not None:
+            return f"the keyword argument {key}"
+        if key in params:
+            return "the conninfo string"
+        if service:
+            if not defaults:
+                # PQconndefaults: environment variables and compiled defaults, no service file.
+                defaults.update(
+                    (o.keyword.decode(), o.val.decode("utf-8", "replace") if o.val else None)
+                    for o in pq.Conninfo.get_defaults()
+                )
+            if resolved.get(key) != defaults.get(key):
+                return f"service {service!r} in the service file"
+        if os.environ.get(envvar):
+            return _env_origin(envvar)
+        return _DEFAULT_ORIGIN
+
+    sslmode = resolved.get("sslmode", "prefer")
+    if sslmode != REQUIRED_SSLMODE:
+        _raise_logged(
+            "sslmode",
+            sslmode,
+            REQUIRED_SSLMODE,
+            origin("sslmode", "PGSSLMODE"),
+            "only verify-full checks that the server holds a certificate for the host dialled",
+        )
+    gssencmode = resolved.get("gssencmode", "disable")
+    if gssencmode != "disable":
+        _raise_logged(
+            "gssencmode",
+            gssencmode,
+            "disable",
+            origin("gssencmode", "PGGSSENCMODE"),
+            "libpq prefers GSS encryption to TLS, and then no certificate is verified",
+        )
+    targets = _targets(resolved, allow_unencrypted_unix_socket)
+    rootcert_origin = origin("sslrootcert", "PGSSLROOTCERT")
+    trust = _trust.resolve(
+        resolved.get("sslrootcert") or None,
+        rootcert_origin,
+        [t.host for t in targets if not t.socket],
+        from_env=rootcert_origin == _env_origin("PGSSLROOTCERT"),
+    )
+    final = dict(params)
+    final.update(
+        # Encrypt, verify the chain against `trust`, and check the host name: nothing less.
+        sslmode=REQUIRED_SSLMODE,
+        sslrootcert=trust.path,
+        # Kerberos credentials would otherwise win over TLS, with no certificate check at all.
+        gssencmode="disable",
+        ssl_min_protocol_version=_min_tls(
+            resolved, origin("ssl_min_protocol_version", "PGSSLMINPROTOCOLVERSION")
+        ),
+    )
+    return Plan(final, trust, targets, allow_unencrypted_unix_socket)

@@ -1,0 +1,127 @@
+"""A TLS probe that speaks PostgreSQL's SSLRequest preamble and reads the server's chain.
+
+safepg uses it only after libpq has refused a server, to explain why: which certificate the
+server presents, who issued it, when it expires, what names it holds. Whatever it reads is
+unauthenticated and is reported as such; it never decides whether a connection is allowed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import ssl
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+# SSLRequest: length 8, then the magic code 1234.5679.
+_SSLREQUEST = struct.pack("!ii", 8, 80877103)
+
+
+@dataclass(frozen=True)
+class CertificateInfo:
+    """What a certificate says about itself (as presented; not a proof of anything)."""
+
+    subject: str
+    issuer: str
+    names: tuple[str, ...]
+    not_before: dt.datetime | None
+    not_after: dt.datetime | None
+
+    def describe(self) -> str:
+        names = ", ".join(self.names) if self.names else "no subjectAltName"
+        until = f", valid until {self.not_after:%Y-%m-%d}" if self.not_after else ""
+        subject = self.subject or "(empty)"
+        return f"subject {subject}, issued by {self.issuer}{until}; names: {names}"
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """The outcome of one probe.
+
+    Attributes:
+        tls: the server accepted the SSLRequest.
+        verify_code: OpenSSL's X509_V_ERR code when the chain did not verify, else None.
+        verify_message: OpenSSL's text for *verify_code*.
+        chain: the certificates the server sent, leaf first.
+    """
+
+    tls: bool
+    verify_code: int | None = None
+    verify_message: str | None = None
+    chain: tuple[CertificateInfo, ...] = ()
+
+
+def _name(rdns: Any) -> str:
+    return ", ".join(f"{k}={v}" for rdn in rdns for k, v in rdn)
+
+
+def _time(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    return dt.datetime.fromtimestamp(ssl.cert_time_to_seconds(value), dt.timezone.utc)
+
+
+def _info(cert: Any) -> CertificateInfo:
+    d = cert.get_info()
+    return CertificateInfo(
+        subject=_name(d.get("subject", ())),
+        issuer=_name(d.get("issuer", ())),
+        names=tuple(v for _k, v in d.get("subjectAltName", ())),
+        not_before=_time(d.get("notBefore")),
+        not_after=_time(d.get("notAfter")),
+    )
+
+
+def _chain(tls: ssl.SSLSocket) -> tuple[CertificateInfo, ...]:
+    # Public on Python 3.13+; on 3.10-3.12 the same method lives on the underlying SSL object.
+    getter = getattr(tls, "get_unverified_chain", None) or getattr(
+        getattr(tls, "_sslobj", None), "get_unverified_chain", None
+    )
+    try:
+        certs = getter() if getter else None
+        return tuple(_info(c) for c in certs or ())
+    except (AttributeError, ValueError, ssl.SSLError):  # pragma: no cover - old interpreters
+        return ()
+
+
+def probe(
+    address: str, port: int, cafile: str, *, server_hostname: str | None, timeout: float
+) -> ProbeResult | None:
+    """Connect to *address*:*port*, ask for TLS, and check the chain against *cafile*.
+
+    The host name is not checked here: that is libpq's decision alone. Returns None when the
+    server cannot be reached or the exchange fails before a certificate arrives.
+    """
+    ctx = ssl.create_default_context(cafile=cafile)
+    ctx.check_hostname = False  # libpq judges host names; this only reads and checks the chain
+    try:
+        sock = socket.create_connection((address, port), timeout=timeout)
+    except OSError:
+        return None
+    with sock:
+        try:
+            sock.sendall(_SSLREQUEST)
+            # Only the single byte: anything after it is unauthenticated (CVE-2021-23222).
+            if sock.recv(1) != b"S":
+                return ProbeResult(tls=False)
+            sni = server_hostname if server_hostname and not _is_ip(server_hostname) else None
+            tls = ctx.wrap_socket(sock, server_hostname=sni, do_handshake_on_connect=False)
+            with tls:
+                try:
+                    tls.do_handshake()
+                except ssl.SSLCertVerificationError as ex:
+                    return ProbeResult(True, ex.verify_code, ex.verify_message, _chain(tls))
+                return ProbeResult(True, None, None, _chain(tls))
+        except (OSError, ssl.SSLError):
+            return None
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,278 @@
+"""Choosing the trust anchors (``sslrootcert``) for a connection.
+
+The order, first match wins:
+
+1. the caller's ``sslrootcert`` (conninfo, keyword argument or service file); ``system`` means the
+   OS store of step 5, because psycopg-binary's libpq cannot find it and libpq < 16 does not
+   know the value;
+2. ``PGSSLROOTCERT``;
+3. libpq's default file, ``~/.postgresql/root.crt`` (``%APPDATA%\\postgresql\\root.crt`` on
+   Windows), if present;
+4. a CA set bundled with safepg, chosen by host name (Amazon RDS, GovCloud);
+5. the OS trust store, as a PEM file;
+6. certifi.
+
+A file the caller named (steps 1-3, ``SSL_CERT_FILE``) that is missing, empty, unreadable or holds
+no PEM certificate is an error that names it: safepg never falls back from it to another source.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import ssl
+import stat
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import certifi
+
+from . import _cache, _providers
+from ._errors import ConfigurationError
+
+__all__ = ["TrustOrigin", "TrustSource"]
+
+TrustOrigin = Literal[
+    "sslrootcert", "PGSSLROOTCERT", "libpq-default", "bundled", "os-store", "certifi", "combined"
+]
+
+
+@dataclass(frozen=True)
+class TrustSource:
+    """The trust anchors used to verify a server.
+
+    Attributes:
+        path: the PEM file handed to libpq as ``sslrootcert``.
+        label: where it came from, for people (``"bundled Amazon RDS roots"``).
+        origin: where it came from, for programs.
+    """
+
+    path: str
+    label: str
+    origin: TrustOrigin
+
+    def __str__(self) -> str:
+        return f"{self.label} ({self.path})"
+
+
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?-----END CERTIFICATE-----", re.DOTALL)
+
+# Where distributions keep the OS store as one PEM file.
+WELL_KNOWN_STORE_FILES = (
+    "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Arch, Gentoo, Alpine
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",  # RHEL, CentOS, Fedora
+    "/etc/pki/tls/certs/ca-bundle.crt",  # RHEL, Fedora (older layout)
+    "/etc/ssl/ca-bundle.pem",  # openSUSE, SLES
+    "/etc/pki/tls/cacert.pem",  # OpenELEC
+    "/etc/ssl/cert.pem",  # macOS, FreeBSD, OpenBSD, Alpine
+    "/usr/local/etc/ssl/cert.pem",  # FreeBSD ports
+)
+
+# path -> (inode, size, mtime) of a CA file already found to hold a PEM certificate.
+_valid_files: dict[str, tuple[int, int, int]] = {}
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def check_ca_file(path: str, named_by: str) -> None:
+    """Check that *path* is a readable, non-empty file holding at least one PEM certificate.
+
+    Raises:
+        ConfigurationError: naming the file and *named_by*, where its name came from.
+    """
+    problem = None
+    try:
+        st = os.stat(path)
+        if _valid_files.get(path) == _stat_key(st):
+            return
+        if not stat.S_ISREG(st.st_mode):
+            problem = "is not a regular file"
+        elif st.st_size == 0:
+            problem = "is empty"
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+            if not _PEM_CERT.search(data):
+                problem = "holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+    except FileNotFoundError:
+        problem = "does not exist"
+    except PermissionError:
+        problem = "cannot be read (permission denied)"
+    except OSError as ex:
+        problem = f"cannot be read ({ex.strerror})"
+    if problem:
+        raise ConfigurationError(
+            f"CA file {path!r}, named by {named_by}, {problem}. safepg does not fall back to "
+            "other trust anchors when you name a file: fix the path or the file, or remove the "
+            "setting to let safepg choose (see safepg.resolve_trust)."
+        )
+    _valid_files[path] = _stat_key(st)
+
+
+def libpq_default_root() -> Path | None:
+    """libpq's default root file: ``~/.postgresql/root.crt`` (``%APPDATA%`` on Windows)."""
+    if os.name == "nt":
+        appdata = os.environ.get("APPDATA")
+        return Path(appdata, "postgresql", "root.crt") if appdata else None
+    home = os.environ.get("HOME")
+    if not home:
+        # libpq falls back to the password database when HOME is unset; so do we.
+        try:
+            import pwd
+
+            home = pwd.getpwuid(os.getuid()).pw_dir
+        except (ImportError, KeyError):
+            return None
+    return Path(home, ".postgresql", "root.crt")
+
+
+def _pem_from_dir(directory: str) -> bytes:
+    certs: set[bytes] = set()
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except OSError:
+        return b""
+    for entry in entries:
+        try:
+            if entry.is_file():
+                with open(entry.path, "rb") as f:
+                    certs.update(m.group(0) for m in _PEM_CERT.finditer(f.read()))
+        except OSError:
+            continue
+    return b"\n".join(sorted(certs)) + b"\n" if certs else b""
+
+
+def _windows_store_pem() -> bytes:  # pragma: no cover - Windows only
+    certs = {
+        ssl.DER_cert_to_PEM_cert(der).encode()
+        for store in ("ROOT",)
+        for der, encoding, _trust in ssl.enum_certificates(store)  # type: ignore[attr-defined]
+        if encoding == "x509_asn"
+    }
+    return b"".join(sorted(certs))
+
+
+# (SSL_CERT_FILE, SSL_CERT_DIR) -> the OS store found for them.
+_os_store_memo: dict[tuple[str | None, str | None], TrustSource | None] = {}
+
+
+def os_store() -> TrustSource | None:
+    """The OS trust store as one PEM file, or None when this machine has none.
+
+    Looks at ``SSL_CERT_FILE`` and ``SSL_CERT_DIR`` (OpenSSL's convention), then the paths Python's
+    OpenSSL was built with, then the distributions' well-known files, then OpenSSL's certificate
+    directory. A directory (and the Windows store) is written once into safepg's cache directory
+    as a PEM file, because libpq's ``sslrootcert`` takes a file.
+
+    Raises:
+        ConfigurationError: ``SSL_CERT_FILE`` names a bad file.
+    """
+    env_file = os.environ.get("SSL_CERT_FILE") or None
+    env_dir = os.environ.get("SSL_CERT_DIR") or None
+    key = (env_file, env_dir)
+    found = _os_store_memo.get(key)
+    if found is not None and os.path.isfile(found.path):
+        return found
+    if env_file:
+        check_ca_file(env_file, "the SSL_CERT_FILE environment variable")
+        found = TrustSource(env_file, "OS trust store (SSL_CERT_FILE)", "os-store")
+    else:
+        found = _find_os_store(env_dir)
+    _os_store_memo[key] = found
+    return found
+
+
+def _dir_source(directory: str, label: str) -> TrustSource | None:
+    pem = _pem_from_dir(directory)
+    if not pem:
+        return None
+    path = _cache.write_trust_file("os-store", pem)
+    return TrustSource(str(path), label, "os-store")
+
+
+def _find_os_store(env_dir: str | None) -> TrustSource | None:
+    if env_dir:
+        found = _dir_source(env_dir, f"OS trust store (SSL_CERT_DIR={env_dir})")
+        if found:
+            return found
+    defaults = ssl.get_default_verify_paths()
+    candidates = [defaults.cafile] if defaults.cafile else []
+    candidates += WELL_KNOWN_STORE_FILES
+    for path in candidates:
+        try:
+            check_ca_file(path, "the OS")
+        except ConfigurationError:
+            continue
+        return TrustSource(path, f"OS trust store ({path})", "os-store")
+    if defaults.capath and os.path.isdir(defaults.capath):
+        found = _dir_source(defaults.capath, f"OS trust store ({defaults.capath})")
+        if found:
+            return found
+    if sys.platform == "win32":  # pragma: no cover
+        pem = _windows_store_pem()
+        if pem:
+            path = _cache.write_trust_file("windows-root-store", pem)
+            return TrustSource(str(path), "OS trust store (Windows ROOT store)", "os-store")
+    return None
+
+
+def certifi_source() -> TrustSource:
+    return TrustSource(certifi.where(), f"certifi {certifi.__version__}", "certifi")
+
+
+def _fallback() -> TrustSource:
+    return os_store() or certifi_source()
+
+
+def resolve(
+    rootcert: str | None, named_by: str, hosts: Sequence[str], *, from_env: bool = False
+) -> TrustSource:
+    """Pick the trust anchors, as the module docstring describes.
+
+    Args:
+        rootcert: ``sslrootcert`` as libpq resolved it (conninfo, service file or environment).
+        named_by: where *rootcert* came from, for labels and errors.
+        hosts: the host names that will be verified (TCP hosts only).
+        from_env: *rootcert* came from ``PGSSLROOTCERT``.
+    """
+    if rootcert == "system":
+        found = os_store()
+        if found is None:
+            raise ConfigurationError(
+                f"sslrootcert=system (from {named_by}) asks for the OS trust store, but this "
+                "machine has none that safepg can find. Install your distribution's "
+                "ca-certificates package, or set SSL_CERT_FILE to a PEM bundle."
+            )
+        return TrustSource(found.path, f"{found.label}, for sslrootcert=system", "os-store")
+    if rootcert:
+        check_ca_file(rootcert, named_by)
+        origin: TrustOrigin = "PGSSLROOTCERT" if from_env else "sslrootcert"
+        return TrustSource(rootcert, f"sslrootcert from {named_by}", origin)
+    default_root = libpq_default_root()
+    if default_root is not None and default_root.exists():
+        check_ca_file(str(default_root), "libpq's default location")
+        return TrustSource(str(default_root), "libpq default root.crt", "libpq-default")
+
+    sources: dict[str, TrustSource] = {}
+    for host in hosts:
+        bundle = _providers.bundle_for_host(host)
+        if bundle is None:
+            src = _fallback()
+        else:
+            src = TrustSource(_providers.bundled_path(bundle.filename), bundle.label, "bundled")
+        sources[src.path] = src
+    if not sources:
+        return _fallback()
+    if len(sources) == 1:
+        return next(iter(sources.values()))
+    # Hosts that need different anchors share one sslrootcert: use the union.
+    ordered = sorted(sources.values(), key=lambda s: s.path)
+    pem = b"".join(Path(s.path).read_bytes().rstrip() + b"\n" for s in ordered)
+    path = _cache.write_trust_file("combined", pem)
+    label = "combined: " + " + ".join(s.label for s in ordered)
+    return TrustSource(str(path), label, "combined")
