@@ -176,7 +176,7 @@ class CertificateAuthority:
             dns_names: dNSName subjectAltNames (wildcards allowed).
             ip_addresses: iPAddress subjectAltNames.
             common_name: the subject CN; none when not given.
-            not_before: defaults to a day ago.
+            not_before: defaults to a day ago, or 30 days before *not_after* if that is earlier.
             not_after: defaults to a year from now; pass a past time for an expired certificate.
             client: issue a client certificate (for ``sslcert``/``sslkey``) instead of a server one.
 
@@ -184,6 +184,8 @@ class CertificateAuthority:
         """
         key = ec.generate_private_key(ec.SECP256R1())
         now = _now()
+        not_after = not_after or now + dt.timedelta(days=365)
+        not_before = not_before or min(now - _ONE_DAY, not_after - dt.timedelta(days=30))
         attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)] if common_name else []
         usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
         builder = (
@@ -192,8 +194,8 @@ class CertificateAuthority:
             .issuer_name(self.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(not_before or now - _ONE_DAY)
-            .not_valid_after(not_after or now + dt.timedelta(days=365))
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(

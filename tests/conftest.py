@@ -1,0 +1,86 @@
+"""Shared fixtures: one real TLS PostgreSQL server per session, and a clean environment per test."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from safepg import _cache, _params, _trust
+from safepg.testing import CertificateAuthority, IssuedCertificate, PostgresServer
+
+# Variables that change what libpq or OpenSSL would do; every test starts without them.
+_ISOLATED_PREFIXES = ("PG", "SSL_CERT_", "SAFEPG_CACHE_DIR")
+
+
+def pytest_report_header() -> list[str]:
+    return [
+        f"psycopg {psycopg.__version__}, impl {psycopg.pq.__impl__}, libpq {psycopg.pq.version()}"
+    ]
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL with TLS, shared by the whole session."""
+    with PostgresServer() as srv:
+        yield srv
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Run each test with no PG*/SSL_CERT_* variables, a fresh HOME and a private cache dir."""
+    for name in list(os.environ):
+        if name.startswith(_ISOLATED_PREFIXES):
+            monkeypatch.delenv(name)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("SAFEPG_CACHE_DIR", str(tmp_path / "cache"))
+    _trust._os_store_memo.clear()
+    _trust._valid_files.clear()
+    _params._warned.clear()
+    _cache._checked.clear()
+    return home
+
+
+@pytest.fixture(scope="session")
+def rogue_ca() -> CertificateAuthority:
+    """A CA nobody trusts: an attacker's."""
+    return CertificateAuthority("rogue CA")
+
+
+class CertificateShop:
+    """Issues server certificates once per session and swaps them onto the server on demand."""
+
+    def __init__(self, server: PostgresServer) -> None:
+        self.server = server
+        self._issued: dict[tuple[object, ...], IssuedCertificate] = {}
+
+    def present(
+        self,
+        *dns_names: str,
+        ca: CertificateAuthority | None = None,
+        **kwargs: object,
+    ) -> IssuedCertificate:
+        key = (id(ca), dns_names, tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+        if key not in self._issued:
+            self._issued[key] = (ca or self.server.ca).issue(*dns_names, **kwargs)  # type: ignore[arg-type]
+        cert = self._issued[key]
+        if self.server.server_cert is not cert:
+            self.server.use_certificate(cert)
+        return cert
+
+
+@pytest.fixture(scope="session")
+def _shop(server: PostgresServer) -> CertificateShop:
+    return CertificateShop(server)
+
+
+@pytest.fixture
+def certs(_shop: CertificateShop) -> Iterator[CertificateShop]:
+    """Present other certificates during a test; the default one is back afterwards."""
+    yield _shop
+    _shop.server.reset_certificate()

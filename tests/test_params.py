@@ -1,0 +1,309 @@
+"""Hardening, without a server: what libpq is told, and what is refused before any I/O."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from psycopg import pq
+from psycopg.conninfo import conninfo_to_dict
+
+import safepg
+from safepg import ConfigurationError
+
+WEAK_MODES = ["disable", "allow", "prefer", "require", "verify-ca"]
+
+
+@pytest.fixture
+def ca_file(tmp_path: Path) -> str:
+    from safepg.testing import CertificateAuthority
+
+    return str(CertificateAuthority().write_cert(tmp_path / "ca.pem"))
+
+
+def final(conninfo: str = "", **kwargs: object) -> dict[str, str]:
+    return {
+        k: str(v)
+        for k, v in conninfo_to_dict(safepg.secure_conninfo(conninfo, **kwargs)).items()  # type: ignore[arg-type]
+    }
+
+
+def write_service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> None:
+    path = tmp_path / "pg_service.conf"
+    path.write_text(f"[svc]\n{body}\n")
+    monkeypatch.setenv("PGSERVICEFILE", str(path))
+
+
+@pytest.mark.parametrize("mode", [*WEAK_MODES, "verify-full"])
+def test_sslmode_in_conninfo_is_raised(mode: str, ca_file: str) -> None:
+    params = final(f"host=db.example.com sslmode={mode} sslrootcert={ca_file}")
+    assert params["sslmode"] == "verify-full"
+    assert params["sslrootcert"] == ca_file
+    assert params["gssencmode"] == "disable"
+    assert params["ssl_min_protocol_version"] == "TLSv1.2"
+
+
+@pytest.mark.parametrize("mode", WEAK_MODES)
+def test_sslmode_in_kwargs_is_raised(mode: str, ca_file: str) -> None:
+    params = final("host=db.example.com", sslmode=mode, sslrootcert=ca_file)
+    assert params["sslmode"] == "verify-full"
+
+
+@pytest.mark.parametrize("mode", WEAK_MODES)
+def test_sslmode_from_pgsslmode_is_raised(
+    mode: str, ca_file: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("PGSSLMODE", mode)
+    with caplog.at_level(logging.WARNING, logger="safepg"):
+        assert final("host=db.example.com", sslrootcert=ca_file)["sslmode"] == "verify-full"
+    assert f"sslmode={mode} (from the PGSSLMODE environment variable)" in caplog.text
+
+
+def test_sslmode_from_service_file_is_raised(
+    ca_file: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    write_service(
+        tmp_path, monkeypatch, f"host=db.example.com\nsslmode=disable\nsslrootcert={ca_file}"
+    )
+    with caplog.at_level(logging.WARNING, logger="safepg"):
+        params = final("service=svc")
+    assert params["sslmode"] == "verify-full"
+    assert "sslmode=disable (from service 'svc' in the service file)" in caplog.text
+    assert safepg.resolve_trust("service=svc").label == (
+        "sslrootcert from service 'svc' in the service file"
+    )
+
+
+def test_pgservice_variable_is_honoured(
+    ca_file: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_service(tmp_path, monkeypatch, "host=/var/run/postgresql")
+    monkeypatch.setenv("PGSERVICE", "svc")
+    with pytest.raises(ConfigurationError, match="Unix-domain socket"):
+        safepg.secure_conninfo(sslrootcert=ca_file)
+
+
+def test_weak_sslmode_warns_once(ca_file: str, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="safepg"):
+        for _ in range(3):
+            final(f"host=db.example.com sslmode=require sslrootcert={ca_file}")
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "sslmode=require (from the conninfo string) raised to verify-full" in warnings[0].message
+
+
+def test_libpq_default_sslmode_is_raised_silently(
+    ca_file: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger="safepg"):
+        final(f"host=db.example.com sslrootcert={ca_file}")
+    assert caplog.records == []
+
+
+@pytest.mark.parametrize("source", ["conninfo", "kwargs", "env"])
+def test_gssencmode_is_disabled(
+    source: str, ca_file: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    conninfo = f"host=db.example.com sslrootcert={ca_file}"
+    kwargs = {}
+    if source == "conninfo":
+        conninfo += " gssencmode=require"
+    elif source == "kwargs":
+        kwargs["gssencmode"] = "require"
+    else:
+        monkeypatch.setenv("PGGSSENCMODE", "require")
+    with caplog.at_level(logging.WARNING, logger="safepg"):
+        assert final(conninfo, **kwargs)["gssencmode"] == "disable"
+    assert "gssencmode=require" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [("TLSv1", "TLSv1.2"), ("TLSv1.1", "TLSv1.2"), ("TLSv1.2", "TLSv1.2"), ("TLSv1.3", "TLSv1.3")],
+)
+def test_tls_minimum_can_be_raised_not_lowered(given: str, expected: str, ca_file: str) -> None:
+    params = final(f"host=db.example.com sslrootcert={ca_file}", ssl_min_protocol_version=given)
+    assert params["ssl_min_protocol_version"] == expected
+
+
+def test_everything_else_passes_through(ca_file: str) -> None:
+    given = {
+        "host": "db.example.com",
+        "port": "6432",
+        "user": "app",
+        "dbname": "appdb",
+        "sslcert": "/c/client.crt",
+        "sslkey": "/c/client.key",
+        "sslpassword": "key-pass",
+        "sslcrl": "/c/crl.pem",
+        "sslsni": "0",
+        "target_session_attrs": "read-write",
+        "options": "-c search_path=app",
+        "connect_timeout": "7",
+        "application_name": "svc",
+        "sslrootcert": ca_file,
+    }
+    assert final(**given) == {
+        **given,
+        "sslmode": "verify-full",
+        "gssencmode": "disable",
+        "ssl_min_protocol_version": "TLSv1.2",
+    }
+
+
+def test_host_names_are_not_normalised(ca_file: str) -> None:
+    host = "DB.Example.COM.,10.0.0.1,db-2.example.com"
+    assert final(host=host, sslrootcert=ca_file)["host"] == host
+
+
+@pytest.mark.parametrize(
+    "conninfo",
+    [
+        "host=/var/run/postgresql",
+        "host=@abstract-socket",
+        "host=db.example.com,/tmp",
+        "postgresql:///app?host=/tmp",
+        "dbname=app",  # no host at all: libpq's default is a socket
+        "",
+    ],
+)
+def test_unix_sockets_are_refused(conninfo: str, ca_file: str) -> None:
+    with pytest.raises(ConfigurationError, match="Unix-domain socket") as info:
+        safepg.secure_conninfo(conninfo, sslrootcert=ca_file)
+    assert "allow_unencrypted_unix_socket=True" in str(info.value)
+
+
+def test_pghost_socket_is_refused(ca_file: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGHOST", "/var/run/postgresql")
+    with pytest.raises(ConfigurationError, match="Unix-domain socket"):
+        safepg.secure_conninfo(sslrootcert=ca_file)
+
+
+def test_unix_socket_opt_in(ca_file: str) -> None:
+    params = final("host=/tmp", sslrootcert=ca_file, allow_unencrypted_unix_socket=True)
+    assert params["host"] == "/tmp"
+    assert params["sslmode"] == "verify-full"
+
+
+@pytest.mark.parametrize(
+    "conninfo", ["hostaddr=10.0.0.1", "host=db.example.com,, hostaddr=10.0.0.1,10.0.0.2"]
+)
+def test_hostaddr_without_host_is_refused(conninfo: str, ca_file: str) -> None:
+    with pytest.raises(ConfigurationError, match="without a host name") as info:
+        safepg.secure_conninfo(conninfo.replace(",,", ","), sslrootcert=ca_file)
+    assert "host=db.example.com hostaddr=10.0.0." in str(info.value)
+
+
+def test_hostaddr_with_host_is_kept(ca_file: str) -> None:
+    params = final(host="db.example.com", hostaddr="127.0.0.1", sslrootcert=ca_file)
+    assert (params["host"], params["hostaddr"]) == ("db.example.com", "127.0.0.1")
+
+
+def test_multi_host_is_kept(ca_file: str) -> None:
+    params = final("host=a.example.com,b.example.com port=5432,5433", sslrootcert=ca_file)
+    assert params["host"] == "a.example.com,b.example.com"
+    assert params["port"] == "5432,5433"
+
+
+def test_safepg_options_never_collide_with_libpq_keywords() -> None:
+    keywords = {opt.keyword.decode() for opt in pq.Conninfo.get_defaults()}
+    assert "allow_unencrypted_unix_socket" not in keywords
+
+
+@pytest.mark.parametrize(
+    ("conninfo", "kwargs", "match"),
+    [
+        ("host=db.example.com nosuchoption=1", {}, 'invalid connection option "nosuchoption"'),
+        ("host=db.example.com", {"nosuchoption": "1"}, 'invalid connection option "nosuchoption"'),
+        ("host=db.example.com sslmode=sideways", {}, "invalid sslmode value"),
+        ("host='unterminated", {}, "unterminated quoted string"),
+        ("postgresql://u@[::1/db", {}, "IPv6"),
+        ("host=a\x00.example.com", {}, "NUL byte"),
+        ("", {"host": "a\x00.example.com"}, "NUL byte"),
+        ("", {"host": "\udcff.example.com"}, "not valid UTF-8"),
+        (
+            "host=db.example.com port=5432,5433,5434",
+            {},
+            "could not match 3 port numbers to 1 hosts",
+        ),
+        ("service=nosuchservice", {}, 'definition of service "nosuchservice" not found'),
+        ("host=db.example.com ssl_min_protocol_version=TLSv9", {}, "ssl_min_protocol_version"),
+    ],
+)
+def test_bad_input_is_a_configuration_error(
+    conninfo: str, kwargs: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        safepg.secure_conninfo(conninfo, **kwargs)
+
+
+def test_long_values_pass_through(ca_file: str) -> None:
+    name = "a" * 5000
+    assert (
+        final(host="db.example.com", application_name=name, sslrootcert=ca_file)["application_name"]
+        == name
+    )
+
+
+@pytest.mark.parametrize(
+    "conninfo",
+    [
+        "postgresql://app:s3cr%t-Pa55@db.example.com/app",
+        "postgresql://app:s3cr-Pa55@[::1/app",
+        "postgresql://app@db.example.com/app?password=s3cr-Pa55&bad",
+        "host=db.example.com password=s3cr-Pa55 nosuch=1",
+        "host=db.example.com password='s3cr-Pa55",
+        "host=db.example.com password s3cr-Pa55",
+    ],
+)
+def test_parse_errors_never_show_the_password(conninfo: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        safepg.secure_conninfo(conninfo)
+    for text in (str(info.value), repr(info.value)):
+        assert "s3cr" not in text
+        assert "Pa55" not in text
+    assert info.value.__cause__ is None
+    assert info.value.__suppress_context__
+
+
+def test_errors_are_psycopg_operational_errors() -> None:
+    import psycopg
+
+    for cls in (
+        safepg.ConfigurationError,
+        safepg.ConnectionSecurityError,
+        safepg.HostnameMismatchError,
+        safepg.UntrustedCertificateError,
+        safepg.CertificateExpiredError,
+        safepg.SSLNotSupportedError,
+        safepg.InsecureConnectionError,
+    ):
+        assert issubclass(cls, safepg.SafePGError)
+        assert issubclass(cls, psycopg.OperationalError)
+    assert issubclass(safepg.CertificateExpiredError, safepg.UntrustedCertificateError)
+
+
+def test_no_network_io_while_hardening(ca_file: str) -> None:
+    # A listening socket that nobody may connect to: hardening must not touch it.
+    import socket
+
+    with socket.socket() as ls:
+        ls.bind(("127.0.0.1", 0))
+        ls.listen(1)
+        ls.setblocking(False)
+        port = ls.getsockname()[1]
+        safepg.secure_conninfo(host="127.0.0.1", port=port, sslrootcert=ca_file)
+        with pytest.raises(BlockingIOError):
+            ls.accept()
+
+
+def test_environment_is_untouched(ca_file: str) -> None:
+    before = dict(os.environ)
+    final(host="db.example.com", sslrootcert=ca_file)
+    assert dict(os.environ) == before
