@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import shutil
+import subprocess
 import traceback
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from safepg import (
     InsecureConnectionError,
     SSLNotSupportedError,
     UntrustedCertificateError,
+    _check,
 )
 from safepg.testing import CertificateAuthority, PostgresServer
 
@@ -92,6 +95,38 @@ def test_check_refuses_a_connection_below_policy(server: PostgresServer) -> None
         pytest.raises(InsecureConnectionError, match="NOT encrypted"),
     ):
         safepg.check(conn)
+
+
+def test_connect_time_check_refuses_a_session_without_tls(server: PostgresServer) -> None:
+    # What connect() checks on every new session, at no round-trip cost, shown on sessions that
+    # safepg itself would never open.
+    with psycopg.connect(server.conninfo(sslmode="disable")) as conn:
+        assert _check.session_problem(conn.pgconn, allow_socket=False)
+    socket = server.conninfo(host=str(server.socket_dir))
+    with psycopg.connect(socket) as conn:
+        assert _check.session_problem(conn.pgconn, allow_socket=False)
+        assert _check.session_problem(conn.pgconn, allow_socket=True) is None
+    with psycopg.connect(server.conninfo(sslmode="require")) as conn:
+        assert _check.session_problem(conn.pgconn, allow_socket=False) is None
+
+
+def test_secure_conninfo_works_for_psql(server: PostgresServer) -> None:
+    psql = shutil.which("psql")
+    if psql is None:
+        pytest.skip("psql is not installed")
+    conninfo = safepg.secure_conninfo(server.conninfo(sslmode="disable"))
+    out = subprocess.run(
+        [psql, conninfo, "-XAtc", "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert out.stdout.strip() == "t"
+    wrong = safepg.secure_conninfo(by_name(server, "wrong.example", sslmode="disable"))
+    out = subprocess.run([psql, wrong, "-XAtc", "SELECT 1"], capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "does not match host name" in out.stderr
 
 
 def test_intermediate_ca_chain(server: PostgresServer, certs: CertificateShop) -> None:

@@ -132,6 +132,24 @@ def test_tls_minimum_can_be_raised_not_lowered(given: str, expected: str, ca_fil
     assert params["ssl_min_protocol_version"] == expected
 
 
+@pytest.mark.parametrize(
+    ("minimum", "match"),
+    [
+        (None, "invalid SSL protocol version range"),  # libpq's own check, default minimum
+        ("TLSv1", "ssl_max_protocol_version=TLSv1.1 is below the minimum TLSv1.2"),  # ours
+    ],
+)
+def test_tls_maximum_below_the_minimum_is_refused(
+    minimum: str | None, match: str, ca_file: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        safepg.secure_conninfo(
+            f"host=db.example.com sslrootcert={ca_file}",
+            ssl_min_protocol_version=minimum,
+            ssl_max_protocol_version="TLSv1.1",
+        )
+
+
 def test_everything_else_passes_through(ca_file: str) -> None:
     given = {
         "host": "db.example.com",

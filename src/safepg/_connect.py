@@ -134,7 +134,7 @@ def connect(
     plan = build_plan(conninfo, kwargs, allow_unencrypted_unix_socket=allow_unencrypted_unix_socket)
     try:
         conn = Connection.connect(
-            plan.conninfo,
+            **plan.params,
             autocommit=autocommit,
             prepare_threshold=prepare_threshold,
             context=context,
@@ -200,7 +200,7 @@ async def connect_async(
     plan = build_plan(conninfo, kwargs, allow_unencrypted_unix_socket=allow_unencrypted_unix_socket)
     try:
         conn = await AsyncConnection.connect(
-            plan.conninfo,
+            **plan.params,
             autocommit=autocommit,
             prepare_threshold=prepare_threshold,
             context=context,

@@ -173,15 +173,24 @@ def _min_tls(resolved: Mapping[str, str], origin: str) -> str:
     if value in _TLS_VERSIONS and _TLS_VERSIONS.index(value) >= _TLS_VERSIONS.index(
         MIN_TLS_VERSION
     ):
-        return value
-    _raise_logged(
-        "ssl_min_protocol_version",
-        value,
-        MIN_TLS_VERSION,
-        origin,
-        "TLS versions before 1.2 are deprecated (RFC 8996)",
-    )
-    return MIN_TLS_VERSION
+        chosen = value
+    else:
+        _raise_logged(
+            "ssl_min_protocol_version",
+            value,
+            MIN_TLS_VERSION,
+            origin,
+            "TLS versions before 1.2 are deprecated (RFC 8996)",
+        )
+        chosen = MIN_TLS_VERSION
+    maximum = resolved.get("ssl_max_protocol_version", "")
+    if maximum in _TLS_VERSIONS and _TLS_VERSIONS.index(maximum) < _TLS_VERSIONS.index(chosen):
+        raise ConfigurationError(
+            f"ssl_max_protocol_version={maximum} is below the minimum {chosen}: TLS versions "
+            "before 1.2 are deprecated (RFC 8996). Remove ssl_max_protocol_version, or set it "
+            "to TLSv1.2 or later."
+        )
+    return chosen
 
 
 def build_plan(
