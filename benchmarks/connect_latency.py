@@ -80,7 +80,8 @@ def main() -> int:
     parser.add_argument("--child", nargs=3, metavar=("CONNINFO", "CA", "BUNDLE"))
     args = parser.parse_args()
     if args.child:
-        child(*args.child, args.rounds)
+        conninfo, ca, bundle = args.child
+        child(conninfo, ca, bundle, args.rounds)
         return 0
 
     from safepg.testing import PostgresServer
