@@ -80,6 +80,19 @@ def test_sslmode_from_service_file_is_raised(
     )
 
 
+def test_checked_host_is_pinned(
+    ca_file: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The host checked is the host used, even if the service file changes before libpq reads it.
+    write_service(tmp_path, monkeypatch, "host=db.example.com\nport=6432")
+    params = final("service=svc", sslrootcert=ca_file)
+    assert (params["host"], params["port"]) == ("db.example.com", "6432")
+    monkeypatch.setenv("PGHOST", "db.example.com")
+    monkeypatch.setenv("PGHOSTADDR", "127.0.0.1")
+    params = final(sslrootcert=ca_file)
+    assert (params["host"], params["hostaddr"]) == ("db.example.com", "127.0.0.1")
+
+
 def test_pgservice_variable_is_honoured(
     ca_file: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

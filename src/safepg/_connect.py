@@ -148,8 +148,9 @@ def connect(
         raise err from ex
     problem = _check.session_problem(conn.pgconn, plan.allow_unix_socket)
     if problem:
+        err = _refuse(conn, problem, plan)
         conn.close()
-        raise _refuse(conn, problem, plan)
+        raise err
     _check.remember(conn, plan)
     return conn
 
@@ -215,7 +216,8 @@ async def connect_async(
         raise err from ex
     problem = _check.session_problem(conn.pgconn, plan.allow_unix_socket)
     if problem:
+        err = _refuse(conn, problem, plan)
         await conn.close()
-        raise _refuse(conn, problem, plan)
+        raise err
     _check.remember(conn, plan)
     return conn

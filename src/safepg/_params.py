@@ -266,6 +266,9 @@ def build_plan(
         from_env=rootcert_origin == _env_origin("PGSSLROOTCERT"),
     )
     final = dict(params)
+    # Pin where to connect as checked above: libpq resolves service files and PG* variables
+    # again when it connects, and they could differ by then (another thread, an LDAP service).
+    final.update({k: resolved[k] for k in ("host", "hostaddr", "port") if k in resolved})
     final.update(
         # Encrypt, verify the chain against `trust`, and check the host name: nothing less.
         sslmode=REQUIRED_SSLMODE,

@@ -254,7 +254,7 @@ def resolve(
         origin: TrustOrigin = "PGSSLROOTCERT" if from_env else "sslrootcert"
         return TrustSource(rootcert, f"sslrootcert from {named_by}", origin)
     default_root = libpq_default_root()
-    if default_root is not None and default_root.exists():
+    if default_root is not None and os.path.exists(default_root):
         check_ca_file(str(default_root), "libpq's default location")
         return TrustSource(str(default_root), "libpq default root.crt", "libpq-default")
 
