@@ -59,9 +59,14 @@ def resolve_trust(
     ).trust
 
 
-def _refuse(
-    conn: Connection[Any] | AsyncConnection[Any], problem: str, plan: Plan
-) -> InsecureConnectionError:
+def _admit(
+    conn: Connection[Any] | AsyncConnection[Any], plan: Plan
+) -> InsecureConnectionError | None:
+    """Check a new session (no round trip); the error to raise after closing it, or None."""
+    problem = _check.session_problem(conn.pgconn, plan.allow_unix_socket)
+    if problem is None:
+        _check.remember(conn, plan)
+        return None
     err = InsecureConnectionError(
         f"safepg refused the session: {problem}. Trust anchors: {plan.trust}."
     )
@@ -146,12 +151,10 @@ def connect(
         if err is None:
             raise
         raise err from ex
-    problem = _check.session_problem(conn.pgconn, plan.allow_unix_socket)
-    if problem:
-        err = _refuse(conn, problem, plan)
+    refusal = _admit(conn, plan)
+    if refusal:
         conn.close()
-        raise err
-    _check.remember(conn, plan)
+        raise refusal
     return conn
 
 
@@ -214,10 +217,8 @@ async def connect_async(
         if err is None:
             raise
         raise err from ex
-    problem = _check.session_problem(conn.pgconn, plan.allow_unix_socket)
-    if problem:
-        err = _refuse(conn, problem, plan)
+    refusal = _admit(conn, plan)
+    if refusal:
         await conn.close()
-        raise err
-    _check.remember(conn, plan)
+        raise refusal
     return conn

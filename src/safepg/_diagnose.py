@@ -1,7 +1,7 @@
 """Turning libpq's connection failures into safepg's error classes, with advice.
 
-libpq reports TLS failures as text. The phrases matched here are stable across libpq 14-18 and
-are checked by the tests against both psycopg-binary's libpq and the system's.
+libpq reports TLS failures as text. The tests check the phrases matched here against both
+psycopg-binary's libpq (18) and the system's (15 on Debian 12).
 """
 
 from __future__ import annotations
