@@ -275,6 +275,38 @@ def test_expired_certificate(server: PostgresServer, certs: CertificateShop) -> 
     assert isinstance(info.value, UntrustedCertificateError)
 
 
+def test_expiry_is_diagnosed_as_libpq_verifies_not_stricter(
+    server: PostgresServer, certs: CertificateShop
+) -> None:
+    # An expired leaf with no Authority Key Identifier: libpq does not require one, Python 3.13's
+    # default (strict) context does. The diagnosis must still say "expired", as libpq failed for.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from safepg.testing import IssuedCertificate
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(server.ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - dt.timedelta(days=30))
+        .not_valid_after(NOW - dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(server.ca.key, hashes.SHA256())
+    )
+    server.use_certificate(IssuedCertificate(cert, key))
+    try:
+        with pytest.raises(CertificateExpiredError):
+            safepg.connect(server.conninfo(host="localhost"))
+    finally:
+        server.reset_certificate()
+
+
 def test_server_without_tls(server: PostgresServer) -> None:
     with server.ssl_disabled():
         with pytest.raises(SSLNotSupportedError, match="does not offer TLS") as info:

@@ -35,6 +35,10 @@ _ROOT_FILE = re.compile(r'root certificate file "(?P<path>[^"]*)"')
 _AT = re.compile(r'connection to server at "(?P<addr>[^"]*)"(?:.*?), port (?P<port>\d+) failed')
 # X509_V_ERR_CERT_NOT_YET_VALID and X509_V_ERR_CERT_HAS_EXPIRED.
 _EXPIRY_CODES = (9, 10)
+# X509_V_ERR_ codes meaning "no trusted issuer": UNABLE_TO_GET_ISSUER_CERT,
+# DEPTH_ZERO_SELF_SIGNED_CERT, SELF_SIGNED_CERT_IN_CHAIN, UNABLE_TO_GET_ISSUER_CERT_LOCALLY,
+# UNABLE_TO_VERIFY_LEAF_SIGNATURE.
+_NO_TRUSTED_ISSUER_CODES = (2, 18, 19, 20, 21)
 _DEFAULT_PROBE_TIMEOUT = 5.0
 
 
@@ -147,7 +151,11 @@ def diagnose(ex: psycopg.OperationalError, plan: Plan, *, probe: bool = True) ->
             )
         else:
             reason = f" ({result.verify_message})" if result and result.verify_message else ""
-            issuer = f' The issuer "{leaf.issuer}" is not among them.' if leaf else ""
+            issuer = (
+                f' The issuer "{leaf.issuer}" is not among them.'
+                if leaf and result and result.verify_code in _NO_TRUSTED_ISSUER_CODES
+                else ""
+            )
             err = UntrustedCertificateError(
                 f"The certificate of the server at {host}:{port} does not chain to a trusted "
                 f"root{reason}.{presented}\n{trust}{issuer}\n"

@@ -74,14 +74,14 @@ def _info(cert: Any) -> CertificateInfo:
 
 
 def _chain(tls: ssl.SSLSocket) -> tuple[CertificateInfo, ...]:
-    # Public on Python 3.13+; on 3.10-3.12 the same method lives on the underlying SSL object.
-    getter = getattr(tls, "get_unverified_chain", None) or getattr(
-        getattr(tls, "_sslobj", None), "get_unverified_chain", None
-    )
+    # The SSL object's get_unverified_chain() (Python 3.10+) returns certificate objects with
+    # get_info(); SSLSocket's public one (3.13+) returns only DER bytes, which the standard
+    # library cannot decode.
+    getter = getattr(getattr(tls, "_sslobj", None), "get_unverified_chain", None)
     try:
         certs = getter() if getter else None
         return tuple(_info(c) for c in certs or ())
-    except (AttributeError, ValueError, ssl.SSLError):  # pragma: no cover - old interpreters
+    except (AttributeError, ValueError, ssl.SSLError):  # pragma: no cover - other interpreters
         return ()
 
 
@@ -93,8 +93,14 @@ def probe(
     The host name is not checked here: that is libpq's decision alone. Returns None when the
     server cannot be reached or the exchange fails before a certificate arrives.
     """
-    ctx = ssl.create_default_context(cafile=cafile)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False  # libpq judges host names; this only reads and checks the chain
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # Verify as libpq does: Python 3.13 adds strict RFC 5280 checks and partial chains by
+    # default, and a diagnosis must report the reason libpq failed for, not another one.
+    ctx.verify_flags &= ~(ssl.VERIFY_X509_STRICT | ssl.VERIFY_X509_PARTIAL_CHAIN)
+    ctx.load_verify_locations(cafile=cafile)
     try:
         sock = socket.create_connection((address, port), timeout=timeout)
     except OSError:

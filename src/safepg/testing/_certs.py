@@ -206,6 +206,7 @@ class CertificateAuthority:
         sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
         sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
         if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            # RFC 5280: with an empty subject, the subjectAltName extension must be critical.
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=not attrs)
         cert = builder.sign(self.key, hashes.SHA256())
         return IssuedCertificate(cert, key, self._chain())
