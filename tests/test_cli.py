@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from safepg._cli import main
-from safepg.testing import ServerNotFoundError, find_bindir
+from safepg.testing import PostgresServer, ServerNotFoundError, find_bindir
 
 
 def test_demo_in_process(capsys: pytest.CaptureFixture[str]) -> None:
@@ -41,6 +41,32 @@ def test_demo_as_module() -> None:
 def test_demo_without_server_binaries(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["demo", "--bindir", str(tmp_path)]) == 2
     assert "apt-get install postgresql" in capsys.readouterr().err
+
+
+def test_basic_example(server: PostgresServer) -> None:
+    example = Path(__file__).parent.parent / "examples" / "basic.py"
+    proc = subprocess.run(
+        [sys.executable, str(example), server.conninfo()],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "verified TLSv1." in proc.stdout
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(example),
+            server.conninfo(host="db.example.com", hostaddr="127.0.0.1"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "wrong server name" in proc.stderr
 
 
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:

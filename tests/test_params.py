@@ -258,6 +258,7 @@ def test_safepg_options_never_collide_with_libpq_keywords() -> None:
         ("host=a\x00.example.com", {}, "NUL byte"),
         ("", {"host": "a\x00.example.com"}, "NUL byte"),
         ("", {"host": "\udcff.example.com"}, "not valid UTF-8"),
+        ("host=db.example.com", {"sslrootcert": Path("/etc/ca\x00.pem")}, "NUL byte"),
         (
             "host=db.example.com port=5432,5433,5434",
             {},

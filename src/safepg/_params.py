@@ -82,7 +82,8 @@ def _raise_logged(param: str, value: str, new: str, origin: str, why: str) -> No
 
 def _reject_unsafe_text(conninfo: str, kwargs: Mapping[str, Any]) -> None:
     # libpq reads C strings: a NUL byte would silently cut a value short ("host=a\0b" -> "a").
-    items = [("conninfo", conninfo)] + [(k, v) for k, v in kwargs.items() if isinstance(v, str)]
+    # Values are checked as psycopg will pass them: as str() (a Path, an int).
+    items = [("conninfo", conninfo)] + [(k, str(v)) for k, v in kwargs.items() if v is not None]
     for name, value in items:
         if "\x00" in value:
             raise ConfigurationError(f"{name} contains a NUL byte, which libpq cannot take")
