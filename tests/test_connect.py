@@ -255,6 +255,34 @@ def test_wrong_ca(
     assert "certificate verify failed" in str(err.__cause__)
 
 
+def test_revoked_certificate(
+    server: PostgresServer, certs: CertificateShop, tmp_path: Path
+) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    cert = certs.present("localhost", ip_addresses=["127.0.0.1"], common_name="revoked")
+    revoked = (
+        x509.RevokedCertificateBuilder()
+        .serial_number(cert.cert.serial_number)
+        .revocation_date(NOW - dt.timedelta(hours=1))
+        .build()
+    )
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(server.ca.cert.subject)
+        .last_update(NOW - dt.timedelta(hours=1))
+        .next_update(NOW + dt.timedelta(days=1))
+        .add_revoked_certificate(revoked)
+        .sign(server.ca.key, hashes.SHA256())
+    )
+    crl_path = tmp_path / "crl.pem"
+    crl_path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(UntrustedCertificateError, match="revocation list") as info:
+        safepg.connect(server.conninfo(sslcrl=str(crl_path)))
+    assert not isinstance(info.value, CertificateExpiredError)
+
+
 def test_self_signed_server_certificate(server: PostgresServer, certs: CertificateShop) -> None:
     lone = CertificateAuthority("self-signed server")
     certs.present("localhost", ip_addresses=["127.0.0.1"], ca=lone)
@@ -272,6 +300,8 @@ def test_expired_certificate(server: PostgresServer, certs: CertificateShop) -> 
     with pytest.raises(CertificateExpiredError) as info:
         safepg.connect(server.conninfo())
     assert "validity period" in str(info.value)
+    expired_on = (NOW - dt.timedelta(days=1)).strftime("%Y-%m-%d")
+    assert f"expired on {expired_on}" in str(info.value)
     assert isinstance(info.value, UntrustedCertificateError)
 
 

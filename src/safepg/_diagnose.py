@@ -6,6 +6,7 @@ psycopg-binary's libpq (18) and the system's (15 on Debian 12).
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from collections.abc import Sequence
 
@@ -73,6 +74,18 @@ def _run_probe(
         server_hostname=target.host if target else None,
         timeout=_probe_timeout(plan),
     )
+
+
+def _out_of_date(chain: Sequence[_probe.CertificateInfo]) -> str:
+    """Which certificate of *chain* is expired or not yet valid, and since or until when."""
+    now = dt.datetime.now(dt.timezone.utc)
+    for i, cert in enumerate(chain):
+        who = "the server's certificate" if i == 0 else f"the CA certificate {cert.subject}"
+        if cert.not_after and cert.not_after < now:
+            return f": {who} expired on {cert.not_after:%Y-%m-%d %H:%M} UTC"
+        if cert.not_before and cert.not_before > now:
+            return f": {who} is valid only from {cert.not_before:%Y-%m-%d %H:%M} UTC"
+    return ""
 
 
 def _failure_line(text: str, needles: Sequence[str]) -> str | None:
@@ -144,13 +157,19 @@ def diagnose(ex: psycopg.OperationalError, plan: Plan, *, probe: bool = True) ->
             expired = result.verify_message or "certificate has expired"
             err = CertificateExpiredError(
                 f"The certificate of the server at {host}:{port} is outside its validity period "
-                f"({expired}).{presented}\n{trust}\n"
+                f"({expired}{_out_of_date(result.chain)}).{presented}\n{trust}\n"
                 "To fix: the server's operator must renew the certificate (or the expired CA in "
                 "its chain). Check this machine's clock too.\n"
                 f"{libpq}"
             )
         else:
             reason = f" ({result.verify_message})" if result and result.verify_message else ""
+            if result and result.chain and result.verify_code is None:
+                reason = (
+                    ". The chain does verify against these anchors without revocation checks, "
+                    "so a certificate revocation list (sslcrl, sslcrldir or "
+                    "~/.postgresql/root.crl) has probably revoked it"
+                )
             issuer = (
                 f' The issuer "{leaf.issuer}" is not among them.'
                 if leaf and result and result.verify_code in _NO_TRUSTED_ISSUER_CODES
