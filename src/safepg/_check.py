@@ -160,8 +160,10 @@ def _finish(report: SSLReport, row: tuple[Any, ...] | None, allow_socket: bool) 
             f"This session is below safepg's policy: {report.summary} (sslmode={report.sslmode}). "
             "Open connections with safepg.connect(), which always verifies the server."
         )
+    # Unknown only when libpq's attributes cannot be read and the server side has no TLS (a
+    # pooler in between); libpq has enforced ssl_min_protocol_version in the handshake anyway.
     protocol = report.protocol or report.backend_protocol
-    if protocol not in _ACCEPTED_PROTOCOLS:
+    if protocol is not None and protocol not in _ACCEPTED_PROTOCOLS:
         raise InsecureConnectionError(f"This session uses {protocol}, below the TLS 1.2 minimum.")
     return report
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import glob
 import logging
 import os
@@ -194,8 +196,9 @@ class PostgresServer:
     def log_path(self) -> Path:
         return self.directory / "server.log"
 
-    @property
+    @functools.cached_property
     def major_version(self) -> int:
+        """The server's major version (15, 16, ...)."""
         out = subprocess.run(
             [str(self.bindir / "postgres"), "--version"], capture_output=True, text=True, check=True
         )
@@ -248,17 +251,24 @@ class PostgresServer:
         if self._account:
             os.chown(path, *self._account)
 
+    def _as_account(self) -> dict[str, Any]:
+        """subprocess arguments that run a child as the server's account, with its environment."""
+        uid, gid = self._account or (None, None)
+        return {
+            "user": uid,
+            "group": gid,
+            "extra_groups": [] if self._account else None,
+            "env": self._env(),
+        }
+
     def _run(self, *args: str) -> None:
         proc = subprocess.run(
             args,
             capture_output=True,
             text=True,
-            user=self._account[0] if self._account else None,
-            group=self._account[1] if self._account else None,
-            extra_groups=[] if self._account else None,
-            env=self._env(),
             check=False,
             timeout=_TIMEOUT,
+            **self._as_account(),
         )
         if proc.returncode:
             raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
@@ -275,13 +285,19 @@ class PostgresServer:
         if self._proc is not None:
             return
         self._dir = Path(tempfile.mkdtemp(prefix="safepg-pg-"))
+        # A server left running by a caller who forgot stop() is stopped at exit.
+        atexit.register(self.stop)
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         self._own(self.directory)
         self.socket_dir.mkdir()
         self._own(self.socket_dir)
         self.ca.write_cert(self.ca_path)
-        pwfile = self.directory / "pwfile"
-        pwfile.write_text("unused\n")
-        self._own(pwfile)
         self._run(
             str(self.bindir / "initdb"),
             "-D",
@@ -333,11 +349,8 @@ class PostgresServer:
                 [str(self.bindir / "postgres"), "-D", str(self.data_dir), "-p", str(self.port)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                user=self._account[0] if self._account else None,
-                group=self._account[1] if self._account else None,
-                extra_groups=[] if self._account else None,
-                env=self._env(),
                 start_new_session=True,
+                **self._as_account(),
             )
         finally:
             log.close()
@@ -397,6 +410,7 @@ class PostgresServer:
 
     def stop(self) -> None:
         """Stop the server and remove its directory."""
+        atexit.unregister(self.stop)
         self._shutdown()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)

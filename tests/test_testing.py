@@ -1,0 +1,54 @@
+"""safepg.testing, the harness itself: failures clean up, reloads take effect."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from safepg.testing import PostgresServer, probe_certificate
+
+
+def _leftovers() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("safepg-pg-*")}
+
+
+def test_failed_start_cleans_up() -> None:
+    # Readable by the unprivileged account the server runs as when the tests run as root.
+    bindir = Path(tempfile.mkdtemp(prefix="fake-pg-bin-"))
+    bindir.chmod(0o755)
+    for exe in ("initdb", "postgres"):
+        script = bindir / exe
+        script.write_text("#!/bin/sh\necho 'initdb: simulated failure' >&2\nexit 1\n")
+        script.chmod(0o755)
+    before = _leftovers()
+    server = PostgresServer(bindir)
+    try:
+        with pytest.raises(RuntimeError, match="simulated failure"):
+            server.start()
+        assert _leftovers() == before
+    finally:
+        shutil.rmtree(bindir)
+
+
+def test_certificate_swap_and_ssl_toggle(server: PostgresServer) -> None:
+    default = probe_certificate(server.host, server.port)
+    other = server.issue_certificate("other.example")
+    with server.certificate(other):
+        assert probe_certificate(server.host, server.port) != default
+    assert probe_certificate(server.host, server.port) == default
+    with server.ssl_disabled():
+        assert probe_certificate(server.host, server.port) is None
+    assert probe_certificate(server.host, server.port) == default
+
+
+def test_restart_keeps_port_and_data(server: PostgresServer) -> None:
+    port = server.port
+    with server.admin_connect() as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS kept (x int)")
+    server.restart()
+    assert server.port == port
+    with server.admin_connect() as conn:
+        assert conn.execute("SELECT count(*) FROM kept").fetchone() == (0,)
