@@ -57,7 +57,10 @@ def test_connect_returns_a_verified_psycopg_connection(server: PostgresServer) -
     assert report.sslmode == "verify-full"
     assert report.protocol in ("TLSv1.2", "TLSv1.3")
     assert report.backend_ssl is True
-    assert report.backend_protocol == report.protocol
+    assert report.backend_protocol == report.protocol  # libpq's side is read, not guessed
+    assert report.cipher == report.backend_cipher
+    assert report.bits == report.backend_bits
+    assert report.ssl_library == "OpenSSL"
     assert report.trust is not None
     assert report.trust.path == str(server.ca_path)
     assert report.summary.startswith("verified TLSv1.")

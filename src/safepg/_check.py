@@ -43,7 +43,7 @@ class SSLReport:
             ``allow_unencrypted_unix_socket=True``): local, not encrypted.
         host, hostaddr, port: where libpq connected; *host* is the name that was verified.
         sslmode: the sslmode libpq used.
-        protocol, cipher, key_bits, ssl_library: libpq's view of the TLS session.
+        protocol, cipher, bits, ssl_library: libpq's view of the TLS session.
         trust: the trust anchors safepg chose, or None for a connection safepg did not make.
         backend_pid: the server process serving this session.
         backend_ssl, backend_protocol, backend_cipher, backend_bits: ``pg_stat_ssl`` for that
@@ -60,7 +60,7 @@ class SSLReport:
     sslmode: str
     protocol: str | None
     cipher: str | None
-    key_bits: int | None
+    bits: int | None
     ssl_library: str | None
     trust: TrustSource | None
     backend_pid: int
@@ -87,7 +87,7 @@ class SSLReport:
             self.summary,
             f"  sslmode:       {self.sslmode}",
             f"  protocol:      {self.protocol or '-'}",
-            f"  cipher:        {self.cipher or '-'} ({self.key_bits or '-'} bits)",
+            f"  cipher:        {self.cipher or '-'} ({self.bits or '-'} bits)",
             f"  TLS library:   {self.ssl_library or '-'}",
             f"  trust anchors: {self.trust or '-'}",
             f"  server side:   pid {self.backend_pid}, pg_stat_ssl.ssl={self.backend_ssl}, "
@@ -135,7 +135,7 @@ def _client_report(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any])
         sslmode=sslmode,
         protocol=ssl_attribute(pgconn, "protocol"),
         cipher=ssl_attribute(pgconn, "cipher"),
-        key_bits=int(bits) if bits and bits.isdigit() else None,
+        bits=int(bits) if bits and bits.isdigit() else None,
         ssl_library=ssl_attribute(pgconn, "library"),
         trust=plan.trust if plan else None,
         backend_pid=pgconn.backend_pid,
