@@ -43,28 +43,22 @@ def test_demo_without_server_binaries(capsys: pytest.CaptureFixture[str], tmp_pa
     assert "apt-get install postgresql" in capsys.readouterr().err
 
 
-def test_basic_example(server: PostgresServer) -> None:
+def _run_example(conninfo: str) -> subprocess.CompletedProcess[str]:
     example = Path(__file__).parent.parent / "examples" / "basic.py"
-    proc = subprocess.run(
-        [sys.executable, str(example), server.conninfo()],
+    return subprocess.run(
+        [sys.executable, str(example), conninfo],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def test_basic_example(server: PostgresServer) -> None:
+    proc = _run_example(server.conninfo())
     assert proc.returncode == 0, proc.stderr
     assert "verified TLSv1." in proc.stdout
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(example),
-            server.conninfo(host="db.example.com", hostaddr="127.0.0.1"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = _run_example(server.conninfo(host="db.example.com", hostaddr="127.0.0.1"))
     assert proc.returncode == 2
     assert "wrong server name" in proc.stderr
 
