@@ -40,6 +40,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("SAFEPG_CACHE_DIR", str(tmp_path / "cache"))
     _trust._os_store_memo.clear()
+    _trust._union_memo.clear()
     _trust._valid_files.clear()
     _params._warned.clear()
     _cache._checked.clear()
@@ -65,7 +66,9 @@ class CertificateShop:
         ca: CertificateAuthority | None = None,
         **kwargs: object,
     ) -> IssuedCertificate:
-        key = (id(ca), dns_names, tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+        # Keyed by the CA object itself (kept alive here), never by id(): a freed CA's id can
+        # be reused by another one, which would then be handed the wrong certificate.
+        key = (ca, dns_names, tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
         if key not in self._issued:
             self._issued[key] = (ca or self.server.ca).issue(*dns_names, **kwargs)  # type: ignore[arg-type]
         cert = self._issued[key]

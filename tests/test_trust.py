@@ -237,9 +237,14 @@ def test_tampered_cache_file_is_rewritten(tmp_path: Path) -> None:
     good = Path(src.path).read_bytes()
     rogue = CertificateAuthority("rogue").cert_pem
     Path(src.path).write_bytes(good + rogue)
-    _trust._os_store_memo.clear()
+    # Noticed both in this process (the file changed since it was written) ...
     again = safepg.resolve_trust(host=f"{RDS_HOST},db.example.com")
     assert again.path == src.path
+    assert Path(again.path).read_bytes() == good
+    # ... and in a new one, which remembers nothing.
+    Path(src.path).write_bytes(good + rogue)
+    _trust._union_memo.clear()
+    again = safepg.resolve_trust(host=f"{RDS_HOST},db.example.com")
     assert Path(again.path).read_bytes() == good
 
 

@@ -21,13 +21,12 @@ def _demo(args: argparse.Namespace) -> int:
     except ImportError as ex:
         print(f"safepg demo: {ex}", file=sys.stderr)
         return 2
-    out = sys.stdout
     try:
         server = PostgresServer(args.bindir)
     except ServerNotFoundError as ex:
         print(f"safepg demo: {ex}", file=sys.stderr)
         return 2
-    print(f"Starting a throwaway PostgreSQL with TLS from {server.bindir} ...", file=out)
+    print(f"Starting a throwaway PostgreSQL with TLS from {server.bindir} ...")
     with server:
         print(f"  listening on {server.host}:{server.port}, certificate for localhost, 127.0.0.1")
         print(f"  its CA (made for this run): {server.ca_path}\n")

@@ -52,6 +52,16 @@ class ProbeResult:
     chain: tuple[CertificateInfo, ...] = ()
 
 
+def request_tls(sock: socket.socket) -> bool:
+    """Send PostgreSQL's SSLRequest on *sock*; True if the server answers 'S' (TLS follows).
+
+    Only the single answer byte is read: anything the server sends after it, before the
+    handshake, is unauthenticated and must not be taken as a response (CVE-2021-23222).
+    """
+    sock.sendall(_SSLREQUEST)
+    return sock.recv(1) == b"S"
+
+
 def _name(rdns: Any) -> str:
     return ", ".join(f"{k}={v}" for rdn in rdns for k, v in rdn)
 
@@ -107,9 +117,7 @@ def probe(
         return None
     with sock:
         try:
-            sock.sendall(_SSLREQUEST)
-            # Only the single byte: anything after it is unauthenticated (CVE-2021-23222).
-            if sock.recv(1) != b"S":
+            if not request_tls(sock):
                 return ProbeResult(tls=False)
             sni = server_hostname if server_hostname and not _is_ip(server_hostname) else None
             tls = ctx.wrap_socket(sock, server_hostname=sni, do_handshake_on_connect=False)

@@ -270,9 +270,33 @@ def resolve(
         return _fallback()
     if len(sources) == 1:
         return next(iter(sources.values()))
-    # Hosts that need different anchors share one sslrootcert: use the union.
-    ordered = sorted(sources.values(), key=lambda s: s.path)
-    pem = b"".join(Path(s.path).read_bytes().rstrip() + b"\n" for s in ordered)
+    return _union(sorted(sources.values(), key=lambda s: s.path))
+
+
+# The sources' (path, inode, size, mtime) -> the union file made from them, and its own stat key.
+_union_memo: dict[
+    tuple[tuple[str, tuple[int, int, int]], ...], tuple[TrustSource, tuple[int, int, int]]
+] = {}
+
+
+def _union(sources: Sequence[TrustSource]) -> TrustSource:
+    """One file holding all of *sources*, for hosts of one conninfo that need different anchors.
+
+    Made once while the sources are unchanged, not re-read on every connect. If the file itself
+    changes on disk (tampering, a partial write), it is checked and rebuilt.
+    """
+    key = tuple((s.path, _stat_key(os.stat(s.path))) for s in sources)
+    memo = _union_memo.get(key)
+    if memo is not None:
+        found, written = memo
+        try:
+            if _stat_key(os.stat(found.path)) == written:
+                return found
+        except OSError:
+            pass
+    pem = b"".join(Path(s.path).read_bytes().rstrip() + b"\n" for s in sources)
     path = _cache.write_trust_file("combined", pem)
-    label = "combined: " + " + ".join(s.label for s in ordered)
-    return TrustSource(str(path), label, "combined")
+    label = "combined: " + " + ".join(s.label for s in sources)
+    found = TrustSource(str(path), label, "combined")
+    _union_memo[key] = (found, _stat_key(os.stat(path)))
+    return found

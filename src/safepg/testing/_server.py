@@ -14,11 +14,10 @@ import shutil
 import signal
 import socket
 import ssl
-import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -28,6 +27,7 @@ import psycopg
 from cryptography.hazmat.primitives.serialization import Encoding
 from psycopg.conninfo import make_conninfo
 
+from .._probe import request_tls
 from ._certs import CertificateAuthority, IssuedCertificate
 
 __all__ = ["PostgresServer", "ServerNotFoundError", "find_bindir"]
@@ -39,7 +39,6 @@ _INSTALL_HINT = (
     "Fedora/RHEL: dnf install postgresql-server; macOS: brew install postgresql), "
     "or point SAFEPG_PG_BINDIR at a directory holding initdb and postgres."
 )
-_SSLREQUEST = struct.pack("!ii", 8, 80877103)
 # How long start-up, reloads and shutdown may take before the harness gives up.
 _TIMEOUT = 60.0
 
@@ -127,9 +126,7 @@ def probe_certificate(host: str, port: int, timeout: float = 5.0) -> bytes | Non
     reload has taken effect.
     """
     with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.sendall(_SSLREQUEST)
-        answer = sock.recv(1)
-        if answer != b"S":
+        if not request_tls(sock):
             return None
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
@@ -436,7 +433,7 @@ class PostgresServer:
             raise RuntimeError("the server is not running")
         self._proc.send_signal(signal.SIGHUP)  # what pg_ctl reload does
 
-    def _poll(self, done: Any, what: str) -> None:
+    def _poll(self, done: Callable[[], bool], what: str) -> None:
         deadline = time.monotonic() + _TIMEOUT
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError):
