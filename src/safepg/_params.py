@@ -7,9 +7,11 @@ parameters with safepg's settings on top. Nothing here touches the network.
 
 from __future__ import annotations
 
+import functools
 import logging
 import ntpath
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +35,8 @@ _TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 # An invalid target_session_attrs makes libpq stop after resolving the options and before any
 # I/O, so that PQconninfo shows what libpq would use (see _libpq_view).
 _RESOLVE_ONLY = "__safepg_resolve_only__"
+_DEFAULT_PORT = "5432"  # libpq's compiled-in DEF_PGPORT
+_KEYWORD = re.compile(r"[a-z][a-z0-9_]*")
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class Target:
     host: str  # the name libpq verifies, or the socket directory
     hostaddr: str | None
     socket: bool
+    port: str = _DEFAULT_PORT
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,8 @@ class Plan:
     trust: TrustSource
     targets: tuple[Target, ...]
     allow_unix_socket: bool
+    # Every option as libpq resolved it (service file, environment, defaults), before hardening.
+    resolved: dict[str, str] = field(default_factory=dict, hash=False, repr=False)
 
     @property
     def conninfo(self) -> str:
@@ -93,9 +100,23 @@ def _reject_unsafe_text(conninfo: str, kwargs: Mapping[str, Any]) -> None:
             raise ConfigurationError(f"{name} is not valid UTF-8 text") from None
 
 
+def _join(params: Mapping[str, str]) -> str:
+    """A conninfo string for *params*; libpq itself then rejects unknown keywords.
+
+    Faster than psycopg's make_conninfo, which parses its result once more to validate it.
+    """
+    parts = []
+    for key, value in params.items():
+        if not _KEYWORD.fullmatch(key):
+            raise ConfigurationError(f"invalid connection option {key!r}")
+        quoted = value.replace("\\", "\\\\").replace("'", "\\'")
+        parts.append(f"{key}='{quoted}'")
+    return " ".join(parts)
+
+
 def _libpq_view(params: Mapping[str, str], secrets: tuple[str | None, ...]) -> dict[str, str]:
     """The options libpq would use for *params*, after service files, env vars and defaults."""
-    probe = make_conninfo("", **{**params, "target_session_attrs": _RESOLVE_ONLY})
+    probe = _join({**params, "target_session_attrs": _RESOLVE_ONLY})
     pgconn = pq.PGconn.connect_start(probe.encode())
     try:
         message = pgconn.error_message.decode("utf-8", "replace").strip()
@@ -141,10 +162,14 @@ _SOCKET_FIX = (
 
 def _targets(resolved: Mapping[str, str], allow_socket: bool) -> tuple[Target, ...]:
     hosts, addrs = _split(resolved.get("host")), _split(resolved.get("hostaddr"))
+    ports = _split(resolved.get("port"))
     targets = []
     for i in range(max(len(hosts), len(addrs), 1)):
         host = hosts[i] if i < len(hosts) else ""
         addr = addrs[i] if i < len(addrs) else ""
+        # libpq: one port for every host, or one per host; empty means the default.
+        port = ports[i] if len(ports) > 1 and i < len(ports) else ports[0] if ports else ""
+        port = port or _DEFAULT_PORT
         if addr:
             if not host:
                 raise ConfigurationError(
@@ -153,7 +178,7 @@ def _targets(resolved: Mapping[str, str], allow_socket: bool) -> tuple[Target, .
                     f"as host, next to it: host=db.example.com hostaddr={addr} (libpq then "
                     "connects to hostaddr and verifies host)."
                 )
-            targets.append(Target(host, addr, socket=False))
+            targets.append(Target(host, addr, socket=False, port=port))
         elif _is_socket(host):
             if not allow_socket:
                 where = (
@@ -163,9 +188,9 @@ def _targets(resolved: Mapping[str, str], allow_socket: bool) -> tuple[Target, .
                     "would use its default Unix-domain socket"
                 )
                 raise ConfigurationError(f"{where}. {_SOCKET_FIX}")
-            targets.append(Target(host, None, socket=True))
+            targets.append(Target(host, None, socket=True, port=port))
         else:
-            targets.append(Target(host or "localhost", None, socket=False))
+            targets.append(Target(host or "localhost", None, socket=False, port=port))
     return tuple(targets)
 
 
@@ -194,6 +219,12 @@ def _min_tls(resolved: Mapping[str, str], origin: str) -> str:
     return chosen
 
 
+@functools.lru_cache(maxsize=64)
+def _parse(conninfo: str) -> tuple[tuple[str, str], ...]:
+    """libpq's parse of *conninfo*: a pure function, and pools parse one string again and again."""
+    return tuple(conninfo_to_dict(conninfo).items())  # type: ignore[arg-type]
+
+
 def build_plan(
     conninfo: str, kwargs: Mapping[str, Any], *, allow_unencrypted_unix_socket: bool = False
 ) -> Plan:
@@ -204,12 +235,12 @@ def build_plan(
     """
     _reject_unsafe_text(conninfo, kwargs)
     try:
-        parsed = conninfo_to_dict(conninfo, **kwargs)
+        params = dict(_parse(conninfo))
     except psycopg.ProgrammingError as ex:
         raise ConfigurationError(
             f"invalid connection parameters: {redact_parse_error(str(ex))}"
         ) from None
-    params = {k: str(v) for k, v in parsed.items() if v is not None}
+    params.update((k, str(v)) for k, v in kwargs.items() if v is not None)
     secrets = (params.get("password"), params.get("sslpassword"))
     try:
         resolved = _libpq_view(params, secrets)
@@ -280,4 +311,4 @@ def build_plan(
             resolved, origin("ssl_min_protocol_version", "PGSSLMINPROTOCOLVERSION")
         ),
     )
-    return Plan(final, trust, targets, allow_unencrypted_unix_socket)
+    return Plan(final, trust, targets, allow_unencrypted_unix_socket, resolved)
