@@ -13,8 +13,6 @@ import stat
 import tempfile
 from pathlib import Path
 
-import platformdirs
-
 from ._errors import ConfigurationError
 
 _checked: set[str] = set()
@@ -28,9 +26,15 @@ def cache_dir() -> Path:
     Raises:
         ConfigurationError: the directory cannot be made, or other users can write to it.
     """
-    path = Path(os.environ.get("SAFEPG_CACHE_DIR") or platformdirs.user_cache_dir("safepg"))
+    override = os.environ.get("SAFEPG_CACHE_DIR")
+    if override:
+        path = Path(override)
+    else:
+        import platformdirs  # not at import time: import safepg stays cheap
+
+        path = Path(platformdirs.user_cache_dir("safepg"))
     key = str(path)
-    if key in _checked:
+    if key in _checked and path.is_dir():
         return path
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -65,15 +69,24 @@ def write_trust_file(stem: str, pem: bytes) -> Path:
             return path
     except OSError:
         pass
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pem")
+    write_private_file(path, pem)
+    return path
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Replace *path* atomically with *data*, readable by this user only (mode 0600).
+
+    Readers see the old file or the new one, never a partial write, even across processes.
+    There is no fsync: after a crash a file may be empty or short, and every reader checks what
+    it reads (a trust file's content must hash to its name; an entry must parse and hold only
+    known fingerprints), so a damaged file is simply made again.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     try:
         with os.fdopen(fd, "wb") as f:  # mkstemp creates the file with mode 0600
-            f.write(pem)
-            f.flush()
-            os.fsync(f.fileno())
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    return path

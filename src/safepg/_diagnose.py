@@ -9,10 +9,10 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import psycopg
 
-from . import _probe
 from ._errors import (
     CertificateExpiredError,
     ConfigurationError,
@@ -24,6 +24,9 @@ from ._errors import (
 )
 from ._params import Plan, Target
 from ._redact import redact
+
+if TYPE_CHECKING:
+    from . import _probe
 
 _MISMATCH = re.compile(
     r'server certificate for "(?P<name>[^"]*)"(?: \(and (?P<more>\d+) other names?\))? '
@@ -67,6 +70,8 @@ def _run_probe(
     address = (target.hostaddr if target else None) or addr or (target.host if target else None)
     if not address or not port or not port.isdigit():
         return None
+    from . import _probe  # ssl and socket, only on a failure path
+
     return _probe.probe(
         address,
         int(port),
@@ -93,6 +98,12 @@ def _failure_line(text: str, needles: Sequence[str]) -> str | None:
         if any(n in line for n in needles):
             return line
     return None
+
+
+def rejected_chain(ex: psycopg.OperationalError) -> bool:
+    """libpq could not verify the chain, or read the CA file: the only failures the fast path
+    retries with the full trust set (never authentication, refusals or timeouts)."""
+    return _failure_line(str(ex), (_VERIFY_FAILED, "root certificate")) is not None
 
 
 def diagnose(ex: psycopg.OperationalError, plan: Plan, *, probe: bool = True) -> SafePGError | None:

@@ -1,8 +1,12 @@
 """A TLS probe that speaks PostgreSQL's SSLRequest preamble and reads the server's chain.
 
-safepg uses it only after libpq has refused a server, to explain why: which certificate the
-server presents, who issued it, when it expires, what names it holds. Whatever it reads is
-unauthenticated and is reported as such; it never decides whether a connection is allowed.
+Two uses, neither of which decides whether a connection is allowed (libpq does, with
+``sslmode=verify-full``):
+
+- `probe`: after libpq has refused a server, explain why: which certificate the server presents,
+  who issued it, when it expires, what names it holds. All of it is unauthenticated.
+- `presented_chain`: before a first connect, read which certificates a server sends, so that the
+  fast path can hand libpq only the anchors that can verify them (see ``_fastpath``).
 """
 
 from __future__ import annotations
@@ -62,6 +66,90 @@ def request_tls(sock: socket.socket) -> bool:
     return sock.recv(1) == b"S"
 
 
+def _open(address: str, port: int, timeout: float, direct: bool) -> socket.socket:
+    """A TCP connection on which TLS can start. Raises OSError when the server is unreachable.
+
+    With *direct*, TLS starts at once (PostgreSQL 17+, ALPN ``postgresql``); otherwise after
+    PostgreSQL's SSLRequest. Raises _NoTLS when the server declines the SSLRequest.
+    """
+    sock = socket.create_connection((address, port), timeout=timeout)
+    if direct:
+        return sock
+    try:
+        if request_tls(sock):
+            return sock
+    except OSError:
+        sock.close()
+        raise
+    sock.close()
+    raise _NoTLS
+
+
+class _NoTLS(Exception):
+    pass
+
+
+def _sni(server_hostname: str | None) -> str | None:
+    # libpq sends SNI for names, never for IP addresses (and not with sslsni=0).
+    return server_hostname if server_hostname and not _is_ip(server_hostname) else None
+
+
+_unverified: dict[bool, ssl.SSLContext] = {}
+
+
+def _unverified_context(direct: bool) -> ssl.SSLContext:
+    ctx = _unverified.get(direct)
+    if ctx is None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # only reads what is presented; libpq verifies
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if direct:
+            ctx.set_alpn_protocols(["postgresql"])
+        _unverified[direct] = ctx
+    return ctx
+
+
+@dataclass(frozen=True)
+class Presented:
+    """What a server sent, unverified: whether it offered TLS, and its chain as DER, leaf first."""
+
+    tls: bool
+    chain: tuple[bytes, ...] = ()
+
+
+def presented_chain(
+    address: str, port: int, *, server_hostname: str | None, timeout: float, direct: bool = False
+) -> Presented | None:
+    """Read the certificates *address*:*port* presents, without verifying anything.
+
+    *server_hostname* is sent as SNI (unless it is an IP address), as libpq does. Returns None
+    when the server cannot be reached or the handshake fails.
+    """
+    try:
+        sock = _open(address, port, timeout, direct)
+    except _NoTLS:
+        return Presented(tls=False)
+    except OSError:
+        return None
+    with sock:
+        try:
+            ctx = _unverified_context(direct)
+            with ctx.wrap_socket(sock, server_hostname=_sni(server_hostname)) as tls:
+                return Presented(True, _der_chain(tls))
+        except (OSError, ssl.SSLError, ValueError):
+            return None
+
+
+def _der_chain(tls: ssl.SSLSocket) -> tuple[bytes, ...]:
+    public = getattr(tls, "get_unverified_chain", None)  # Python 3.13+: DER bytes
+    if public is not None:
+        return tuple(public() or ())
+    certs = tls._sslobj.get_unverified_chain()  # type: ignore[attr-defined]  # 3.10-3.12
+    encoding = ssl._ssl.ENCODING_DER  # type: ignore[attr-defined]
+    return tuple(c.public_bytes(encoding) for c in certs or ())
+
+
 def _name(rdns: Any) -> str:
     return ", ".join(f"{k}={v}" for rdn in rdns for k, v in rdn)
 
@@ -112,14 +200,14 @@ def probe(
     ctx.verify_flags &= ~(ssl.VERIFY_X509_STRICT | ssl.VERIFY_X509_PARTIAL_CHAIN)
     ctx.load_verify_locations(cafile=cafile)
     try:
-        sock = socket.create_connection((address, port), timeout=timeout)
+        sock = _open(address, port, timeout, direct=False)
+    except _NoTLS:
+        return ProbeResult(tls=False)
     except OSError:
         return None
     with sock:
         try:
-            if not request_tls(sock):
-                return ProbeResult(tls=False)
-            sni = server_hostname if server_hostname and not _is_ip(server_hostname) else None
+            sni = _sni(server_hostname)
             tls = ctx.wrap_socket(sock, server_hostname=sni, do_handshake_on_connect=False)
             with tls:
                 try:

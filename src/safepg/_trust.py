@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import re
-import ssl
 import stat
 import sys
 from collections.abc import Sequence
@@ -148,6 +147,8 @@ def _pem_from_dir(directory: str) -> bytes:
 
 
 def _windows_store_pem() -> bytes:  # pragma: no cover - Windows only
+    import ssl
+
     certs = {
         ssl.DER_cert_to_PEM_cert(der).encode()
         for store in ("ROOT",)
@@ -200,6 +201,8 @@ def _find_os_store(env_dir: str | None) -> TrustSource | None:
         found = _dir_source(env_dir, f"OS trust store (SSL_CERT_DIR={env_dir})")
         if found:
             return found
+    import ssl  # not at import time: import safepg stays cheap
+
     defaults = ssl.get_default_verify_paths()
     candidates = [defaults.cafile] if defaults.cafile else []
     candidates += WELL_KNOWN_STORE_FILES
