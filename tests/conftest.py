@@ -9,7 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from safepg import _cache, _params, _trust
+from safepg import _cache, _fastpath, _params, _trust
 from safepg.testing import CertificateAuthority, IssuedCertificate, PostgresServer
 
 # Variables that change what libpq or OpenSSL would do; every test starts without them.
@@ -44,6 +44,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     _trust._valid_files.clear()
     _params._warned.clear()
     _cache._checked.clear()
+    _fastpath.clear_memory()
     return home
 
 

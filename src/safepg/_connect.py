@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, overload
 
 import psycopg
@@ -10,10 +11,12 @@ from psycopg import AsyncConnection, AsyncCursor, Connection, Cursor
 from psycopg.abc import AdaptContext, ConnParam
 from psycopg.rows import AsyncRowFactory, Row, RowFactory, TupleRow
 
-from . import _check, _diagnose
+from . import _check, _diagnose, _fastpath
 from ._errors import InsecureConnectionError
 from ._params import Plan, build_plan
 from ._trust import TrustSource
+
+logger = logging.getLogger("safepg")
 
 __all__ = ["connect", "connect_async", "resolve_trust", "secure_conninfo"]
 
@@ -76,6 +79,23 @@ def _admit(
     return err
 
 
+def _retry_with_full_set(ex: psycopg.OperationalError, used: Plan, full: Plan) -> bool:
+    """After libpq rejected the chain with the fast path's small file: forget it, and say so.
+
+    The server may have moved to another root of the full set (a CA rotation). Any other
+    failure (authentication, refused, timeout) is never retried.
+    """
+    if used is full or not _diagnose.rejected_chain(ex):
+        return False
+    logger.info(
+        "safepg: %s did not verify with the anchors learned for it; retrying once with %s",
+        ", ".join(f"{t.host}:{t.port}" for t in full.targets),
+        full.trust,
+    )
+    _fastpath.forget(full)
+    return True
+
+
 @overload
 def connect(
     conninfo: str = "",
@@ -86,6 +106,7 @@ def connect(
     row_factory: RowFactory[Row],
     cursor_factory: type[Cursor[Row]] | None = None,
     allow_unencrypted_unix_socket: bool = False,
+    fast_path: bool | None = None,
     **kwargs: ConnParam,
 ) -> Connection[Row]: ...
 
@@ -100,6 +121,7 @@ def connect(
     row_factory: None = None,
     cursor_factory: type[Cursor[TupleRow]] | None = None,
     allow_unencrypted_unix_socket: bool = False,
+    fast_path: bool | None = None,
     **kwargs: ConnParam,
 ) -> Connection[TupleRow]: ...
 
@@ -113,6 +135,7 @@ def connect(
     row_factory: RowFactory[Any] | None = None,
     cursor_factory: type[Cursor[Any]] | None = None,
     allow_unencrypted_unix_socket: bool = False,
+    fast_path: bool | None = None,
     **kwargs: ConnParam,
 ) -> Connection[Any]:
     """Connect like `psycopg.connect`, always with a verified TLS session.
@@ -125,6 +148,11 @@ def connect(
         autocommit, prepare_threshold, context, row_factory, cursor_factory: as for psycopg.
         allow_unencrypted_unix_socket: accept a Unix-domain socket host (local, never
             encrypted); `check` then reports "local socket, not encrypted". Off by default.
+        fast_path: give libpq only the trust anchors learned to verify each host (a probe
+            reads the host's chain on the first connect), which makes a verified connect as fast
+            as ``sslmode=require``. None (the default) follows ``SAFEPG_FAST_PATH``, which is on
+            unless set to 0, off, false or no. It never widens trust: the anchors are a subset
+            of the resolved set, and libpq still verifies everything.
         **kwargs: libpq connection parameters, overriding those in *conninfo*.
 
     Raises:
@@ -137,21 +165,33 @@ def connect(
             psycopg raises it.
     """
     plan = build_plan(conninfo, kwargs, allow_unencrypted_unix_socket=allow_unencrypted_unix_socket)
-    try:
-        conn = Connection.connect(
-            **plan.params,
-            autocommit=autocommit,
-            prepare_threshold=prepare_threshold,
-            context=context,
-            row_factory=row_factory,
-            cursor_factory=cursor_factory,
-        )
-    except psycopg.OperationalError as ex:
-        err = _diagnose.diagnose(ex, plan)
-        if err is None:
-            raise
-        raise err from ex
-    refusal = _admit(conn, plan)
+    fast = None
+    if _fastpath.enabled(fast_path):
+        fast = _fastpath.cached(plan)
+        if fast is None and _fastpath.worth_learning(plan):
+            fast = _fastpath.learn(plan)
+    attempts = (fast, plan) if fast else (plan,)
+    for used in attempts:
+        try:
+            conn = Connection.connect(
+                **used.params,
+                autocommit=autocommit,
+                prepare_threshold=prepare_threshold,
+                context=context,
+                row_factory=row_factory,
+                cursor_factory=cursor_factory,
+            )
+            break
+        except psycopg.OperationalError as ex:
+            if _retry_with_full_set(ex, used, plan):
+                continue
+            err = _diagnose.diagnose(ex, used)
+            if err is None:
+                raise
+            raise err from ex
+    if used is not attempts[0]:
+        _fastpath.learn(plan)  # learn the host's new anchors, for the next connect
+    refusal = _admit(conn, used)
     if refusal:
         conn.close()
         raise refusal
@@ -168,6 +208,7 @@ async def connect_async(
     row_factory: AsyncRowFactory[Row],
     cursor_factory: type[AsyncCursor[Row]] | None = None,
     allow_unencrypted_unix_socket: bool = False,
+    fast_path: bool | None = None,
     **kwargs: ConnParam,
 ) -> AsyncConnection[Row]: ...
 
@@ -182,6 +223,7 @@ async def connect_async(
     row_factory: None = None,
     cursor_factory: type[AsyncCursor[TupleRow]] | None = None,
     allow_unencrypted_unix_socket: bool = False,
+    fast_path: bool | None = None,
     **kwargs: ConnParam,
 ) -> AsyncConnection[TupleRow]: ...
 
@@ -195,6 +237,7 @@ async def connect_async(
     row_factory: AsyncRowFactory[Any] | None = None,
     cursor_factory: type[AsyncCursor[Any]] | None = None,
     allow_unencrypted_unix_socket: bool = False,
+    fast_path: bool | None = None,
     **kwargs: ConnParam,
 ) -> AsyncConnection[Any]:
     """`connect` for asyncio: like `psycopg.AsyncConnection.connect`, always verified.
@@ -202,22 +245,34 @@ async def connect_async(
     Returns a real `psycopg.AsyncConnection`. Arguments and errors are those of `connect`.
     """
     plan = build_plan(conninfo, kwargs, allow_unencrypted_unix_socket=allow_unencrypted_unix_socket)
-    try:
-        conn = await AsyncConnection.connect(
-            **plan.params,
-            autocommit=autocommit,
-            prepare_threshold=prepare_threshold,
-            context=context,
-            row_factory=row_factory,
-            cursor_factory=cursor_factory,
-        )
-    except psycopg.OperationalError as ex:
-        # The diagnosis may open one more connection: keep it off the event loop.
-        err = await asyncio.to_thread(_diagnose.diagnose, ex, plan)
-        if err is None:
-            raise
-        raise err from ex
-    refusal = _admit(conn, plan)
+    fast = None
+    if _fastpath.enabled(fast_path):
+        fast = _fastpath.cached(plan)
+        if fast is None and _fastpath.worth_learning(plan):
+            fast = await asyncio.to_thread(_fastpath.learn, plan)  # a probe: off the loop
+    attempts = (fast, plan) if fast else (plan,)
+    for used in attempts:
+        try:
+            conn = await AsyncConnection.connect(
+                **used.params,
+                autocommit=autocommit,
+                prepare_threshold=prepare_threshold,
+                context=context,
+                row_factory=row_factory,
+                cursor_factory=cursor_factory,
+            )
+            break
+        except psycopg.OperationalError as ex:
+            if _retry_with_full_set(ex, used, plan):
+                continue
+            # The diagnosis may open one more connection: keep it off the event loop.
+            err = await asyncio.to_thread(_diagnose.diagnose, ex, used)
+            if err is None:
+                raise
+            raise err from ex
+    if used is not attempts[0]:
+        await asyncio.to_thread(_fastpath.learn, plan)
+    refusal = _admit(conn, used)
     if refusal:
         await conn.close()
         raise refusal

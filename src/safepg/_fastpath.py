@@ -1,0 +1,366 @@
+"""The fast path: give libpq only the trust anchors that can verify each host.
+
+libpq reads and parses the whole ``sslrootcert`` file on every connection. For the large sets
+safepg resolves by default (the OS store, certifi, the RDS bundle: 100-150 roots) that makes a
+verified connect 2-6 times slower than ``sslmode=require``. So, once per host:
+
+1. A probe reads the chain the server presents (PostgreSQL's SSLRequest, or direct TLS when the
+   caller asked for ``sslnegotiation=direct``). It verifies nothing and decides nothing.
+2. From the *full* set, safepg takes the certificates whose subject is the issuer of a presented
+   certificate, and then their issuers in the set, up to the roots.
+3. Those anchors go into a small file, which libpq gets as ``sslrootcert``. libpq still does the
+   whole verify-full check against it.
+
+The small file is a subset of the full set by construction: it is rebuilt from the full set by
+SHA-256 fingerprint, and a cache entry naming a fingerprint the full set lacks is ignored. A file
+whose content no longer hashes to its name (tampering, a partial write) is rewritten. If libpq
+rejects the chain with the small file (the server moved to another root of the set), the caller
+retries once with the full set and the host is learned again (see `forget`).
+
+What is learned is kept in memory and in safepg's private cache directory, keyed by host,
+host address, port, SNI, negotiation and the digest of the full set, so a changed set never
+reuses an old answer. ``SAFEPG_FAST_PATH=0`` or ``connect(..., fast_path=False)`` turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+
+from . import _cache, _x509
+from ._errors import ConfigurationError
+from ._params import Plan, Target
+from ._trust import TrustSource
+
+logger = logging.getLogger("safepg")
+
+ENV_SWITCH = "SAFEPG_FAST_PATH"
+_OFF = ("0", "off", "false", "no")
+# A host that could not be probed is not probed again for this long (the full set is used).
+_RETRY_AFTER = 60.0
+# libpq waits forever without connect_timeout; a probe never does.
+_DEFAULT_TIMEOUT = 10.0
+_ENTRY_VERSION = 1
+
+
+def enabled(option: bool | None) -> bool:
+    """The caller's ``fast_path`` argument, else ``SAFEPG_FAST_PATH`` (on unless 0/off/false/no)."""
+    if option is not None:
+        return option
+    return os.environ.get(ENV_SWITCH, "").strip().lower() not in _OFF
+
+
+# --- the full set, indexed once per file version ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Index:
+    digest: str  # over the sorted fingerprints: the identity of the set, whatever its order
+    by_fingerprint: dict[str, _x509.Cert]
+    by_subject: dict[bytes, tuple[_x509.Cert, ...]]
+
+
+_indexes: dict[str, tuple[tuple[int, int, int], _Index]] = {}
+
+
+def _stat_key(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _index(path: str) -> _Index | None:
+    key = _stat_key(path)
+    if key is None:
+        return None
+    memo = _indexes.get(path)
+    if memo is not None and memo[0] == key:
+        return memo[1]
+    try:
+        with open(path, "rb") as f:
+            certs = _x509.parse_pem(f.read())
+    except OSError:
+        return None
+    by_fp = {c.sha256: c for c in certs}
+    by_subject: dict[bytes, tuple[_x509.Cert, ...]] = {}
+    for c in by_fp.values():
+        by_subject[c.subject] = (*by_subject.get(c.subject, ()), c)
+    digest = hashlib.sha256("\n".join(sorted(by_fp)).encode()).hexdigest()
+    index = _Index(digest, by_fp, by_subject)
+    _indexes[path] = (key, index)
+    return index
+
+
+def anchors_for(chain: Sequence[bytes], index: _Index) -> list[_x509.Cert]:
+    """The certificates of *index* that can anchor *chain*: its issuers, then theirs, to roots."""
+    wanted: list[bytes] = []
+    for der in chain:
+        try:
+            wanted.append(_x509.parse_der(der).issuer)
+        except ValueError:
+            continue
+    chosen: dict[str, _x509.Cert] = {}
+    seen: set[bytes] = set()
+    while wanted:
+        name = wanted.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for cert in index.by_subject.get(name, ()):
+            chosen[cert.sha256] = cert
+            if not cert.self_issued:
+                wanted.append(cert.issuer)
+    return [chosen[fp] for fp in sorted(chosen)]
+
+
+# --- what is learned per host ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _HostKey:
+    host: str
+    hostaddr: str
+    port: str
+    sni: bool
+    direct: bool
+    trust_digest: str
+
+    def filename(self) -> str:
+        text = json.dumps(
+            [self.host, self.hostaddr, self.port, self.sni, self.direct, self.trust_digest]
+        )
+        return f"host-{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
+
+    def where(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _host_key(plan: Plan, target: Target, index: _Index) -> _HostKey:
+    opts = plan.resolved
+    return _HostKey(
+        host=target.host,
+        hostaddr=target.hostaddr or "",
+        port=target.port,
+        sni=opts.get("sslsni", "1") != "0",
+        direct=opts.get("sslnegotiation") == "direct",
+        trust_digest=index.digest,
+    )
+
+
+def _read_entry(key: _HostKey, index: _Index) -> tuple[str, ...] | None:
+    """The anchors learned for *key* from the disk cache, if the entry is sound."""
+    try:
+        path = _cache.cache_dir() / key.filename()
+        entry = json.loads(path.read_bytes())
+        ok = (
+            entry.get("version") == _ENTRY_VERSION
+            and entry.get("host") == key.host
+            and entry.get("hostaddr") == key.hostaddr
+            and entry.get("port") == key.port
+            and entry.get("trust_digest") == key.trust_digest
+        )
+        anchors = tuple(entry["anchors"]) if ok else ()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigurationError):
+        return None
+    if not anchors or not all(isinstance(a, str) and a in index.by_fingerprint for a in anchors):
+        # Subset only: a fingerprint the full set lacks means the entry was tampered with, or
+        # belongs to another set. Ignore it; the host is learned again.
+        logger.debug("safepg: ignoring the learned anchors in %s", key.filename())
+        return None
+    return anchors
+
+
+def _write_entry(key: _HostKey, anchors: Sequence[str]) -> None:
+    entry = {
+        "version": _ENTRY_VERSION,
+        "host": key.host,
+        "hostaddr": key.hostaddr,
+        "port": key.port,
+        "sni": key.sni,
+        "direct": key.direct,
+        "trust_digest": key.trust_digest,
+        "anchors": list(anchors),
+        "learned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        path = _cache.cache_dir() / key.filename()
+        _cache.write_private_file(path, json.dumps(entry, indent=1).encode())
+    except (OSError, ConfigurationError) as ex:
+        logger.debug("safepg: cannot store the anchors learned for %s: %s", key.where(), ex)
+
+
+# --- the small files, per plan -----------------------------------------------------------------
+
+# host keys (holding the full set's digest) -> the small file's TrustSource and its stat key.
+_memo: dict[tuple[_HostKey, ...], tuple[TrustSource, tuple[int, int, int]]] = {}
+# host key -> when it may be probed again, after a probe that taught nothing.
+_unlearnable: dict[_HostKey, float] = {}
+_locks: dict[tuple[_HostKey, ...], threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _applicable(plan: Plan) -> tuple[_Index, tuple[_HostKey, ...]] | None:
+    if not plan.targets or any(t.socket for t in plan.targets):
+        return None
+    index = _index(plan.trust.path)
+    if index is None or len(index.by_fingerprint) <= 1:
+        return None  # nothing to gain: the set is already as small as it gets
+    return index, tuple(_host_key(plan, t, index) for t in plan.targets)
+
+
+def _narrowed(plan: Plan, source: TrustSource) -> Plan:
+    return replace(plan, params={**plan.params, "sslrootcert": source.path}, trust=source)
+
+
+def _build(
+    plan: Plan, keys: tuple[_HostKey, ...], index: _Index, anchors: Iterable[str]
+) -> Plan | None:
+    fingerprints = sorted(set(anchors))
+    pem = b"".join(index.by_fingerprint[fp].pem() for fp in fingerprints)
+    try:
+        path = _cache.write_trust_file("anchors", pem)
+    except (OSError, ConfigurationError) as ex:
+        logger.debug("safepg: cannot write a small trust file, using the full set: %s", ex)
+        return None
+    where = ", ".join(k.where() for k in keys)
+    source = TrustSource(
+        str(path),
+        f"{plan.trust.label}, narrowed to the {len(fingerprints)} anchor(s) that verify {where}",
+        plan.trust.origin,
+    )
+    stat_key = _stat_key(str(path))
+    if stat_key is not None:
+        _memo[keys] = (source, stat_key)
+    return _narrowed(plan, source)
+
+
+def cached(plan: Plan) -> Plan | None:
+    """*plan* with the small trust file, if every host is already learned; no network I/O."""
+    found = _applicable(plan)
+    if found is None:
+        return None
+    index, keys = found
+    memo = _memo.get(keys)
+    if memo is not None:
+        source, stat_key = memo
+        if _stat_key(source.path) == stat_key:
+            return _narrowed(plan, source)
+        del _memo[keys]  # changed on disk: rebuild it from the full set below
+    anchors: list[str] = []
+    for key in keys:
+        learned = _read_entry(key, index)
+        if learned is None:
+            return None
+        anchors.extend(learned)
+    return _build(plan, keys, index, anchors)
+
+
+def worth_learning(plan: Plan) -> bool:
+    """Whether `learn` would probe: the fast path applies and no host failed to teach lately."""
+    found = _applicable(plan)
+    if found is None:
+        return False
+    now = time.monotonic()
+    return all(_unlearnable.get(k, 0.0) <= now for k in found[1])
+
+
+def _probe_timeout(plan: Plan) -> float:
+    try:
+        value = float(plan.resolved.get("connect_timeout") or 0)
+    except ValueError:
+        value = 0
+    # libpq treats values from 1 to 2 as 2 seconds, and 0 as "wait forever".
+    return max(value, 2.0) if value > 0 else _DEFAULT_TIMEOUT
+
+
+def _learn_host(plan: Plan, target: Target, key: _HostKey, index: _Index) -> tuple[str, ...] | None:
+    from . import _probe  # ssl and socket, not at import time
+
+    presented = _probe.presented_chain(
+        target.hostaddr or target.host,
+        int(target.port),
+        server_hostname=target.host if key.sni else None,
+        timeout=_probe_timeout(plan),
+        direct=key.direct,
+    )
+    why = None
+    if presented is None:
+        why = "the probe could not reach it or complete a handshake"
+    elif not presented.tls:
+        why = "it does not offer TLS"
+    else:
+        anchors = tuple(c.sha256 for c in anchors_for(presented.chain, index))
+        if anchors:
+            _write_entry(key, anchors)
+            return anchors
+        why = "no certificate in the trust set issued its chain"
+    logger.debug(
+        "safepg: fast path not used for %s (%s); verifying against the full set %s",
+        key.where(),
+        why,
+        plan.trust,
+    )
+    _unlearnable[key] = time.monotonic() + _RETRY_AFTER
+    return None
+
+
+def learn(plan: Plan) -> Plan | None:
+    """Probe the hosts not learned yet and return *plan* with the small trust file.
+
+    Returns None (use the full set) when the fast path does not apply or a probe taught nothing.
+    Threads learning the same hosts wait for one probe rather than each making their own.
+    """
+    found = _applicable(plan)
+    if found is None:
+        return None
+    index, keys = found
+    with _locks_guard:
+        lock = _locks.setdefault(keys, threading.Lock())
+    with lock:
+        done = cached(plan)
+        if done is not None:
+            return done
+        anchors: list[str] = []
+        for target, key in zip(plan.targets, keys, strict=True):
+            learned = _read_entry(key, index)
+            if learned is None:
+                if _unlearnable.get(key, 0.0) > time.monotonic():
+                    return None
+                learned = _learn_host(plan, target, key, index)
+                if learned is None:
+                    return None
+            anchors.extend(learned)
+        return _build(plan, keys, index, anchors)
+
+
+def forget(plan: Plan) -> None:
+    """Drop what was learned for *plan*'s hosts: libpq rejected the chain with the small file."""
+    found = _applicable(plan)
+    if found is None:
+        return
+    keys = found[1]
+    _memo.pop(keys, None)
+    for key in keys:
+        with contextlib.suppress(OSError, ConfigurationError):
+            (_cache.cache_dir() / key.filename()).unlink(missing_ok=True)
+
+
+def clear_memory(*, keep_indexes: bool = False) -> None:
+    """Forget everything learned in this process (the disk cache stays).
+
+    With *keep_indexes*, the parsed trust sets stay: the state of a process that has not seen
+    a host yet, but has connected elsewhere with the same trust set.
+    """
+    _memo.clear()
+    _unlearnable.clear()
+    if not keep_indexes:
+        _indexes.clear()

@@ -1,0 +1,407 @@
+"""The fast path: learned anchors are a subset, tampering is caught, rotation recovers.
+
+Performance is measured by benchmarks/connect_latency.py, never by timed tests here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import certifi
+import psycopg
+import pytest
+
+import safepg
+from safepg import UntrustedCertificateError, _fastpath, _params, _x509
+from safepg.testing import CertificateAuthority, PostgresServer
+
+from .conftest import CertificateShop
+
+
+@pytest.fixture(scope="session")
+def second_ca() -> CertificateAuthority:
+    """Another CA in the same trust set: the one the server rotates to."""
+    return CertificateAuthority("safepg rotated root CA")
+
+
+@pytest.fixture(scope="session")
+def big_bundle(
+    server: PostgresServer,
+    second_ca: CertificateAuthority,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
+    """certifi plus both test CAs: a large set, like the ones safepg resolves by default."""
+    path = tmp_path_factory.mktemp("bundle") / "bundle.pem"
+    path.write_bytes(Path(certifi.where()).read_bytes() + server.ca.cert_pem + second_ca.cert_pem)
+    return path
+
+
+def fingerprints(path: str | Path) -> set[str]:
+    return {c.sha256 for c in _x509.parse_pem(Path(path).read_bytes())}
+
+
+def learned(conninfo: str) -> safepg.TrustSource:
+    with safepg.connect(conninfo) as conn:
+        report = safepg.check(conn)
+    assert report.verified
+    assert report.trust is not None
+    return report.trust
+
+
+def cache_files(cache: Path, pattern: str) -> list[Path]:
+    return sorted(cache.glob(pattern))
+
+
+@pytest.fixture
+def cache(clean_env: Path) -> Path:
+    return Path(os.environ["SAFEPG_CACHE_DIR"])
+
+
+# -- the subset property -----------------------------------------------------------------------
+
+
+def test_warm_connect_uses_only_the_anchor_that_verifies(
+    server: PostgresServer, big_bundle: Path, cache: Path
+) -> None:
+    conninfo = server.conninfo(sslrootcert=str(big_bundle))
+    first = learned(conninfo)
+    assert "narrowed to the 1 anchor(s) that verify" in first.label
+    assert first.origin == "sslrootcert"
+    assert fingerprints(first.path) == fingerprints(server.ca_path)
+    assert fingerprints(first.path) <= fingerprints(big_bundle)
+    assert learned(conninfo) == first  # warm: the same file, from memory
+    _fastpath.clear_memory()
+    assert learned(conninfo) == first  # a new process: from the disk cache
+    entry = json.loads(cache_files(cache, "host-*.json")[0].read_text())
+    assert entry["anchors"] == sorted(fingerprints(server.ca_path))
+    assert entry["host"] == "127.0.0.1"
+    assert entry["port"] == str(server.port)
+
+
+def test_small_files_are_private(server: PostgresServer, big_bundle: Path, cache: Path) -> None:
+    learned(server.conninfo(sslrootcert=str(big_bundle)))
+    assert cache.stat().st_mode & 0o777 == 0o700
+    files = list(cache.iterdir())
+    assert files
+    assert all(f.stat().st_mode & 0o777 == 0o600 for f in files)
+    assert not [f for f in files if f.name.startswith(".tmp")]
+
+
+def test_intermediate_chain_keeps_the_path_to_the_root(
+    server: PostgresServer, certs: CertificateShop, tmp_path: Path
+) -> None:
+    intermediate = server.ca.intermediate("fast path intermediate")
+    certs.present("localhost", ip_addresses=["127.0.0.1"], ca=intermediate)
+    # A set that holds the intermediate as well as the root: both stay, or libpq (which
+    # does not accept partial chains) could not reach the root.
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(
+        Path(certifi.where()).read_bytes() + server.ca.cert_pem + intermediate.cert_pem
+    )
+    trust = learned(server.conninfo(sslrootcert=str(bundle)))
+    assert fingerprints(trust.path) == fingerprints(server.ca_path) | {
+        _x509.parse_pem(intermediate.cert_pem)[0].sha256
+    }
+
+
+def test_anchors_for_walks_issuers_up_to_a_root(
+    second_ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    root = CertificateAuthority("walk root")
+    middle = root.intermediate("walk middle")
+    leaf = middle.issue("db.example.test")
+    index_pem = certifi_pem() + root.cert_pem + middle.cert_pem + second_ca.cert_pem
+    index = index_of(index_pem, tmp_path)
+    ders = [_x509.parse_pem(leaf.cert_pem)[0].der]  # the server sends only its own certificate
+    chosen = {c.sha256 for c in _fastpath.anchors_for(ders, index)}
+    assert chosen == {c.sha256 for c in _x509.parse_pem(root.cert_pem + middle.cert_pem)}
+    # Nothing in the set issued it: no anchors, so the full set is used.
+    stranger = CertificateAuthority("stranger").issue("db.example.test")
+    assert _fastpath.anchors_for([_x509.parse_pem(stranger.cert_pem)[0].der], index) == []
+    assert _fastpath.anchors_for([b"\x30\x03garbage"], index) == []
+
+
+def certifi_pem() -> bytes:
+    return Path(certifi.where()).read_bytes()
+
+
+def index_of(pem: bytes, directory: Path) -> _fastpath._Index:
+    path = directory / "index.pem"
+    path.write_bytes(pem)
+    index = _fastpath._index(str(path))
+    assert index is not None
+    return index
+
+
+# certifi holds a root with a negative serial number, which cryptography warns about.
+@pytest.mark.filterwarnings("ignore:Parsed a serial number")
+def test_x509_index_agrees_with_cryptography() -> None:
+    from cryptography import x509
+
+    certs = _x509.parse_pem(certifi_pem())
+    assert len(certs) == certifi_pem().count(b"BEGIN CERTIFICATE")
+    for cert in certs:
+        parsed = x509.load_der_x509_certificate(cert.der)
+        assert cert.subject == parsed.subject.public_bytes()
+        assert cert.issuer == parsed.issuer.public_bytes()
+        assert _x509.parse_pem(cert.pem()) == [cert]
+    assert _x509.parse_pem(b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n") == []
+    with pytest.raises(ValueError, match="DER"):
+        _x509.parse_der(b"\x30\x84\xff\xff\xff\xff")
+
+
+# -- tampering ---------------------------------------------------------------------------------
+
+
+def test_rogue_ca_appended_to_the_small_file_is_detected_and_rebuilt(
+    server: PostgresServer, big_bundle: Path, rogue_ca: CertificateAuthority, cache: Path
+) -> None:
+    conninfo = server.conninfo(sslrootcert=str(big_bundle))
+    small = Path(learned(conninfo).path)
+    with small.open("ab") as f:
+        f.write(rogue_ca.cert_pem)
+    assert learned(conninfo).path == str(small)
+    assert fingerprints(small) == fingerprints(server.ca_path)  # rewritten, rogue CA gone
+    # The same in a new process, where nothing is remembered.
+    with small.open("ab") as f:
+        f.write(rogue_ca.cert_pem)
+    _fastpath.clear_memory()
+    assert learned(conninfo).path == str(small)
+    assert fingerprints(small) == fingerprints(server.ca_path)
+
+
+def test_entry_naming_an_anchor_outside_the_set_is_ignored(
+    server: PostgresServer, big_bundle: Path, rogue_ca: CertificateAuthority, cache: Path
+) -> None:
+    conninfo = server.conninfo(sslrootcert=str(big_bundle))
+    learned(conninfo)
+    (entry_path,) = cache_files(cache, "host-*.json")
+    entry = json.loads(entry_path.read_text())
+    rogue = _x509.parse_pem(rogue_ca.cert_pem)[0].sha256
+    entry["anchors"].append(rogue)
+    entry_path.write_text(json.dumps(entry))
+    _fastpath.clear_memory()
+    trust = learned(conninfo)  # ignored, learned again
+    assert rogue not in fingerprints(trust.path)
+    assert json.loads(entry_path.read_text())["anchors"] == sorted(fingerprints(server.ca_path))
+    for garbage in ("{", "[]", '{"version": 1, "anchors": 3}', ""):
+        entry_path.write_text(garbage)
+        _fastpath.clear_memory()
+        assert fingerprints(learned(conninfo).path) == fingerprints(server.ca_path)
+
+
+def test_a_changed_trust_set_is_learned_afresh(
+    server: PostgresServer, big_bundle: Path, tmp_path: Path, cache: Path
+) -> None:
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(big_bundle.read_bytes())
+    conninfo = server.conninfo(sslrootcert=str(bundle))
+    learned(conninfo)
+    bundle.write_bytes(certifi_pem() + server.ca.cert_pem)  # the user edits the file
+    learned(conninfo)
+    assert len(cache_files(cache, "host-*.json")) == 2  # keyed by the set's digest
+
+
+# -- rotation and retries ----------------------------------------------------------------------
+
+
+def test_rotation_to_another_root_of_the_set(
+    server: PostgresServer,
+    certs: CertificateShop,
+    big_bundle: Path,
+    second_ca: CertificateAuthority,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    conninfo = server.conninfo(sslrootcert=str(big_bundle))
+    before = learned(conninfo)
+    certs.present("localhost", ip_addresses=["127.0.0.1"], ca=second_ca)
+    with caplog.at_level(logging.INFO, logger="safepg"):
+        retried = learned(conninfo)  # the small file fails; one retry with the full set
+    assert "retrying once with" in caplog.text
+    assert retried.path == str(big_bundle)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="safepg"):
+        after = learned(conninfo)  # learned again after the retry: no more retries
+    assert "retrying" not in caplog.text
+    assert fingerprints(after.path) == {c.sha256 for c in _x509.parse_pem(second_ca.cert_pem)}
+    assert after.path != before.path
+
+
+def test_rotation_to_an_untrusted_root_still_fails_closed(
+    server: PostgresServer,
+    certs: CertificateShop,
+    big_bundle: Path,
+    rogue_ca: CertificateAuthority,
+) -> None:
+    conninfo = server.conninfo(sslrootcert=str(big_bundle))
+    learned(conninfo)
+    certs.present("localhost", ip_addresses=["127.0.0.1"], ca=rogue_ca)
+    with pytest.raises(UntrustedCertificateError) as info:
+        safepg.connect(conninfo)
+    assert info.value.trust is not None
+    assert info.value.trust.path == str(big_bundle)  # the error names the full set
+
+
+def test_other_failures_are_not_retried(
+    server: PostgresServer, big_bundle: Path, caplog: pytest.LogCaptureFixture, cache: Path
+) -> None:
+    learned(server.conninfo(sslrootcert=str(big_bundle)))
+    with (
+        caplog.at_level(logging.DEBUG, logger="safepg"),
+        pytest.raises(psycopg.OperationalError, match="password authentication failed"),
+    ):
+        safepg.connect(server.conninfo(sslrootcert=str(big_bundle), password="wrong"))
+    assert "retrying" not in caplog.text
+    assert cache_files(cache, "host-*.json")  # what was learned is kept
+
+
+# -- probe limits and fallbacks ----------------------------------------------------------------
+
+
+def test_untrusted_server_falls_back_to_the_full_set_and_fails(
+    server: PostgresServer,
+    certs: CertificateShop,
+    big_bundle: Path,
+    rogue_ca: CertificateAuthority,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    certs.present("localhost", ip_addresses=["127.0.0.1"], ca=rogue_ca)
+    conninfo = server.conninfo(sslrootcert=str(big_bundle))
+    with caplog.at_level(logging.DEBUG, logger="safepg"), pytest.raises(UntrustedCertificateError):
+        safepg.connect(conninfo)
+    assert "no certificate in the trust set issued its chain" in caplog.text
+    assert not _fastpath.worth_learning(plan(conninfo))  # not probed again for a while
+
+
+def plan(conninfo: str) -> _params.Plan:
+    return _params.build_plan(conninfo, {})
+
+
+@pytest.fixture
+def stalled_port() -> Iterator[int]:
+    """A port that accepts TCP connections (the kernel's backlog) and never answers."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        yield listener.getsockname()[1]
+
+
+def test_probe_honours_connect_timeout(big_bundle: Path, stalled_port: int) -> None:
+    conninfo = f"host=localhost hostaddr=127.0.0.1 port={stalled_port} connect_timeout=2"
+    p = plan(f"{conninfo} sslrootcert={big_bundle}")
+    done = threading.Event()
+    result: list[object] = []
+
+    def run() -> None:
+        result.append(_fastpath.learn(p))
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    assert done.wait(10), "the probe ignored connect_timeout"
+    assert result == [None]  # no anchors learned: the full set is used
+    assert not _fastpath.worth_learning(p)
+
+
+def test_probe_dials_hostaddr(
+    server: PostgresServer, certs: CertificateShop, big_bundle: Path
+) -> None:
+    certs.present("db.fastpath.test")
+    trust = learned(
+        server.conninfo(host="db.fastpath.test", hostaddr="127.0.0.1", sslrootcert=str(big_bundle))
+    )
+    assert "db.fastpath.test" in trust.label
+
+
+def test_multi_host_uses_the_union(server: PostgresServer, big_bundle: Path, cache: Path) -> None:
+    port = server.port
+    conninfo = server.conninfo(
+        host="localhost,127.0.0.1", port=f"{port},{port}", sslrootcert=str(big_bundle)
+    )
+    trust = learned(conninfo)
+    assert f"localhost:{port}, 127.0.0.1:{port}" in trust.label
+    assert fingerprints(trust.path) == fingerprints(server.ca_path)
+    assert len(cache_files(cache, "host-*.json")) == 2
+
+
+def test_a_single_anchor_set_is_left_alone(server: PostgresServer, cache: Path) -> None:
+    trust = learned(server.conninfo())
+    assert trust.path == str(server.ca_path)
+    assert not cache.exists() or not cache_files(cache, "host-*.json")
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_opt_out(
+    server: PostgresServer, big_bundle: Path, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conninfo = server.conninfo(sslrootcert=str(big_bundle))
+    if how == "argument":
+        conn = safepg.connect(conninfo, fast_path=False)
+    else:
+        monkeypatch.setenv("SAFEPG_FAST_PATH", "off")
+        conn = safepg.connect(conninfo)
+    with conn:
+        trust = safepg.check(conn).trust
+    assert trust is not None
+    assert trust.path == str(big_bundle)
+
+
+def test_connect_async_learns_too(server: PostgresServer, big_bundle: Path) -> None:
+    async def main() -> safepg.TrustSource | None:
+        conn = await safepg.connect_async(server.conninfo(sslrootcert=str(big_bundle)))
+        async with conn:
+            return (await safepg.check_async(conn)).trust
+
+    trust = asyncio.run(main())
+    assert trust is not None
+    assert "narrowed" in trust.label
+
+
+# -- concurrency -------------------------------------------------------------------------------
+
+
+def test_cold_threads_all_succeed(server: PostgresServer, big_bundle: Path, cache: Path) -> None:
+    conninfo = server.conninfo(sslrootcert=str(big_bundle))
+
+    def one(_: int) -> str:
+        return learned(conninfo).path
+
+    with ThreadPoolExecutor(16) as pool:
+        paths = set(pool.map(one, range(32)))
+    assert len(paths) == 1
+    assert_consistent(cache, server)
+
+
+def test_cold_processes_all_succeed(server: PostgresServer, big_bundle: Path, cache: Path) -> None:
+    code = (
+        "import sys, safepg\n"
+        "for _ in range(5):\n"
+        "    with safepg.connect(sys.argv[1]) as c:\n"
+        "        assert safepg.check(c).verified\n"
+    )
+    conninfo = server.conninfo(sslrootcert=str(big_bundle))
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, conninfo], stderr=subprocess.PIPE)
+        for _ in range(4)
+    ]
+    for proc in procs:
+        _out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()
+    assert_consistent(cache, server)
+
+
+def assert_consistent(cache: Path, server: PostgresServer) -> None:
+    (entry,) = cache_files(cache, "host-*.json")
+    assert json.loads(entry.read_text())["anchors"] == sorted(fingerprints(server.ca_path))
+    (small,) = cache_files(cache, "anchors-*.pem")
+    assert fingerprints(small) == fingerprints(server.ca_path)
+    assert not list(cache.glob(".tmp*"))
