@@ -2,17 +2,22 @@
 
 Starts a throwaway TLS PostgreSQL (safepg.testing), then, for each psycopg implementation, runs N
 interleaved rounds of every case and prints the median and p90 connect time and the ratio to
-raw ``sslmode=require``::
+raw ``sslmode=require``. It also times ``import safepg`` against ``import psycopg``::
 
-    .venv/bin/python benchmarks/connect_latency.py [-n 300]
+    .venv/bin/python benchmarks/connect_latency.py [-n 200]
 
-Cases:
+Cases (the "big bundle" is certifi plus the server's CA: what safepg resolves by default):
     raw disable / raw require      psycopg.connect, no verification
     raw verify-full, 1 CA          psycopg.connect with the server's CA only
-    raw verify-full, big bundle    the same CA inside a certifi-sized bundle
-    raw, safepg's params           psycopg.connect given safepg's final parameters (1 CA)
-    safepg, 1 CA                   safepg.connect (wrapper overhead = this vs. the row above)
-    safepg, big bundle             safepg.connect trusting the big bundle
+    raw verify-full, big bundle    psycopg.connect with the big bundle
+    raw, safepg's warm params      psycopg.connect given safepg's final parameters, warm
+    safepg cold, big bundle        safepg.connect to a host it has not learned: what it learned,
+                                   in memory and on disk, is cleared before each sample, so the
+                                   probe is included. Parsing the trust set (about 2 ms for 118
+                                   certificates, once per process) is not: it is reported apart.
+    safepg warm, big bundle        safepg.connect once the host is learned (the fast path)
+    safepg, fast path off          safepg.connect(..., fast_path=False): libpq reads the bundle
+The wrapper overhead is "safepg warm" against "raw, safepg's warm params".
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,8 +41,23 @@ def _cases(conninfo: str, ca: str, bundle: str) -> dict[str, Callable[[], object
     import psycopg
 
     import safepg
+    from safepg import _fastpath
 
-    final = safepg.secure_conninfo(conninfo, sslrootcert=ca)
+    cache = Path(os.environ["SAFEPG_CACHE_DIR"])
+
+    def cold() -> object:
+        _fastpath.clear_memory(keep_indexes=True)
+        for learned in cache.iterdir():
+            learned.unlink()
+        return safepg.connect(conninfo, sslrootcert=bundle)
+
+    with safepg.connect(conninfo, sslrootcert=bundle) as conn:
+        small = safepg.check(conn).trust
+    if small is None or "narrowed" not in small.label:
+        raise SystemExit(f"the fast path did not engage: {small}")
+    kept = Path(tempfile.mkdtemp(), "small.pem")  # the cold case empties the cache
+    shutil.copyfile(small.path, kept)
+    final = safepg.secure_conninfo(conninfo, sslrootcert=str(kept))
     return {
         "raw disable": lambda: psycopg.connect(conninfo, sslmode="disable"),
         "raw require": lambda: psycopg.connect(conninfo, sslmode="require"),
@@ -46,9 +67,12 @@ def _cases(conninfo: str, ca: str, bundle: str) -> dict[str, Callable[[], object
         "raw verify-full, big bundle": lambda: psycopg.connect(
             conninfo, sslmode="verify-full", sslrootcert=bundle
         ),
-        "raw, safepg's params": lambda: psycopg.connect(final),
-        "safepg, 1 CA": lambda: safepg.connect(conninfo, sslrootcert=ca),
-        "safepg, big bundle": lambda: safepg.connect(conninfo, sslrootcert=bundle),
+        "raw, safepg's warm params": lambda: psycopg.connect(final),
+        "safepg cold, big bundle": cold,
+        "safepg warm, big bundle": lambda: safepg.connect(conninfo, sslrootcert=bundle),
+        "safepg, fast path off": lambda: safepg.connect(
+            conninfo, sslrootcert=bundle, fast_path=False
+        ),
     }
 
 
@@ -67,7 +91,33 @@ def child(conninfo: str, ca: str, bundle: str, rounds: int) -> None:
             conn.close()  # type: ignore[attr-defined]
     import psycopg
 
-    print(json.dumps({"impl": psycopg.pq.__impl__, "libpq": psycopg.pq.version(), "times": times}))
+    from safepg import _fastpath
+
+    parse = []
+    for _ in range(20):
+        _fastpath.clear_memory()
+        t0 = time.perf_counter()
+        _fastpath._index(bundle)
+        parse.append(time.perf_counter() - t0)
+    result = {"impl": psycopg.pq.__impl__, "libpq": psycopg.pq.version(), "times": times}
+    print(json.dumps({**result, "index": statistics.median(parse)}))
+
+
+def import_cost(env: dict[str, str], runs: int = 15) -> tuple[float, float]:
+    """Median wall time of a fresh interpreter importing psycopg, and psycopg plus safepg.
+
+    Bytecode caches are allowed, as for an installed package (pip compiles on install), even
+    where PYTHONDONTWRITEBYTECODE is set: otherwise every run compiles safepg from source.
+    """
+    env = {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    times: dict[str, list[float]] = {"psycopg": [], "psycopg, safepg": []}
+    subprocess.run([sys.executable, "-c", "import psycopg, safepg"], env=env, check=True)
+    for _ in range(runs):
+        for modules in times:
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", f"import {modules}"], env=env, check=True)
+            times[modules].append(time.perf_counter() - t0)
+    return statistics.median(times["psycopg"]), statistics.median(times["psycopg, safepg"])
 
 
 def _p90(values: list[float]) -> float:
@@ -95,6 +145,7 @@ def main() -> int:
         for impl in ("binary", "python"):
             env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "SSL_CERT_"))}
             env["PSYCOPG_IMPL"] = impl
+            env["SAFEPG_CACHE_DIR"] = str(Path(tmp, f"cache-{impl}"))
             out = subprocess.run(
                 [sys.executable, __file__, "-n", str(args.rounds), "--child", conninfo,
                  str(server.ca_path), str(bundle)],
@@ -114,10 +165,13 @@ def main() -> int:
                     f"{med / base:>10.2f}x"
                 )
             t = result["times"]
-            overhead = statistics.median(t["safepg, 1 CA"]) / statistics.median(
-                t["raw, safepg's params"]
+            overhead = statistics.median(t["safepg warm, big bundle"]) / statistics.median(
+                t["raw, safepg's warm params"]
             )
-            print(f"  wrapper overhead (safepg vs raw with the same params): {overhead:.3f}x\n")
+            print(f"  wrapper overhead (safepg warm vs raw with the same params): {overhead:.3f}x")
+            print(f"  parsing the big bundle, once per process: {result['index'] * 1000:.1f}ms")
+            bare, with_safepg = import_cost(env)
+            print(f"  import safepg adds {(with_safepg - bare) * 1000:.1f}ms to import psycopg\n")
     return 0
 
 
