@@ -405,3 +405,21 @@ def assert_consistent(cache: Path, server: PostgresServer) -> None:
     (small,) = cache_files(cache, "anchors-*.pem")
     assert fingerprints(small) == fingerprints(server.ca_path)
     assert not list(cache.glob(".tmp*"))
+
+
+def test_direct_tls_probe_against_a_server_that_lacks_it(server: PostgresServer) -> None:
+    from safepg import _probe
+
+    normal = _probe.presented_chain("127.0.0.1", server.port, server_hostname=None, timeout=5)
+    assert normal is not None
+    assert normal.tls
+    leaf = _x509.parse_der(normal.chain[0])
+    assert leaf.issuer == _x509.parse_pem(server.ca.cert_pem)[0].subject
+    if server.major_version < 17:
+        # TLS straight away is taken for a malformed startup packet: nothing is learned.
+        assert (
+            _probe.presented_chain(
+                "127.0.0.1", server.port, server_hostname=None, timeout=5, direct=True
+            )
+            is None
+        )
