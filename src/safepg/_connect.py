@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, overload
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar, overload
 
 import psycopg
 from psycopg import AsyncConnection, AsyncCursor, Connection, Cursor
@@ -17,6 +18,8 @@ from ._params import Plan, build_plan
 from ._trust import TrustSource
 
 logger = logging.getLogger("safepg")
+CT = TypeVar("CT", bound="Connection[Any]")
+ACT = TypeVar("ACT", bound="AsyncConnection[Any]")
 
 __all__ = ["connect", "connect_async", "resolve_trust", "secure_conninfo"]
 
@@ -96,6 +99,83 @@ def _retry_with_full_set(ex: psycopg.OperationalError, used: Plan, full: Plan) -
     return True
 
 
+def open_verified(
+    opener: Callable[..., CT],
+    conninfo: str,
+    kwargs: Mapping[str, Any],
+    *,
+    allow_unencrypted_unix_socket: bool,
+    fast_path: bool | None,
+    **options: Any,
+) -> CT:
+    """Harden, connect with *opener* (a psycopg ``Connection.connect``), diagnose and check.
+
+    *options* are psycopg's own (autocommit, row_factory, ...), passed to *opener* untouched.
+    """
+    plan = build_plan(conninfo, kwargs, allow_unencrypted_unix_socket=allow_unencrypted_unix_socket)
+    fast = None
+    if _fastpath.enabled(fast_path):
+        fast = _fastpath.cached(plan)
+        if fast is None and _fastpath.worth_learning(plan):
+            fast = _fastpath.learn(plan)
+    attempts = (fast, plan) if fast else (plan,)
+    for used in attempts:
+        try:
+            conn = opener(**used.params, **options)
+            break
+        except psycopg.OperationalError as ex:
+            if _retry_with_full_set(ex, used, plan):
+                continue
+            err = _diagnose.diagnose(ex, used)
+            if err is None:
+                raise
+            raise err from ex
+    if used is not attempts[0]:
+        _fastpath.learn(plan)  # learn the host's new anchors, for the next connect
+    refusal = _admit(conn, used)
+    if refusal:
+        conn.close()
+        raise refusal
+    return conn
+
+
+async def open_verified_async(
+    opener: Callable[..., Awaitable[ACT]],
+    conninfo: str,
+    kwargs: Mapping[str, Any],
+    *,
+    allow_unencrypted_unix_socket: bool,
+    fast_path: bool | None,
+    **options: Any,
+) -> ACT:
+    """`open_verified` for asyncio; probes and diagnoses run in a thread, off the loop."""
+    plan = build_plan(conninfo, kwargs, allow_unencrypted_unix_socket=allow_unencrypted_unix_socket)
+    fast = None
+    if _fastpath.enabled(fast_path):
+        fast = _fastpath.cached(plan)
+        if fast is None and _fastpath.worth_learning(plan):
+            fast = await asyncio.to_thread(_fastpath.learn, plan)
+    attempts = (fast, plan) if fast else (plan,)
+    for used in attempts:
+        try:
+            conn = await opener(**used.params, **options)
+            break
+        except psycopg.OperationalError as ex:
+            if _retry_with_full_set(ex, used, plan):
+                continue
+            err = await asyncio.to_thread(_diagnose.diagnose, ex, used)
+            if err is None:
+                raise
+            raise err from ex
+    if used is not attempts[0]:
+        await asyncio.to_thread(_fastpath.learn, plan)
+    refusal = _admit(conn, used)
+    if refusal:
+        await conn.close()
+        raise refusal
+    return conn
+
+
 @overload
 def connect(
     conninfo: str = "",
@@ -164,38 +244,18 @@ def connect(
         psycopg.OperationalError: any other failure (authentication, refused, timeout), as
             psycopg raises it.
     """
-    plan = build_plan(conninfo, kwargs, allow_unencrypted_unix_socket=allow_unencrypted_unix_socket)
-    fast = None
-    if _fastpath.enabled(fast_path):
-        fast = _fastpath.cached(plan)
-        if fast is None and _fastpath.worth_learning(plan):
-            fast = _fastpath.learn(plan)
-    attempts = (fast, plan) if fast else (plan,)
-    for used in attempts:
-        try:
-            conn = Connection.connect(
-                **used.params,
-                autocommit=autocommit,
-                prepare_threshold=prepare_threshold,
-                context=context,
-                row_factory=row_factory,
-                cursor_factory=cursor_factory,
-            )
-            break
-        except psycopg.OperationalError as ex:
-            if _retry_with_full_set(ex, used, plan):
-                continue
-            err = _diagnose.diagnose(ex, used)
-            if err is None:
-                raise
-            raise err from ex
-    if used is not attempts[0]:
-        _fastpath.learn(plan)  # learn the host's new anchors, for the next connect
-    refusal = _admit(conn, used)
-    if refusal:
-        conn.close()
-        raise refusal
-    return conn
+    return open_verified(
+        Connection.connect,
+        conninfo,
+        kwargs,
+        allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
+        fast_path=fast_path,
+        autocommit=autocommit,
+        prepare_threshold=prepare_threshold,
+        context=context,
+        row_factory=row_factory,
+        cursor_factory=cursor_factory,
+    )
 
 
 @overload
@@ -244,36 +304,15 @@ async def connect_async(
 
     Returns a real `psycopg.AsyncConnection`. Arguments and errors are those of `connect`.
     """
-    plan = build_plan(conninfo, kwargs, allow_unencrypted_unix_socket=allow_unencrypted_unix_socket)
-    fast = None
-    if _fastpath.enabled(fast_path):
-        fast = _fastpath.cached(plan)
-        if fast is None and _fastpath.worth_learning(plan):
-            fast = await asyncio.to_thread(_fastpath.learn, plan)  # a probe: off the loop
-    attempts = (fast, plan) if fast else (plan,)
-    for used in attempts:
-        try:
-            conn = await AsyncConnection.connect(
-                **used.params,
-                autocommit=autocommit,
-                prepare_threshold=prepare_threshold,
-                context=context,
-                row_factory=row_factory,
-                cursor_factory=cursor_factory,
-            )
-            break
-        except psycopg.OperationalError as ex:
-            if _retry_with_full_set(ex, used, plan):
-                continue
-            # The diagnosis may open one more connection: keep it off the event loop.
-            err = await asyncio.to_thread(_diagnose.diagnose, ex, used)
-            if err is None:
-                raise
-            raise err from ex
-    if used is not attempts[0]:
-        await asyncio.to_thread(_fastpath.learn, plan)
-    refusal = _admit(conn, used)
-    if refusal:
-        await conn.close()
-        raise refusal
-    return conn
+    return await open_verified_async(
+        AsyncConnection.connect,
+        conninfo,
+        kwargs,
+        allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
+        fast_path=fast_path,
+        autocommit=autocommit,
+        prepare_threshold=prepare_threshold,
+        context=context,
+        row_factory=row_factory,
+        cursor_factory=cursor_factory,
+    )
