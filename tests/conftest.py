@@ -12,6 +12,8 @@ import pytest
 from safepg import _cache, _fastpath, _params, _trust
 from safepg.testing import CertificateAuthority, IssuedCertificate, PostgresServer
 
+pytest_plugins = ["pytester"]
+
 # Variables that change what libpq or OpenSSL would do; every test starts without them.
 _ISOLATED_PREFIXES = ("PG", "SSL_CERT_", "SAFEPG_CACHE_DIR")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import contextvars
 import functools
 import glob
 import logging
@@ -29,6 +30,11 @@ from psycopg.conninfo import make_conninfo
 
 from .._probe import request_tls
 from ._certs import CertificateAuthority, IssuedCertificate
+
+# Set while the harness opens its own (unverified, local socket) connections.
+HARNESS_CONNECTION: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "safepg_harness_connection", default=False
+)
 
 __all__ = ["PostgresServer", "ServerNotFoundError", "find_bindir"]
 
@@ -224,14 +230,22 @@ class PostgresServer:
         )
 
     def admin_connect(self) -> psycopg.Connection[Any]:
-        """A superuser connection over the Unix socket, for setting the server up."""
-        return psycopg.connect(
-            host=str(self.socket_dir),
-            port=self.port,
-            user="postgres",
-            dbname="postgres",
-            autocommit=True,
-        )
+        """A superuser connection over the Unix socket, for setting the server up.
+
+        The pytest plugin's strict mode does not count it: it is the harness's, not the code's
+        under test.
+        """
+        token = HARNESS_CONNECTION.set(True)
+        try:
+            return psycopg.connect(
+                host=str(self.socket_dir),
+                port=self.port,
+                user="postgres",
+                dbname="postgres",
+                autocommit=True,
+            )
+        finally:
+            HARNESS_CONNECTION.reset(token)
 
     # -- life cycle ----------------------------------------------------------------------------
 
