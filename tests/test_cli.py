@@ -43,14 +43,17 @@ def test_demo_without_server_binaries(capsys: pytest.CaptureFixture[str], tmp_pa
     assert "apt-get install postgresql" in capsys.readouterr().err
 
 
-def _run_example(conninfo: str) -> subprocess.CompletedProcess[str]:
-    example = Path(__file__).parent.parent / "examples" / "basic.py"
+def _run_example(
+    conninfo: str, name: str = "basic.py", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    example = Path(__file__).parent.parent / "examples" / name
     return subprocess.run(
-        [sys.executable, str(example), conninfo],
+        [sys.executable, str(example), *([conninfo] if conninfo else [])],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
+        env=env,
     )
 
 
@@ -61,6 +64,20 @@ def test_basic_example(server: PostgresServer) -> None:
     proc = _run_example(server.conninfo(host="db.example.com", hostaddr="127.0.0.1"))
     assert proc.returncode == 2
     assert "wrong server name" in proc.stderr
+
+
+def test_sqlalchemy_example(server: PostgresServer) -> None:
+    proc = _run_example("", "sqlalchemy_app.py", env={**os.environ, "DATABASE_URL": server.url()})
+    assert proc.returncode == 0, proc.stderr
+    assert "hello, verified world" in proc.stdout
+    assert "verified TLSv1." in proc.stdout
+
+
+def test_pool_example(server: PostgresServer) -> None:
+    proc = _run_example(server.conninfo(), "pool.py")
+    assert proc.returncode == 0, proc.stderr
+    assert f"sum: {2 * sum(range(100))}" in proc.stdout
+    assert "verified TLSv1." in proc.stdout
 
 
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
