@@ -45,6 +45,29 @@ _EXPIRY_CODES = (9, 10)
 _NO_TRUSTED_ISSUER_CODES = (2, 18, 19, 20, 21)
 _DEFAULT_PROBE_TIMEOUT = 5.0
 
+# How to fix each failure: shared by connect errors and the CLI's inspect command.
+FIX_MISMATCH = (
+    "To fix: connect with a name the certificate holds. If you dial a DNS alias (a CNAME such as "
+    "db.internal -> the real endpoint), connect to the endpoint's own name, or give that name as "
+    "host= and the alias's address as hostaddr=. If the name is right and the certificate is "
+    "not, the server's operator must reissue it for this name."
+)
+FIX_UNTRUSTED = (
+    "To fix: if this is the server you meant, give safepg the CA that issued its certificate: "
+    "sslrootcert=/path/to/ca.pem, or PGSSLROOTCERT. Managed services publish theirs (for "
+    "example Amazon RDS's global-bundle.pem). If you did not expect a new certificate here, "
+    "something may be intercepting the connection."
+)
+FIX_EXPIRED = (
+    "To fix: the server's operator must renew the certificate (or the expired CA in its "
+    "chain). Check this machine's clock too."
+)
+FIX_NO_TLS = (
+    "To fix: the server's operator turns TLS on with ssl = on, ssl_cert_file and ssl_key_file "
+    "in postgresql.conf. If the server should have TLS, something between you and it may be "
+    "stripping it."
+)
+
 
 def _find_target(plan: Plan, host: str | None, addr: str | None) -> Target | None:
     for t in plan.targets:
@@ -147,12 +170,7 @@ def diagnose(ex: psycopg.OperationalError, plan: Plan, *, probe: bool = True) ->
         listing = f" The certificate lists: {', '.join(leaf.names)}." if leaf and leaf.names else ""
         mismatch_err = HostnameMismatchError(
             f"The server at {addr or host}:{port} presented a certificate that does not name "
-            f'"{host}": it holds {holds}.{listing}\n{trust}\n'
-            "To fix: connect with a name the certificate holds. If you dial a DNS alias (a CNAME "
-            "such as db.internal -> the real endpoint), connect to the endpoint's own name, or "
-            "give that name as host= and the alias's address as hostaddr=. If the name is right "
-            "and the certificate is not, the server's operator must reissue it for this name.\n"
-            f"{libpq}"
+            f'"{host}": it holds {holds}.{listing}\n{trust}\n{FIX_MISMATCH}\n{libpq}'
         )
         mismatch_err.certificate_names = (
             leaf.names if leaf else ((mismatch["name"],) if mismatch else ())
@@ -168,9 +186,7 @@ def diagnose(ex: psycopg.OperationalError, plan: Plan, *, probe: bool = True) ->
             expired = result.verify_message or "certificate has expired"
             err = CertificateExpiredError(
                 f"The certificate of the server at {host}:{port} is outside its validity period "
-                f"({expired}{_out_of_date(result.chain)}).{presented}\n{trust}\n"
-                "To fix: the server's operator must renew the certificate (or the expired CA in "
-                "its chain). Check this machine's clock too.\n"
+                f"({expired}{_out_of_date(result.chain)}).{presented}\n{trust}\n{FIX_EXPIRED}\n"
                 f"{libpq}"
             )
         else:
@@ -188,21 +204,13 @@ def diagnose(ex: psycopg.OperationalError, plan: Plan, *, probe: bool = True) ->
             )
             err = UntrustedCertificateError(
                 f"The certificate of the server at {host}:{port} does not chain to a trusted "
-                f"root{reason}.{presented}\n{trust}{issuer}\n"
-                "To fix: if this is the server you meant, give safepg the CA that issued its "
-                "certificate: sslrootcert=/path/to/ca.pem, or PGSSLROOTCERT. Managed services "
-                "publish theirs (for example Amazon RDS's global-bundle.pem). If you did not "
-                "expect a new certificate here, something may be intercepting the connection.\n"
-                f"{libpq}"
+                f"root{reason}.{presented}\n{trust}{issuer}\n{FIX_UNTRUSTED}\n{libpq}"
             )
     else:
         host = pg.host.decode() if pg and pg.host else addr
         err = SSLNotSupportedError(
             f"The server at {host}:{port} does not offer TLS, and safepg never connects without "
-            "it.\nTo fix: the server's operator turns TLS on with ssl = on, ssl_cert_file and "
-            "ssl_key_file in postgresql.conf. If the server should have TLS, something between "
-            "you and it may be stripping it.\n"
-            f"{libpq}"
+            f"it.\n{FIX_NO_TLS}\n{libpq}"
         )
     err.host = host
     err.port = port

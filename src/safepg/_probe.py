@@ -28,9 +28,12 @@ class CertificateInfo:
 
     subject: str
     issuer: str
-    names: tuple[str, ...]
+    names: tuple[str, ...]  # every subjectAltName value, DNS names and IP addresses alike
     not_before: dt.datetime | None
     not_after: dt.datetime | None
+    dns_names: tuple[str, ...] = ()
+    ip_addresses: tuple[str, ...] = ()
+    common_name: str | None = None
 
     def describe(self) -> str:
         names = ", ".join(self.names) if self.names else "no subjectAltName"
@@ -162,13 +165,28 @@ def _time(value: str | None) -> dt.datetime | None:
 
 def _info(cert: Any) -> CertificateInfo:
     d = cert.get_info()
+    san = d.get("subjectAltName", ())
+    cns = [v for rdn in d.get("subject", ()) for k, v in rdn if k == "commonName"]
     return CertificateInfo(
         subject=_name(d.get("subject", ())),
         issuer=_name(d.get("issuer", ())),
-        names=tuple(v for _k, v in d.get("subjectAltName", ())),
+        names=tuple(v for _k, v in san),
         not_before=_time(d.get("notBefore")),
         not_after=_time(d.get("notAfter")),
+        dns_names=tuple(v for k, v in san if k == "DNS"),
+        # OpenSSL writes IPv6 addresses in its own long form; normalise them for comparison.
+        ip_addresses=tuple(_ip_text(v) for k, v in san if k == "IP Address"),
+        common_name=cns[-1] if cns else None,
     )
+
+
+def _ip_text(value: str) -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        return value
 
 
 def _chain(tls: ssl.SSLSocket) -> tuple[CertificateInfo, ...]:

@@ -28,7 +28,14 @@ RDS = Bundle("rds-global-bundle.pem", "bundled Amazon RDS roots")
 # server sends its own intermediate anyway.
 RDS_GOVCLOUD = Bundle("rds-govcloud-roots.pem", "bundled Amazon RDS GovCloud roots")
 
+ALL_BUNDLES = (RDS, RDS_GOVCLOUD)
+
 _RDS_SUFFIX = ".rds.amazonaws.com"
+
+
+def is_rds_host(host: str) -> bool:
+    """An Amazon RDS, Aurora or RDS Proxy endpoint name."""
+    return host.lower().removesuffix(".").endswith(_RDS_SUFFIX)
 
 
 def bundle_for_host(host: str) -> Bundle | None:
@@ -39,9 +46,9 @@ def bundle_for_host(host: str) -> Bundle | None:
     public roots instead, so they get no bundle and fall through to the OS store and certifi.
     """
     # Case folding only chooses the file; libpq still gets (and verifies) the host as given.
-    name = host.lower().removesuffix(".")
-    if not name.endswith(_RDS_SUFFIX):
+    if not is_rds_host(host):
         return None
+    name = host.lower().removesuffix(".")
     labels = name[: -len(_RDS_SUFFIX)].split(".")
     if any(label.startswith("proxy-") for label in labels):
         return None
