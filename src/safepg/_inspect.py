@@ -1,0 +1,210 @@
+"""Inspecting a server's TLS without logging in: the chain, who verifies it, names, expiry.
+
+Everything here is read from an unauthenticated handshake and is advice for people; libpq's
+verification alone decides whether safepg connects.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from . import _probe, _providers, _trust
+from ._diagnose import FIX_EXPIRED, FIX_MISMATCH, FIX_NO_TLS, FIX_UNTRUSTED
+from ._errors import ConfigurationError
+from ._probe import CertificateInfo
+from ._trust import TrustSource
+
+EXPIRY_WARNING_DAYS = 30
+_EXPIRY_CODES = (9, 10)
+
+# Amazon RDS CA generations, by the words in their certificates' names.
+_RDS_GENERATIONS = (
+    (re.compile(r"RSA2048 G1", re.IGNORECASE), "rds-ca-rsa2048-g1"),
+    (re.compile(r"RSA4096 G1", re.IGNORECASE), "rds-ca-rsa4096-g1"),
+    (re.compile(r"ECC384 G1", re.IGNORECASE), "rds-ca-ecc384-g1"),
+    (re.compile(r"Amazon RDS Root 2019 CA", re.IGNORECASE), "rds-ca-2019"),
+)
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """What ``safepg inspect`` found. See the README for the JSON form."""
+
+    host: str
+    port: int
+    address: str
+    direct: bool
+    reachable: bool
+    tls: bool
+    chain: tuple[CertificateInfo, ...] = ()
+    trust: TrustSource | None = None
+    trust_verifies: bool = False
+    verify_error: str | None = None
+    verified_by: TrustSource | None = None
+    hostname_matches: bool | None = None
+    rds_ca: str | None = None
+    problems: tuple[str, ...] = ()  # reasons libpq would refuse the server
+    warnings: tuple[str, ...] = ()  # a certificate expires within EXPIRY_WARNING_DAYS
+    advice: tuple[str, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return self.tls and self.trust_verifies and bool(self.hostname_matches)
+
+
+def days_left(cert: CertificateInfo, now: dt.datetime | None = None) -> int | None:
+    if cert.not_after is None:
+        return None
+    return (cert.not_after - (now or dt.datetime.now(dt.timezone.utc))).days
+
+
+def _wildcard_match(pattern: str, host: str) -> bool:
+    # libpq: a wildcard is allowed only as the whole leftmost label, and matches one label.
+    if not pattern.startswith("*."):
+        return pattern == host
+    first, _, rest = host.partition(".")
+    return bool(first) and rest == pattern[2:]
+
+
+def hostname_matches(host: str, cert: CertificateInfo) -> bool:
+    """Whether *cert* names *host*, as libpq decides it.
+
+    Names are compared case-insensitively and literally (a trailing dot is not stripped). The
+    common name counts only when the certificate has no subjectAltName of the host's kind.
+    """
+    host = host.lower()
+    try:
+        ip = str(ipaddress.ip_address(host))
+    except ValueError:
+        ip = None
+    if ip is not None:
+        if cert.ip_addresses:
+            return ip in cert.ip_addresses
+    elif cert.dns_names:
+        return any(_wildcard_match(n.lower(), host) for n in cert.dns_names)
+    cn = (cert.common_name or "").lower()
+    return bool(cn) and (cn == host if ip else _wildcard_match(cn, host))
+
+
+def rds_generation(chain: Sequence[CertificateInfo]) -> str | None:
+    for cert in chain:
+        for text in (cert.subject, cert.issuer):
+            for pattern, name in _RDS_GENERATIONS:
+                if pattern.search(text):
+                    return name
+    return None
+
+
+def _candidates(first: TrustSource) -> list[TrustSource]:
+    """Other trust sources to try when the chosen one does not verify the chain."""
+    found: list[TrustSource] = []
+    for bundle in _providers.ALL_BUNDLES:
+        found.append(TrustSource(_providers.bundled_path(bundle.filename), bundle.label, "bundled"))
+    try:
+        store = _trust.os_store()
+    except ConfigurationError:
+        store = None
+    if store is not None:
+        found.append(store)
+    found.append(_trust.certifi_source())
+    return [s for s in found if s.path != first.path]
+
+
+def inspect_server(
+    host: str,
+    port: int,
+    *,
+    trust: TrustSource,
+    hostaddr: str | None = None,
+    timeout: float = 10.0,
+    direct: bool = False,
+) -> Inspection:
+    """Probe *host*:*port* (no login) and judge what it presents against *trust*."""
+    address = hostaddr or host
+    base = Inspection(host, port, address, direct, reachable=False, tls=False, trust=trust)
+    if direct:
+        presented = _probe.presented_chain(
+            address, port, server_hostname=host, timeout=timeout, direct=True
+        )
+        if presented is None:
+            return replace(
+                base,
+                reachable=False,
+                tls=False,
+                problems=("no TLS handshake: the server is unreachable or refuses direct TLS",),
+            )
+    result = _probe.probe(address, port, trust.path, server_hostname=host, timeout=timeout)
+    if result is None:
+        return replace(
+            base,
+            reachable=False,
+            tls=False,
+            problems=(f"cannot reach {address}:{port}, or the TLS handshake failed",),
+        )
+    if not result.tls:
+        return replace(
+            base,
+            reachable=True,
+            tls=False,
+            problems=("the server does not offer TLS",),
+            advice=(FIX_NO_TLS,),
+        )
+    chain = result.chain
+    verifies = result.verify_code is None
+    verified_by = trust if verifies else None
+    if not verifies and result.verify_code not in _EXPIRY_CODES:
+        for other in _candidates(trust):
+            again = _probe.probe(address, port, other.path, server_hostname=host, timeout=timeout)
+            if again is not None and again.tls and again.verify_code is None:
+                verified_by = other
+                break
+    leaf = chain[0] if chain else None
+    matches = hostname_matches(host, leaf) if leaf else None
+    problems: list[str] = []
+    advice: list[str] = []
+    if not verifies:
+        problems.append(f"the chain does not verify against {trust.label}: {result.verify_message}")
+        if result.verify_code in _EXPIRY_CODES:
+            advice.append(FIX_EXPIRED)
+        else:
+            if leaf is not None:
+                problems.append(f'the issuer "{leaf.issuer}" is not among the trust anchors')
+            if verified_by is not None:
+                advice.append(
+                    f"It verifies against {verified_by.label} ({verified_by.path}): pass that "
+                    "file as sslrootcert."
+                )
+            advice.append(FIX_UNTRUSTED)
+    if matches is False and leaf is not None:
+        names = ", ".join(leaf.names) or (f"CN={leaf.common_name}" if leaf.common_name else "none")
+        problems.append(f'the certificate does not name "{host}"; it names: {names}')
+        advice.append(FIX_MISMATCH)
+    warnings: list[str] = []
+    for i, cert in enumerate(chain):
+        left = days_left(cert)
+        if left is not None and left < EXPIRY_WARNING_DAYS:
+            who = "the server's certificate" if i == 0 else f"CA certificate {cert.subject}"
+            if left < 0:
+                problems.append(f"{who} expired on {cert.not_after:%Y-%m-%d}")
+            else:
+                warnings.append(f"{who} expires in {left} days ({cert.not_after:%Y-%m-%d})")
+    # For RDS hosts, and for anything whose chain names an RDS CA (an alias of one).
+    rds = rds_generation(chain)
+    return replace(
+        base,
+        reachable=True,
+        tls=True,
+        chain=chain,
+        trust_verifies=verifies,
+        verify_error=result.verify_message,
+        verified_by=verified_by,
+        hostname_matches=matches,
+        rds_ca=rds,
+        problems=tuple(problems),
+        warnings=tuple(warnings),
+        advice=tuple(dict.fromkeys(advice)),
+    )
