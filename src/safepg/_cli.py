@@ -1,15 +1,446 @@
-"""The ``safepg`` command line."""
+"""The ``safepg`` command line: check, inspect, ca, env and demo.
+
+Exit codes (stable, for scripts and monitoring):
+
+- 0: verified (``check``), or everything checked out (``inspect``);
+- 1: could not connect for a reason other than security: unreachable, refused, timed out,
+  authentication failed;
+- 2: usage or configuration error (bad arguments, a bad CA file, a socket host);
+- 3: the server could not be verified: host name mismatch, untrusted or expired certificate,
+  no TLS;
+- 4: ``inspect`` only: all is well, but a certificate expires within 30 days.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
+import os
+import shlex
 import sys
 from collections.abc import Sequence
+from typing import Any, TextIO
 
 import psycopg
 
 from . import __version__
+
+EXIT_OK, EXIT_CONNECT, EXIT_USAGE, EXIT_INSECURE, EXIT_EXPIRING = 0, 1, 2, 3, 4
+DEFAULT_TIMEOUT = 10.0
+_ACTIVITY_QUERY = (
+    "SELECT a.usename, a.datname, a.application_name, host(a.client_addr), a.backend_start, "
+    "s.ssl, s.version, s.cipher, s.bits, s.client_dn "
+    "FROM pg_catalog.pg_stat_activity a JOIN pg_catalog.pg_stat_ssl s USING (pid) "
+    "WHERE a.pid = pg_catalog.pg_backend_pid()"
+)
+
+
+class _Out:
+    """Human output: aligned, coloured only on a terminal and never with NO_COLOR."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.colour = (
+            stream.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+        )
+
+    def _paint(self, text: str, code: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if self.colour else text
+
+    def good(self, text: str) -> str:
+        return self._paint(text, "32")
+
+    def bad(self, text: str) -> str:
+        return self._paint(text, "31;1")
+
+    def warn(self, text: str) -> str:
+        return self._paint(text, "33")
+
+    def bold(self, text: str) -> str:
+        return self._paint(text, "1")
+
+    def line(self, text: str = "") -> None:
+        print(text, file=self.stream)
+
+    def field(self, key: str, value: object, indent: int = 2) -> None:
+        print(f"{' ' * indent}{key:<16} {value}", file=self.stream)
+
+
+def _json(data: dict[str, Any]) -> None:
+    print(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+def _timeout(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not 0 < seconds <= 3600:
+        raise argparse.ArgumentTypeError("the timeout must be between 0 and 3600 seconds")
+    return seconds
+
+
+def _cert_json(cert: Any) -> dict[str, Any]:
+    from ._inspect import days_left
+
+    return {
+        "subject": cert.subject,
+        "issuer": cert.issuer,
+        "names": list(cert.names),
+        "not_before": cert.not_before.isoformat() if cert.not_before else None,
+        "not_after": cert.not_after.isoformat() if cert.not_after else None,
+        "days_left": days_left(cert),
+    }
+
+
+def _trust_json(trust: Any) -> dict[str, Any] | None:
+    if trust is None:
+        return None
+    return {"path": trust.path, "label": trust.label, "origin": trust.origin}
+
+
+def _print_chain(out: _Out, chain: Sequence[Any]) -> None:
+    from ._inspect import EXPIRY_WARNING_DAYS, days_left
+
+    for i, cert in enumerate(chain):
+        role = "server" if i == 0 else "CA"
+        out.line(f"  [{i}] {role}: {cert.subject or '(empty subject)'}")
+        out.field("issuer", cert.issuer, 6)
+        if cert.names:
+            out.field("names", ", ".join(cert.names), 6)
+        left = days_left(cert)
+        if cert.not_after is not None and left is not None:
+            text = f"{cert.not_after:%Y-%m-%d} ({left} days)"
+            if left < 0:
+                text = out.bad(f"{cert.not_after:%Y-%m-%d} (EXPIRED {-left} days ago)")
+            elif left < EXPIRY_WARNING_DAYS:
+                text = out.warn(text + ", renew soon")
+            out.field("expires", text, 6)
+
+
+def _secrets(target: str) -> tuple[str | None, ...]:
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(target)
+    except psycopg.Error:
+        return ()
+    return (str(params.get("password") or "") or None, str(params.get("sslpassword") or "") or None)
+
+
+def _error_exit(ex: BaseException) -> int:
+    from ._errors import ConfigurationError, ConnectionSecurityError
+
+    if isinstance(ex, ConfigurationError):
+        return EXIT_USAGE
+    if isinstance(ex, ConnectionSecurityError):
+        return EXIT_INSECURE
+    return EXIT_CONNECT
+
+
+# -- check -------------------------------------------------------------------------------------
+
+
+def _check(args: argparse.Namespace) -> int:
+    """Connect through safepg and report the session, the certificate and the server's view."""
+    import safepg
+
+    from . import _probe
+    from ._redact import redact
+
+    out = _Out(sys.stdout)
+    connect_timeout = str(max(2, math.ceil(args.timeout)))
+    try:
+        conn = safepg.connect(args.target, autocommit=True, connect_timeout=connect_timeout)
+    except psycopg.Error as ex:
+        message = redact(str(ex), _secrets(args.target))
+        code = _error_exit(ex)
+        if args.json:
+            _json(
+                {
+                    "schema": "safepg.check/1",
+                    "ok": False,
+                    "exit_code": code,
+                    "error": {"class": type(ex).__name__, "message": message},
+                    "trust": _trust_json(getattr(ex, "trust", None)),
+                }
+            )
+        else:
+            print(f"safepg check: {type(ex).__name__}:\n{message}", file=sys.stderr)
+        return code
+    with conn:
+        report = safepg.check(conn)
+        row = conn.execute(_ACTIVITY_QUERY).fetchone()
+    activity = dict(
+        zip(
+            (
+                "user",
+                "database",
+                "application_name",
+                "client_addr",
+                "backend_start",
+                "ssl",
+                "protocol",
+                "cipher",
+                "bits",
+                "client_dn",
+            ),
+            row or (),
+            strict=False,
+        )
+    )
+    presented = None
+    if report.encrypted and report.trust is not None:
+        presented = _probe.probe(
+            report.hostaddr or report.host,
+            int(report.port),
+            report.trust.path,
+            server_hostname=report.host,
+            timeout=args.timeout,
+        )
+    chain = presented.chain if presented else ()
+    code = EXIT_OK if report.verified else EXIT_INSECURE
+    if args.json:
+        _json(
+            {
+                "schema": "safepg.check/1",
+                "ok": report.verified,
+                "exit_code": code,
+                "host": report.host,
+                "hostaddr": report.hostaddr,
+                "port": report.port,
+                "client": {
+                    "encrypted": report.encrypted,
+                    "verified": report.verified,
+                    "sslmode": report.sslmode,
+                    "protocol": report.protocol,
+                    "cipher": report.cipher,
+                    "bits": report.bits,
+                    "ssl_library": report.ssl_library,
+                },
+                "trust": _trust_json(report.trust),
+                "certificates": [_cert_json(c) for c in chain],
+                "server": {"pid": report.backend_pid, **activity},
+                "error": None,
+            }
+        )
+        return code
+    state = out.good("verified") if report.verified else out.bad("NOT verified")
+    out.line(f"{out.bold('safepg check')}: {state}, {report.summary}")
+    out.field(
+        "host",
+        f"{report.host}:{report.port}"
+        + (f" (address {report.hostaddr})" if report.hostaddr else ""),
+    )
+    out.field("sslmode", report.sslmode)
+    out.field("protocol", report.protocol or "-")
+    out.field("cipher", f"{report.cipher or '-'} ({report.bits or '-'} bits)")
+    out.field("TLS library", report.ssl_library or "-")
+    if report.trust is not None:
+        out.field("trust anchors", report.trust.label)
+        out.field("trust file", report.trust.path)
+    if chain:
+        out.line("  certificates (read by a second handshake, as the server presents them):")
+        _print_chain(out, chain)
+    out.line("  server side (pg_stat_ssl joined with pg_stat_activity, this session):")
+    out.field("pid", report.backend_pid, 6)
+    for key in ("user", "database", "application_name", "client_addr", "backend_start"):
+        if activity.get(key) is not None:
+            out.field(key.replace("_", " "), activity[key], 6)
+    out.field(
+        "ssl",
+        f"{activity.get('ssl')} {activity.get('protocol') or ''} {activity.get('cipher') or ''}",
+        6,
+    )
+    if activity.get("client_dn"):
+        out.field("client cert", activity["client_dn"], 6)
+    return code
+
+
+# -- inspect -----------------------------------------------------------------------------------
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, port = value, "5432"
+    if value.startswith("["):  # [::1]:5432
+        host, _, rest = value[1:].partition("]")
+        port = rest.removeprefix(":") or port
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST[:PORT], got {value!r}")
+    return host, int(port)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    """Probe a server's TLS without logging in."""
+    import safepg
+
+    from ._inspect import inspect_server
+
+    host, port = args.server
+    extra: dict[str, Any] = {"sslrootcert": args.sslrootcert} if args.sslrootcert else {}
+    if args.hostaddr:
+        extra["hostaddr"] = args.hostaddr
+    try:
+        trust = safepg.resolve_trust(host=host, port=port, **extra)
+    except safepg.ConfigurationError as ex:
+        print(f"safepg inspect: {ex}", file=sys.stderr)
+        return EXIT_USAGE
+    found = inspect_server(
+        host, port, trust=trust, hostaddr=args.hostaddr, timeout=args.timeout, direct=args.direct
+    )
+    if not found.reachable:
+        code = EXIT_CONNECT
+    elif not found.ok:
+        code = EXIT_INSECURE
+    elif found.warnings:
+        code = EXIT_EXPIRING
+    else:
+        code = EXIT_OK
+    if args.json:
+        leaf = found.chain[0] if found.chain else None
+        _json(
+            {
+                "schema": "safepg.inspect/1",
+                "ok": found.ok,
+                "exit_code": code,
+                "host": host,
+                "port": port,
+                "address": found.address,
+                "negotiation": "direct" if found.direct else "sslrequest",
+                "reachable": found.reachable,
+                "tls": found.tls,
+                "certificates": [_cert_json(c) for c in found.chain],
+                "trust": {
+                    **(_trust_json(found.trust) or {}),
+                    "verifies": found.trust_verifies,
+                    "error": found.verify_error,
+                },
+                "verified_by": _trust_json(found.verified_by),
+                "hostname": {
+                    "host": host,
+                    "matches": found.hostname_matches,
+                    "names": list(leaf.names) if leaf else [],
+                },
+                "rds_ca": found.rds_ca,
+                "problems": list(found.problems),
+                "warnings": list(found.warnings),
+                "advice": list(found.advice),
+            }
+        )
+        return code
+    out = _Out(sys.stdout)
+    how = "direct TLS" if found.direct else "SSLRequest"
+    out.line(f"{out.bold('safepg inspect')} {host}:{port} (no login; {how})")
+    if found.address != host:
+        out.field("address", found.address)
+    if found.reachable:
+        out.field("TLS", out.good("offered") if found.tls else out.bad("not offered"))
+    if found.chain:
+        out.line("  certificates presented (unauthenticated until verified):")
+        _print_chain(out, found.chain)
+    if found.tls and found.trust is not None:
+        verdict = (
+            out.good("verifies the chain")
+            if found.trust_verifies
+            else out.bad(f"does NOT verify the chain ({found.verify_error})")
+        )
+        out.field("trust anchors", f"{found.trust.label}: {verdict}")
+        out.field("trust file", found.trust.path)
+        if not found.trust_verifies:
+            other = found.verified_by
+            out.field(
+                "verified by",
+                f"{other.label} ({other.path})" if other else "none of safepg's trust sources",
+            )
+    if found.hostname_matches is not None:
+        out.field(
+            "host name",
+            out.good(f'"{host}" is named by the certificate')
+            if found.hostname_matches
+            else out.bad(f'"{host}" is NOT named by the certificate'),
+        )
+    if found.rds_ca:
+        out.field("RDS CA", found.rds_ca)
+    for problem in found.problems:
+        out.line(f"  {out.bad('problem:')} {problem}")
+    for warning in found.warnings:
+        out.line(f"  {out.warn('warning:')} {warning}")
+    for advice in found.advice:
+        out.line(f"  {advice}")
+    result = {
+        EXIT_OK: out.good("OK"),
+        EXIT_EXPIRING: out.warn("OK, but renew soon"),
+        EXIT_INSECURE: out.bad("would be refused"),
+        EXIT_CONNECT: out.bad("unreachable"),
+    }[code]
+    out.field("result", result)
+    return code
+
+
+# -- ca and env --------------------------------------------------------------------------------
+
+
+def _resolve(target: str | None, host: str | None, port: int | None) -> Any:
+    import safepg
+
+    extra: dict[str, Any] = {}
+    if host:
+        extra["host"] = host
+    if port:
+        extra["port"] = port
+    # Without a TCP host, the trust anchors for "any server": a socket host would be refused.
+    return safepg.resolve_trust(target or "", allow_unencrypted_unix_socket=True, **extra)
+
+
+def _ca(args: argparse.Namespace) -> int:
+    """Print the trust file safepg would use."""
+    import safepg
+
+    try:
+        trust = _resolve(None, args.host, args.port)
+    except safepg.ConfigurationError as ex:
+        print(f"safepg ca: {ex}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        _json({"schema": "safepg.ca/1", **(_trust_json(trust) or {})})
+    else:
+        print(trust.path)
+        if args.verbose:
+            print(f"safepg ca: {trust.label}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _env(args: argparse.Namespace) -> int:
+    """Print shell exports that make other libpq tools verify as safepg does."""
+    import safepg
+
+    from ._params import MIN_TLS_VERSION, REQUIRED_SSLMODE
+
+    try:
+        trust = _resolve(args.target, None, None)
+    except safepg.ConfigurationError as ex:
+        print(f"safepg env: {ex}", file=sys.stderr)
+        return EXIT_USAGE
+    exports = {
+        "PGSSLMODE": REQUIRED_SSLMODE,
+        "PGSSLROOTCERT": trust.path,
+        "PGGSSENCMODE": "disable",
+        "PGSSLMINPROTOCOLVERSION": MIN_TLS_VERSION,
+    }
+    if args.json:
+        _json({"schema": "safepg.env/1", "env": exports, "trust": _trust_json(trust)})
+        return EXIT_OK
+    print(f"# trust anchors: {trust.label}")
+    for key, value in exports.items():
+        print(f"export {key}={shlex.quote(value)}")
+    return EXIT_OK
+
+
+# -- demo --------------------------------------------------------------------------------------
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -65,12 +496,53 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"safepg {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log safepg's decisions")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    check = commands.add_parser(
+        "check", help="connect through safepg and report how the session is protected"
+    )
+    check.add_argument("target", metavar="URL|CONNINFO", help="postgresql:// URL or conninfo")
+    _add_common(check)
+    check.set_defaults(func=_check)
+
+    inspect = commands.add_parser(
+        "inspect", help="show a server's certificates and who verifies them (no login needed)"
+    )
+    inspect.add_argument("server", metavar="HOST[:PORT]", type=_host_port)
+    inspect.add_argument("--hostaddr", help="dial this address, check the certificate for HOST")
+    inspect.add_argument("--sslrootcert", help="judge the chain against this CA file")
+    inspect.add_argument(
+        "--direct", action="store_true", help="direct TLS (PostgreSQL 17+) instead of SSLRequest"
+    )
+    _add_common(inspect)
+    inspect.set_defaults(func=_inspect)
+
+    ca = commands.add_parser("ca", help="print the path of the trust file safepg would use")
+    ca.add_argument("--host", help="the server's host name (chooses provider roots)")
+    ca.add_argument("--port", type=int)
+    ca.add_argument("--json", action="store_true", help="print JSON")
+    ca.set_defaults(func=_ca)
+
+    env = commands.add_parser("env", help="print shell exports for psql and other libpq tools")
+    env.add_argument("target", nargs="?", metavar="URL|CONNINFO", help="chooses the trust file")
+    env.add_argument("--json", action="store_true", help="print JSON")
+    env.set_defaults(func=_env)
+
     demo = commands.add_parser(
         "demo", help="run a demo against a throwaway local TLS server (no database needed)"
     )
     demo.add_argument("--bindir", help="directory of PostgreSQL's initdb and postgres")
     demo.set_defaults(func=_demo)
     return parser
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON (see the README)")
+    parser.add_argument(
+        "--timeout",
+        type=_timeout,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds to wait for the network (default {DEFAULT_TIMEOUT:g})",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,5 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except psycopg.Error as ex:
         print(f"safepg {args.command}: {type(ex).__name__}: {ex}", file=sys.stderr)
-        return 1
+        return _error_exit(ex)
+    except KeyboardInterrupt:
+        return 130
     return code
