@@ -13,7 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from safepg import _providers
+from safepg import providers
 
 CACERTS = importlib.resources.files("safepg") / "cacerts"
 SHIPPED = sorted(p.name for p in CACERTS.iterdir() if p.name.endswith(".pem"))
@@ -28,8 +28,10 @@ def _certs(name: str) -> list[x509.Certificate]:
 
 
 def test_every_bundle_the_code_names_is_shipped() -> None:
-    for bundle in (_providers.RDS, _providers.RDS_GOVCLOUD):
-        assert bundle.filename in SHIPPED
+    for bundle in providers.BUNDLES:
+        assert set(bundle.files) <= set(SHIPPED)
+    for profile in providers.PROFILES:
+        assert (profile.trust == "bundled") == (profile.bundle is not None)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -64,5 +66,5 @@ def test_certificates_are_unexpired_cas(name: str) -> None:
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_bundle_loads_in_openssl(name: str) -> None:
-    ctx = ssl.create_default_context(cafile=_providers.bundled_path(name))
+    ctx = ssl.create_default_context(cafile=providers.shipped_path(name))
     assert len(ctx.get_ca_certs()) == INVENTORY[name]["count"]

@@ -12,7 +12,7 @@ import pytest
 
 import safepg
 from safepg import ConfigurationError, _trust
-from safepg._providers import bundle_for_host
+from safepg.providers import profile_for_host
 from safepg.testing import CertificateAuthority
 
 RDS_HOST = "mydb.abc123.eu-central-1.rds.amazonaws.com"
@@ -110,7 +110,8 @@ def test_bundled_provider_by_host(host: str, label: str) -> None:
     ],
 )
 def test_no_bundle_for_other_hosts(host: str) -> None:
-    assert bundle_for_host(host) is None
+    profile = profile_for_host(host)
+    assert profile is None or profile.bundle is None
     assert safepg.resolve_trust(host=host).origin in ("os-store", "certifi")
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import psycopg
 
+from . import providers
 from ._errors import (
     CertificateExpiredError,
     ConfigurationError,
@@ -49,8 +50,9 @@ _DEFAULT_PROBE_TIMEOUT = 5.0
 FIX_MISMATCH = (
     "To fix: connect with a name the certificate holds. If you dial a DNS alias (a CNAME such as "
     "db.internal -> the real endpoint), connect to the endpoint's own name, or give that name as "
-    "host= and the alias's address as hostaddr=. If the name is right and the certificate is "
-    "not, the server's operator must reissue it for this name."
+    "host= and the alias's address as hostaddr= (or let safepg resolve the alias: "
+    "connect(..., verify_as='the.name.in.the.certificate')). If the name is right and the "
+    "certificate is not, the server's operator must reissue it for this name."
 )
 FIX_UNTRUSTED = (
     "To fix: if this is the server you meant, give safepg the CA that issued its certificate: "
@@ -123,6 +125,17 @@ def _failure_line(text: str, needles: Sequence[str]) -> str | None:
     return None
 
 
+def _untrusted_fix(host: str | None) -> str:
+    profile = providers.profile_for_host(host) if host else None
+    return f"{profile.untrusted_hint(host)}\n{FIX_UNTRUSTED}" if profile and host else FIX_UNTRUSTED
+
+
+def _mismatch_fix(host: str | None) -> str:
+    profile = providers.profile_for_host(host) if host else None
+    hint = profile.mismatch_hint(host) if profile and host else None
+    return f"{hint}\n{FIX_MISMATCH}" if hint else FIX_MISMATCH
+
+
 def rejected_chain(ex: psycopg.OperationalError) -> bool:
     """libpq could not verify the chain, or read the CA file: the only failures the fast path
     retries with the full trust set (never authentication, refusals or timeouts)."""
@@ -170,7 +183,7 @@ def diagnose(ex: psycopg.OperationalError, plan: Plan, *, probe: bool = True) ->
         listing = f" The certificate lists: {', '.join(leaf.names)}." if leaf and leaf.names else ""
         mismatch_err = HostnameMismatchError(
             f"The server at {addr or host}:{port} presented a certificate that does not name "
-            f'"{host}": it holds {holds}.{listing}\n{trust}\n{FIX_MISMATCH}\n{libpq}'
+            f'"{host}": it holds {holds}.{listing}\n{trust}\n{_mismatch_fix(host)}\n{libpq}'
         )
         mismatch_err.certificate_names = (
             leaf.names if leaf else ((mismatch["name"],) if mismatch else ())
@@ -204,7 +217,7 @@ def diagnose(ex: psycopg.OperationalError, plan: Plan, *, probe: bool = True) ->
             )
             err = UntrustedCertificateError(
                 f"The certificate of the server at {host}:{port} does not chain to a trusted "
-                f"root{reason}.{presented}\n{trust}{issuer}\n{FIX_UNTRUSTED}\n{libpq}"
+                f"root{reason}.{presented}\n{trust}{issuer}\n{_untrusted_fix(host)}\n{libpq}"
             )
     else:
         host = pg.host.decode() if pg and pg.host else addr

@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from . import _probe, _providers, _trust
+from . import _probe, _trust, providers
 from ._diagnose import FIX_EXPIRED, FIX_MISMATCH, FIX_NO_TLS, FIX_UNTRUSTED
 from ._errors import ConfigurationError
 from ._probe import CertificateInfo
@@ -102,8 +102,9 @@ def rds_generation(chain: Sequence[CertificateInfo]) -> str | None:
 def _candidates(first: TrustSource) -> list[TrustSource]:
     """Other trust sources to try when the chosen one does not verify the chain."""
     found: list[TrustSource] = []
-    for bundle in _providers.ALL_BUNDLES:
-        found.append(TrustSource(_providers.bundled_path(bundle.filename), bundle.label, "bundled"))
+    for bundle in providers.BUNDLES:
+        for path, _override in providers.bundle_paths(bundle):
+            found.append(TrustSource(path, bundle.label, "bundled"))
     try:
         store = _trust.os_store()
     except ConfigurationError:

@@ -8,7 +8,8 @@ The order, first match wins:
 2. ``PGSSLROOTCERT``;
 3. libpq's default file, ``~/.postgresql/root.crt`` (``%APPDATA%\\postgresql\\root.crt`` on
    Windows), if present;
-4. a CA set bundled with safepg, chosen by host name (Amazon RDS, GovCloud);
+4. a CA set bundled with safepg, chosen by host name (see `safepg.providers`: Amazon RDS,
+   GovCloud, Azure, Supabase);
 5. the OS trust store, as a PEM file;
 6. certifi.
 
@@ -29,7 +30,7 @@ from typing import Literal
 
 import certifi
 
-from . import _cache, _providers
+from . import _cache, _x509, providers
 from ._errors import ConfigurationError
 
 __all__ = ["TrustOrigin", "TrustSource"]
@@ -224,6 +225,24 @@ def _find_os_store(env_dir: str | None) -> TrustSource | None:
     return None
 
 
+# path -> stat key of bundled files already checked for anchors close to expiry.
+_expiry_checked: dict[str, tuple[int, int, int]] = {}
+
+
+def _warn_if_expiring(path: str, label: str) -> None:
+    """Warn (once) about anchors of a bundled file expiring within 90 days: every one of them
+    may be the anchor a server of that provider relies on."""
+    try:
+        key = _stat_key(os.stat(path))
+        if _expiry_checked.get(path) == key:
+            return
+        with open(path, "rb") as f:
+            _x509.warn_if_expiring(_x509.parse_pem(f.read()), label)
+    except OSError:
+        return
+    _expiry_checked[path] = key
+
+
 def certifi_source() -> TrustSource:
     return TrustSource(certifi.where(), f"certifi {certifi.__version__}", "certifi")
 
@@ -263,12 +282,15 @@ def resolve(
 
     sources: dict[str, TrustSource] = {}
     for host in hosts:
-        bundle = _providers.bundle_for_host(host)
-        if bundle is None:
+        profile = providers.profile_for_host(host)
+        if profile is None or profile.bundle is None:
             src = _fallback()
-        else:
-            src = TrustSource(_providers.bundled_path(bundle.filename), bundle.label, "bundled")
-        sources[src.path] = src
+            sources[src.path] = src
+            continue
+        for path, override in providers.bundle_paths(profile.bundle):
+            label = profile.bundle.label + (" (newer copy, checked)" if override else "")
+            sources[path] = TrustSource(path, label, "bundled")
+            _warn_if_expiring(path, label)
     if not sources:
         return _fallback()
     if len(sources) == 1:
@@ -299,7 +321,11 @@ def _union(sources: Sequence[TrustSource]) -> TrustSource:
             pass
     pem = b"".join(Path(s.path).read_bytes().rstrip() + b"\n" for s in sources)
     path = _cache.write_trust_file("combined", pem)
-    label = "combined: " + " + ".join(s.label for s in sources)
-    found = TrustSource(str(path), label, "combined")
+    labels = list(dict.fromkeys(s.label for s in sources))
+    origins = {s.origin for s in sources}
+    if len(labels) == 1 and len(origins) == 1:  # one bundle of several files (Supabase)
+        found = TrustSource(str(path), labels[0], origins.pop())
+    else:
+        found = TrustSource(str(path), "combined: " + " + ".join(labels), "combined")
     _union_memo[key] = (found, _stat_key(os.stat(path)))
     return found
