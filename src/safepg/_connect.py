@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar, overload
@@ -25,7 +26,11 @@ __all__ = ["connect", "connect_async", "resolve_trust", "secure_conninfo"]
 
 
 def secure_conninfo(
-    conninfo: str = "", *, allow_unencrypted_unix_socket: bool = False, **kwargs: ConnParam
+    conninfo: str = "",
+    *,
+    allow_unencrypted_unix_socket: bool = False,
+    verify_as: str | None = None,
+    **kwargs: ConnParam,
 ) -> str:
     """Return the conninfo string safepg would connect with, for any libpq client.
 
@@ -38,18 +43,27 @@ def secure_conninfo(
         conninfo: a libpq conninfo string or a ``postgresql://`` URL.
         allow_unencrypted_unix_socket: accept a Unix-domain socket host, which libpq never
             encrypts. Off by default.
+        verify_as: verify the certificate for this name while dialling the host given (see
+            `connect`). The alias is resolved here, so this does DNS lookups.
         **kwargs: libpq connection parameters, overriding those in *conninfo*.
 
     Raises:
         ConfigurationError: the parameters are invalid, or cannot give a verified session.
     """
     return build_plan(
-        conninfo, kwargs, allow_unencrypted_unix_socket=allow_unencrypted_unix_socket
+        conninfo,
+        kwargs,
+        allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
+        verify_as=verify_as,
     ).conninfo
 
 
 def resolve_trust(
-    conninfo: str = "", *, allow_unencrypted_unix_socket: bool = False, **kwargs: ConnParam
+    conninfo: str = "",
+    *,
+    allow_unencrypted_unix_socket: bool = False,
+    verify_as: str | None = None,
+    **kwargs: ConnParam,
 ) -> TrustSource:
     """Return the trust anchors safepg would use for these parameters: a PEM path and a label.
 
@@ -61,7 +75,10 @@ def resolve_trust(
             missing, empty, unreadable or not PEM.
     """
     return build_plan(
-        conninfo, kwargs, allow_unencrypted_unix_socket=allow_unencrypted_unix_socket
+        conninfo,
+        kwargs,
+        allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
+        verify_as=verify_as,
     ).trust
 
 
@@ -106,13 +123,19 @@ def open_verified(
     *,
     allow_unencrypted_unix_socket: bool,
     fast_path: bool | None,
+    verify_as: str | None = None,
     **options: Any,
 ) -> CT:
     """Harden, connect with *opener* (a psycopg ``Connection.connect``), diagnose and check.
 
     *options* are psycopg's own (autocommit, row_factory, ...), passed to *opener* untouched.
     """
-    plan = build_plan(conninfo, kwargs, allow_unencrypted_unix_socket=allow_unencrypted_unix_socket)
+    plan = build_plan(
+        conninfo,
+        kwargs,
+        allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
+        verify_as=verify_as,
+    )
     fast = None
     if _fastpath.enabled(fast_path):
         fast = _fastpath.cached(plan)
@@ -146,10 +169,18 @@ async def open_verified_async(
     *,
     allow_unencrypted_unix_socket: bool,
     fast_path: bool | None,
+    verify_as: str | None = None,
     **options: Any,
 ) -> ACT:
-    """`open_verified` for asyncio; probes and diagnoses run in a thread, off the loop."""
-    plan = build_plan(conninfo, kwargs, allow_unencrypted_unix_socket=allow_unencrypted_unix_socket)
+    """`open_verified` for asyncio; probes, DNS and diagnoses run in a thread, off the loop."""
+    make_plan = functools.partial(
+        build_plan,
+        conninfo,
+        kwargs,
+        allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
+        verify_as=verify_as,
+    )
+    plan = await asyncio.to_thread(make_plan) if verify_as else make_plan()
     fast = None
     if _fastpath.enabled(fast_path):
         fast = _fastpath.cached(plan)
@@ -187,6 +218,7 @@ def connect(
     cursor_factory: type[Cursor[Row]] | None = None,
     allow_unencrypted_unix_socket: bool = False,
     fast_path: bool | None = None,
+    verify_as: str | None = None,
     **kwargs: ConnParam,
 ) -> Connection[Row]: ...
 
@@ -202,6 +234,7 @@ def connect(
     cursor_factory: type[Cursor[TupleRow]] | None = None,
     allow_unencrypted_unix_socket: bool = False,
     fast_path: bool | None = None,
+    verify_as: str | None = None,
     **kwargs: ConnParam,
 ) -> Connection[TupleRow]: ...
 
@@ -216,6 +249,7 @@ def connect(
     cursor_factory: type[Cursor[Any]] | None = None,
     allow_unencrypted_unix_socket: bool = False,
     fast_path: bool | None = None,
+    verify_as: str | None = None,
     **kwargs: ConnParam,
 ) -> Connection[Any]:
     """Connect like `psycopg.connect`, always with a verified TLS session.
@@ -233,6 +267,11 @@ def connect(
             as ``sslmode=require``. None (the default) follows ``SAFEPG_FAST_PATH``, which is on
             unless set to 0, off, false or no. It never widens trust: the anchors are a subset
             of the resolved set, and libpq still verifies everything.
+        verify_as: dial the host given (a DNS alias, such as a CNAME to a managed endpoint) but
+            verify the certificate for this name instead. safepg resolves the alias and passes
+            libpq ``host=<verify_as>`` with ``hostaddr=<the alias's addresses>``. Needs a single
+            host and no hostaddr. Never guessed: without it, a certificate that names another
+            host is refused.
         **kwargs: libpq connection parameters, overriding those in *conninfo*.
 
     Raises:
@@ -250,6 +289,7 @@ def connect(
         kwargs,
         allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
         fast_path=fast_path,
+        verify_as=verify_as,
         autocommit=autocommit,
         prepare_threshold=prepare_threshold,
         context=context,
@@ -269,6 +309,7 @@ async def connect_async(
     cursor_factory: type[AsyncCursor[Row]] | None = None,
     allow_unencrypted_unix_socket: bool = False,
     fast_path: bool | None = None,
+    verify_as: str | None = None,
     **kwargs: ConnParam,
 ) -> AsyncConnection[Row]: ...
 
@@ -284,6 +325,7 @@ async def connect_async(
     cursor_factory: type[AsyncCursor[TupleRow]] | None = None,
     allow_unencrypted_unix_socket: bool = False,
     fast_path: bool | None = None,
+    verify_as: str | None = None,
     **kwargs: ConnParam,
 ) -> AsyncConnection[TupleRow]: ...
 
@@ -298,6 +340,7 @@ async def connect_async(
     cursor_factory: type[AsyncCursor[Any]] | None = None,
     allow_unencrypted_unix_socket: bool = False,
     fast_path: bool | None = None,
+    verify_as: str | None = None,
     **kwargs: ConnParam,
 ) -> AsyncConnection[Any]:
     """`connect` for asyncio: like `psycopg.AsyncConnection.connect`, always verified.
@@ -310,6 +353,7 @@ async def connect_async(
         kwargs,
         allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
         fast_path=fast_path,
+        verify_as=verify_as,
         autocommit=autocommit,
         prepare_threshold=prepare_threshold,
         context=context,

@@ -2,7 +2,8 @@
 
 It reads the caller's conninfo and keywords, asks libpq itself how it would resolve them (service
 file, ``PG*`` environment variables, defaults), refuses what cannot be verified, and returns the
-parameters with safepg's settings on top. Nothing here touches the network.
+parameters with safepg's settings on top. Nothing here touches the network, except the DNS
+lookup of an alias the caller asked to verify under another name (``verify_as``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import ntpath
 import os
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -225,10 +227,56 @@ def _parse(conninfo: str) -> tuple[tuple[str, str], ...]:
     return tuple(conninfo_to_dict(conninfo).items())  # type: ignore[arg-type]
 
 
+def _dial_alias(resolved: dict[str, str], verify_as: str) -> None:
+    """Point *resolved* at the alias's addresses, with *verify_as* as the name libpq verifies."""
+    name = verify_as.strip()
+    if not name or any(c in name for c in ",/@ \t") or _is_socket(name):
+        raise ConfigurationError(
+            f"verify_as={verify_as!r} is not a host name: give the DNS name (or IP address) "
+            "that the server's certificate holds."
+        )
+    hosts = _split(resolved.get("host"))
+    if len(hosts) != 1 or _is_socket(hosts[0]):
+        raise ConfigurationError(
+            "verify_as needs exactly one TCP host to dial (the alias); this connection has "
+            f"{len(hosts) or 'no'} host(s). For several hosts, give host= and hostaddr= lists "
+            "yourself."
+        )
+    if resolved.get("hostaddr"):
+        raise ConfigurationError(
+            "verify_as resolves the alias itself and cannot be combined with hostaddr. Either "
+            "drop verify_as and set host= to the certificate's name next to your hostaddr=, or "
+            "drop hostaddr."
+        )
+    alias = hosts[0]
+    port = (_split(resolved.get("port")) or [_DEFAULT_PORT])[0] or _DEFAULT_PORT
+    try:
+        infos = socket.getaddrinfo(alias, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as ex:
+        raise psycopg.OperationalError(
+            f'could not resolve the alias "{alias}" (to verify as "{name}"): {ex}'
+        ) from None
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    logger.info(
+        "safepg: dialling %s (%s) and verifying the certificate for %s, as verify_as asks",
+        alias,
+        ", ".join(addresses),
+        name,
+    )
+    resolved["host"] = ",".join([name] * len(addresses))
+    resolved["hostaddr"] = ",".join(addresses)
+
+
 def build_plan(
-    conninfo: str, kwargs: Mapping[str, Any], *, allow_unencrypted_unix_socket: bool = False
+    conninfo: str,
+    kwargs: Mapping[str, Any],
+    *,
+    allow_unencrypted_unix_socket: bool = False,
+    verify_as: str | None = None,
 ) -> Plan:
     """Harden *conninfo* and *kwargs* into the final libpq parameters.
+
+    With *verify_as*, the alias is resolved (the only network I/O here, a DNS lookup).
 
     Raises:
         ConfigurationError: the input is invalid, or cannot lead to a verified session.
@@ -289,6 +337,8 @@ def build_plan(
             origin("gssencmode", "PGGSSENCMODE"),
             "libpq prefers GSS encryption to TLS, and then no certificate is verified",
         )
+    if verify_as is not None:
+        _dial_alias(resolved, verify_as)
     targets = _targets(resolved, allow_unencrypted_unix_socket)
     rootcert_origin = origin("sslrootcert", "PGSSLROOTCERT")
     trust = _trust.resolve(

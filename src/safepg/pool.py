@@ -44,6 +44,7 @@ def verified_class(
     *,
     allow_unencrypted_unix_socket: bool = False,
     fast_path: bool | None = None,
+    verify_as: str | None = None,
 ) -> type[CT]:
     """A subclass of *base* whose ``connect()`` goes through safepg.
 
@@ -61,6 +62,7 @@ def verified_class(
                 params,
                 allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
                 fast_path=fast_path,
+                verify_as=verify_as,
                 **options,
             )
 
@@ -74,6 +76,7 @@ def verified_async_class(
     *,
     allow_unencrypted_unix_socket: bool = False,
     fast_path: bool | None = None,
+    verify_as: str | None = None,
 ) -> type[ACT]:
     """`verified_class` for `psycopg.AsyncConnection` and its subclasses."""
 
@@ -87,6 +90,7 @@ def verified_async_class(
                 params,
                 allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
                 fast_path=fast_path,
+                verify_as=verify_as,
                 **options,
             )
 
@@ -98,8 +102,8 @@ def verified_async_class(
 class ConnectionPool(_ConnectionPool[CT], Generic[CT]):
     """`psycopg_pool.ConnectionPool`, with every connection opened through safepg.
 
-    Takes psycopg_pool's arguments, plus safepg's *allow_unencrypted_unix_socket* and
-    *fast_path* (see `safepg.connect`). Connection errors are safepg's (for example
+    Takes psycopg_pool's arguments, plus safepg's *allow_unencrypted_unix_socket*,
+    *fast_path* and *verify_as* (see `safepg.connect`). Connection errors are safepg's (for example
     `safepg.HostnameMismatchError`), which psycopg_pool reports and retries as it does any
     `psycopg.OperationalError`.
     """
@@ -111,6 +115,7 @@ class ConnectionPool(_ConnectionPool[CT], Generic[CT]):
         *,
         allow_unencrypted_unix_socket: bool = False,
         fast_path: bool | None = None,
+        verify_as: str | None = None,
         **kwargs: Any,
     ) -> None: ...
 
@@ -122,6 +127,7 @@ class ConnectionPool(_ConnectionPool[CT], Generic[CT]):
         connection_class: type[CT],
         allow_unencrypted_unix_socket: bool = False,
         fast_path: bool | None = None,
+        verify_as: str | None = None,
         **kwargs: Any,
     ) -> None: ...
 
@@ -132,12 +138,14 @@ class ConnectionPool(_ConnectionPool[CT], Generic[CT]):
         connection_class: type[CT] = Connection,  # type: ignore[assignment]
         allow_unencrypted_unix_socket: bool = False,
         fast_path: bool | None = None,
+        verify_as: str | None = None,
         **kwargs: Any,
     ) -> None:
         cls = verified_class(
             connection_class,
             allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
             fast_path=fast_path,
+            verify_as=verify_as,
         )
         super().__init__(conninfo, connection_class=cls, **kwargs)
 
@@ -152,6 +160,7 @@ class AsyncConnectionPool(_AsyncConnectionPool[ACT], Generic[ACT]):
         *,
         allow_unencrypted_unix_socket: bool = False,
         fast_path: bool | None = None,
+        verify_as: str | None = None,
         **kwargs: Any,
     ) -> None: ...
 
@@ -163,6 +172,7 @@ class AsyncConnectionPool(_AsyncConnectionPool[ACT], Generic[ACT]):
         connection_class: type[ACT],
         allow_unencrypted_unix_socket: bool = False,
         fast_path: bool | None = None,
+        verify_as: str | None = None,
         **kwargs: Any,
     ) -> None: ...
 
@@ -173,11 +183,13 @@ class AsyncConnectionPool(_AsyncConnectionPool[ACT], Generic[ACT]):
         connection_class: type[ACT] = AsyncConnection,  # type: ignore[assignment]
         allow_unencrypted_unix_socket: bool = False,
         fast_path: bool | None = None,
+        verify_as: str | None = None,
         **kwargs: Any,
     ) -> None:
         cls = verified_async_class(
             connection_class,
             allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
             fast_path=fast_path,
+            verify_as=verify_as,
         )
         super().__init__(conninfo, connection_class=cls, **kwargs)
