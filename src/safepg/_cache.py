@@ -18,6 +18,16 @@ from ._errors import ConfigurationError
 _checked: set[str] = set()
 
 
+def cache_location() -> Path:
+    """Where the cache directory is (``SAFEPG_CACHE_DIR``, else platformdirs'), not creating it."""
+    override = os.environ.get("SAFEPG_CACHE_DIR")
+    if override:
+        return Path(override)
+    import platformdirs  # not at import time: import safepg stays cheap
+
+    return Path(platformdirs.user_cache_dir("safepg"))
+
+
 def cache_dir() -> Path:
     """The user cache directory, created with mode 0700 and checked to be private.
 
@@ -26,13 +36,7 @@ def cache_dir() -> Path:
     Raises:
         ConfigurationError: the directory cannot be made, or other users can write to it.
     """
-    override = os.environ.get("SAFEPG_CACHE_DIR")
-    if override:
-        path = Path(override)
-    else:
-        import platformdirs  # not at import time: import safepg stays cheap
-
-        path = Path(platformdirs.user_cache_dir("safepg"))
+    path = cache_location()
     key = str(path)
     if key in _checked and path.is_dir():
         return path

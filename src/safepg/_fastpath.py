@@ -225,7 +225,9 @@ def _build(
     plan: Plan, keys: tuple[_HostKey, ...], index: _Index, anchors: Iterable[str]
 ) -> Plan | None:
     fingerprints = sorted(set(anchors))
-    pem = b"".join(index.by_fingerprint[fp].pem() for fp in fingerprints)
+    certs = [index.by_fingerprint[fp] for fp in fingerprints]
+    _x509.warn_if_expiring(certs, plan.trust.label)
+    pem = b"".join(c.pem() for c in certs)
     try:
         path = _cache.write_trust_file("anchors", pem)
     except (OSError, ConfigurationError) as ex:

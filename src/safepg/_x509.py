@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import hashlib
+import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+logger = logging.getLogger("safepg")
 
 _PEM_BLOCK = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n(?P<b64>.+?)-----END CERTIFICATE-----", re.DOTALL
@@ -25,6 +30,7 @@ class Cert:
     sha256: str
     subject: bytes
     issuer: bytes
+    not_after: dt.datetime | None = None
 
     @property
     def self_issued(self) -> bool:
@@ -73,7 +79,30 @@ def parse_der(der: bytes) -> Cert:
     if len(elements) < 5:
         raise ValueError("incomplete tbsCertificate")
     # serialNumber, signature, issuer, validity, subject
-    return Cert(der, hashlib.sha256(der).hexdigest(), subject=elements[4], issuer=elements[2])
+    return Cert(
+        der,
+        hashlib.sha256(der).hexdigest(),
+        subject=elements[4],
+        issuer=elements[2],
+        not_after=_not_after(elements[3]),
+    )
+
+
+def _not_after(validity: bytes) -> dt.datetime | None:
+    """notAfter of a Validity SEQUENCE (UTCTime or GeneralizedTime), or None if unreadable."""
+    try:
+        _tag, pos, end = _tlv(validity, 0)
+        _tag, _start, pos = _tlv(validity, pos)  # notBefore
+        tag, start, end = _tlv(validity, pos)
+        text = validity[start:end].decode("ascii")
+        if tag == 0x17:  # UTCTime: YYMMDDHHMMSSZ, years 1950-2049 (RFC 5280)
+            year = int(text[:2])
+            text = f"{1900 + year if year >= 50 else 2000 + year}{text[2:]}"
+        elif tag != 0x18:  # GeneralizedTime: YYYYMMDDHHMMSSZ
+            return None
+        return dt.datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=dt.timezone.utc)
+    except (ValueError, IndexError, UnicodeDecodeError):
+        return None
 
 
 def parse_pem(data: bytes) -> list[Cert]:
@@ -85,3 +114,48 @@ def parse_pem(data: bytes) -> list[Cert]:
         except (ValueError, binascii.Error):
             continue
     return certs
+
+
+_CN_OID = b"\x06\x03\x55\x04\x03"
+
+
+def common_name(name: bytes) -> str | None:
+    """The last commonName in a DER Name, or None."""
+    found = None
+    try:
+        _tag, pos, end = _tlv(name, 0)
+        while pos < end:  # RDNs (SETs)
+            _tag, set_pos, set_end = _tlv(name, pos)
+            while set_pos < set_end:  # AttributeTypeAndValue SEQUENCEs
+                _tag, atv, atv_end = _tlv(name, set_pos)
+                _tag, _oid, oid_end = _tlv(name, atv)
+                if name[atv:oid_end] == _CN_OID:
+                    _tag, v_start, v_end = _tlv(name, oid_end)
+                    found = name[v_start:v_end].decode("utf-8", "replace")
+                set_pos = atv_end
+            pos = set_end
+    except (ValueError, IndexError):
+        return found
+    return found
+
+
+EXPIRY_WARNING = dt.timedelta(days=90)
+_expiry_warned: set[str] = set()
+
+
+def warn_if_expiring(certs: Iterable[Cert], where: str, now: dt.datetime | None = None) -> None:
+    """Log a warning, once per process per certificate, for anchors expiring within 90 days."""
+    soon = (now or dt.datetime.now(dt.timezone.utc)) + EXPIRY_WARNING
+    for cert in certs:
+        if cert.not_after is None or cert.not_after >= soon or cert.sha256 in _expiry_warned:
+            continue
+        _expiry_warned.add(cert.sha256)
+        name = common_name(cert.subject) or f"SHA-256 {cert.sha256[:16]}..."
+        logger.warning(
+            "safepg: the trust anchor %r in %s expires on %s. Connections that rely on it "
+            "will fail after that date: update the file (safepg bundles install, your OS "
+            "ca-certificates or certifi), or ask the server's operator which CA replaces it.",
+            name,
+            where,
+            f"{cert.not_after:%Y-%m-%d}",
+        )

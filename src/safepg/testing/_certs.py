@@ -94,10 +94,17 @@ class CertificateAuthority:
     Args:
         name: the CA's common name.
         parent: issue this CA from *parent*, making it an intermediate.
+        not_before, not_after: the validity period (default: from yesterday, for ten years),
+            to test expired and expiring CAs.
     """
 
     def __init__(
-        self, name: str = "safepg throwaway test CA", *, parent: CertificateAuthority | None = None
+        self,
+        name: str = "safepg throwaway test CA",
+        *,
+        parent: CertificateAuthority | None = None,
+        not_before: dt.datetime | None = None,
+        not_after: dt.datetime | None = None,
     ) -> None:
         self.name = name
         self.parent = parent
@@ -106,14 +113,18 @@ class CertificateAuthority:
         issuer_name = parent.cert.subject if parent else subject
         signing_key = parent.key if parent else self.key
         now = _now()
+        if not_before is None:
+            not_before = now - _ONE_DAY
+            if not_after is not None and not_after <= not_before:  # an expired CA
+                not_before = not_after - dt.timedelta(days=365)
         builder = (
             x509.CertificateBuilder()
             .subject_name(subject)
             .issuer_name(issuer_name)
             .public_key(self.key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _ONE_DAY)
-            .not_valid_after(now + dt.timedelta(days=3650))
+            .not_valid_before(not_before)
+            .not_valid_after(not_after or now + dt.timedelta(days=3650))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
