@@ -9,13 +9,19 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from safepg import _cache, _fastpath, _params, _trust
+from safepg import _bundles, _cache, _fastpath, _params, _trust, _x509
 from safepg.testing import CertificateAuthority, IssuedCertificate, PostgresServer
 
 pytest_plugins = ["pytester"]
 
 # Variables that change what libpq or OpenSSL would do; every test starts without them.
-_ISOLATED_PREFIXES = ("PG", "SSL_CERT_", "SAFEPG_CACHE_DIR")
+_ISOLATED_PREFIXES = (
+    "PG",
+    "SSL_CERT_",
+    "SAFEPG_CACHE_DIR",
+    "SAFEPG_FAST_PATH",
+    "SAFEPG_BUNDLE_DIR",
+)
 
 
 def pytest_report_header() -> list[str]:
@@ -47,6 +53,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     _params._warned.clear()
     _cache._checked.clear()
     _fastpath.clear_memory()
+    _x509._expiry_warned.clear()
+    _trust._expiry_checked.clear()
+    _bundles._passed.clear()
     return home
 
 

@@ -440,6 +440,136 @@ def _env(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- providers and bundles ---------------------------------------------------------------------
+
+
+def _bundle_files_json() -> list[dict[str, Any]]:
+    from . import _x509, providers
+
+    rows = []
+    for bundle in providers.BUNDLES:
+        for path, override in providers.bundle_paths(bundle):
+            with open(path, "rb") as f:
+                certs = _x509.parse_pem(f.read())
+            expiries = [c.not_after for c in certs if c.not_after]
+            rows.append(
+                {
+                    "bundle": bundle.key,
+                    "file": os.path.basename(path),
+                    "path": path,
+                    "override": override,
+                    "certificates": len(certs),
+                    "earliest_expiry": min(expiries).isoformat() if expiries else None,
+                }
+            )
+    return rows
+
+
+def _providers(args: argparse.Namespace) -> int:
+    """List the provider profiles and the CA files safepg ships."""
+    import safepg
+
+    from . import providers
+
+    try:
+        files = _bundle_files_json()
+    except safepg.ConfigurationError as ex:  # a bad override: say so, do not hide it
+        print(f"safepg providers: {ex}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        _json(
+            {
+                "schema": "safepg.providers/1",
+                "profiles": [
+                    {
+                        "key": p.key,
+                        "name": p.name,
+                        "patterns": list(p.patterns),
+                        "trust": p.trust,
+                        "bundle": p.bundle.key if p.bundle else None,
+                        "notes": p.notes,
+                    }
+                    for p in providers.PROFILES
+                ],
+                "bundle_files": files,
+            }
+        )
+        return EXIT_OK
+    out = _Out(sys.stdout)
+    for p in providers.PROFILES:
+        trust = {
+            "bundled": f"bundled ({', '.join(p.bundle.files)})" if p.bundle else "bundled",
+            "os-store": "OS trust store, then certifi",
+            "not-bundled": "not bundled: pass the CA file (sslrootcert)",
+        }[p.trust]
+        out.line(out.bold(p.name))
+        out.field("hosts", ", ".join(p.patterns))
+        out.field("trust", trust)
+        out.field("notes", p.notes)
+    out.line()
+    out.line(out.bold("CA files") + f" (overrides are read from {providers.override_dir()})")
+    for row in files:
+        source = "override" if row["override"] else "shipped"
+        until = (row["earliest_expiry"] or "-")[:10]
+        out.field(
+            row["file"], f"{row['certificates']} certificates, {source}, earliest expiry {until}"
+        )
+    return EXIT_OK
+
+
+def _bundles_check(args: argparse.Namespace) -> int:
+    """Check a CA bundle as safepg checks its own data, and show how it differs."""
+    from . import _bundles, providers
+
+    try:
+        with open(args.file, "rb") as f:
+            pem = f.read()
+        certs = _bundles.check_bundle(pem)
+    except OSError as ex:
+        print(f"safepg bundles: cannot read {args.file}: {ex.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    except _bundles.BundleError as ex:
+        print(f"safepg bundles: {args.file}: {ex}", file=sys.stderr)
+        return EXIT_INSECURE
+    print(f"{args.file}: {len(certs)} certificates, all CAs, signatures verify, none expired")
+    if getattr(args, "replace", None):
+        current = _fingerprints(providers.shipped_path(args.replace))
+        new = {c.sha256: c.subject for c in certs}
+        for fp in sorted(set(new) - set(current)):
+            print(f"  + {new[fp]}  {fp[:16]}")
+        for fp in sorted(set(current) - set(new)):
+            print(f"  - {current[fp]}  {fp[:16]}")
+    return EXIT_OK
+
+
+def _fingerprints(path: str) -> dict[str, str]:
+    from . import _x509
+
+    with open(path, "rb") as f:
+        certs = _x509.parse_pem(f.read())
+    return {c.sha256.upper(): _x509.common_name(c.subject) or "?" for c in certs}
+
+
+def _bundles_install(args: argparse.Namespace) -> int:
+    """Check a newer copy of a shipped CA file and make safepg use it (no download, ever)."""
+    from . import _cache, providers
+
+    code = _bundles_check(args)
+    if code != EXIT_OK:
+        return code
+    directory = providers.override_dir()
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(args.file, "rb") as f:
+            _cache.write_private_file(directory / args.replace, f.read())
+    except OSError as ex:
+        print(f"safepg bundles: cannot write to {directory}: {ex.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"installed as {directory / args.replace}; safepg now uses it instead of its own copy")
+    print(f"(remove that file to go back to the data shipped with safepg {__version__})")
+    return EXIT_OK
+
+
 # -- demo --------------------------------------------------------------------------------------
 
 
@@ -527,6 +657,28 @@ def _parser() -> argparse.ArgumentParser:
     env.add_argument("--json", action="store_true", help="print JSON")
     env.set_defaults(func=_env)
 
+    provs = commands.add_parser(
+        "providers", help="list the cloud provider profiles and the CA files safepg ships"
+    )
+    provs.add_argument("--json", action="store_true", help="print JSON")
+    provs.set_defaults(func=_providers)
+
+    from .providers import BUNDLES
+
+    shipped = sorted(name for b in BUNDLES for name in b.files)
+    bundles = commands.add_parser("bundles", help="check or install newer copies of CA files")
+    bundle_commands = bundles.add_subparsers(dest="bundle_command", metavar="ACTION", required=True)
+    bcheck = bundle_commands.add_parser("check", help="check a CA bundle file")
+    bcheck.add_argument("file")
+    bcheck.add_argument("--replace", choices=shipped, help="show the difference to this file")
+    bcheck.set_defaults(func=_bundles_check)
+    binstall = bundle_commands.add_parser(
+        "install", help="check a newer copy of a shipped CA file and use it from now on"
+    )
+    binstall.add_argument("file")
+    binstall.add_argument("--replace", choices=shipped, required=True, help="the file it replaces")
+    binstall.set_defaults(func=_bundles_install)
+
     demo = commands.add_parser(
         "demo", help="run a demo against a throwaway local TLS server (no database needed)"
     )
@@ -563,4 +715,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error_exit(ex)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away: safepg providers | head
+        # Python flushes stdout at exit, which would fail again and print a traceback.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        return EXIT_OK
     return code
