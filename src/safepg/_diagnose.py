@@ -19,6 +19,7 @@ from ._errors import (
     ConfigurationError,
     ConnectionSecurityError,
     HostnameMismatchError,
+    ProtocolViolationError,
     SafePGError,
     SSLNotSupportedError,
     UntrustedCertificateError,
@@ -36,6 +37,9 @@ _MISMATCH = re.compile(
 _NO_NAMES = "could not get server's host name from server certificate"
 _VERIFY_FAILED = "certificate verify failed"
 _NO_SSL = "server does not support SSL"
+# libpq refuses these before TLS starts; the server's text, if any, is never shown.
+_ERROR_INSTEAD_OF_TLS = "server sent an error response during SSL exchange"
+_INJECTED = "received unencrypted data after SSL"  # "... response" (libpq 15, 18)
 _ROOT_FILE = re.compile(r'root certificate file "(?P<path>[^"]*)"')
 _AT = re.compile(r'connection to server at "(?P<addr>[^"]*)"(?:.*?), port (?P<port>\d+) failed')
 # X509_V_ERR_CERT_NOT_YET_VALID and X509_V_ERR_CERT_HAS_EXPIRED.
@@ -151,7 +155,16 @@ def diagnose(ex: psycopg.OperationalError, plan: Plan, *, probe: bool = True) ->
     """
     text = str(ex)
     line = _failure_line(
-        text, ("server certificate for", _NO_NAMES, _VERIFY_FAILED, _NO_SSL, "root certificate")
+        text,
+        (
+            "server certificate for",
+            _NO_NAMES,
+            _VERIFY_FAILED,
+            _NO_SSL,
+            "root certificate",
+            _ERROR_INSTEAD_OF_TLS,
+            _INJECTED,
+        ),
     )
     if line is None:
         return None
@@ -168,6 +181,23 @@ def diagnose(ex: psycopg.OperationalError, plan: Plan, *, probe: bool = True) ->
         return ConfigurationError(
             f"libpq could not use the CA file {root['path']!r}. {trust}\n{libpq}"
         )
+
+    if _ERROR_INSTEAD_OF_TLS in line or _INJECTED in line:
+        host = pg.host.decode() if pg and pg.host else addr
+        what = (
+            "answered the TLS request with an error message instead of TLS"
+            if _ERROR_INSTEAD_OF_TLS in line
+            else "sent unencrypted bytes after agreeing to TLS (CVE-2021-23222)"
+        )
+        violation = ProtocolViolationError(
+            f"The server at {host}:{port} {what}. Nothing it sent was authenticated, so safepg "
+            "shows none of it and sends nothing: anyone on the network path could have written "
+            "it. A real PostgreSQL server with TLS does not do this; check for something "
+            f"intercepting the connection, or ask the operator whether TLS is on.\n{trust}\n"
+            f"{libpq}"
+        )
+        violation.host, violation.port, violation.trust = host, port, plan.trust
+        return violation
 
     mismatch = _MISMATCH.search(line)
     if mismatch or _NO_NAMES in line:

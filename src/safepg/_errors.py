@@ -20,6 +20,7 @@ __all__ = [
     "ConnectionSecurityError",
     "HostnameMismatchError",
     "InsecureConnectionError",
+    "ProtocolViolationError",
     "SSLNotSupportedError",
     "SafePGError",
     "UntrustedCertificateError",
@@ -72,6 +73,15 @@ class CertificateExpiredError(UntrustedCertificateError):
 
 class SSLNotSupportedError(ConnectionSecurityError):
     """The server does not offer TLS at all."""
+
+
+class ProtocolViolationError(ConnectionSecurityError):
+    """The reply to the TLS request broke the protocol, as an attacker on the path might.
+
+    For example an error message sent instead of TLS, or plaintext bytes injected after the
+    server agreed to TLS (CVE-2021-23222). Whatever was sent is unauthenticated: safepg shows
+    none of it.
+    """
 
 
 class InsecureConnectionError(ConnectionSecurityError):
