@@ -19,9 +19,12 @@ from ._trust import TrustSource
 __all__ = ["SSLReport", "check", "check_async"]
 
 _ACCEPTED_PROTOCOLS = ("TLSv1.2", "TLSv1.3")
+# The server's pid comes from the server: through a pooler, libpq's backend PID is the pooler's
+# own (made-up) key, and in transaction pooling each query may run in another server process.
 _STAT_SSL_QUERY = (
-    "SELECT ssl, version, cipher, bits, client_dn FROM pg_catalog.pg_stat_ssl "
-    "WHERE pid = pg_catalog.pg_backend_pid()"
+    "SELECT b.pid, s.ssl, s.version, s.cipher, s.bits, s.client_dn "
+    "FROM (SELECT pg_catalog.pg_backend_pid() AS pid) b "
+    "LEFT JOIN pg_catalog.pg_stat_ssl s ON s.pid = b.pid"
 )
 
 # The plan each connection safepg made was built from, to report its trust anchors later.
@@ -45,7 +48,9 @@ class SSLReport:
         sslmode: the sslmode libpq used.
         protocol, cipher, bits, ssl_library: libpq's view of the TLS session.
         trust: the trust anchors safepg chose, or None for a connection safepg did not make.
-        backend_pid: the server process serving this session.
+        backend_pid: the server process that answered the check's query. Through a pooler this
+            is a process serving the pooler (libpq's own backend PID would be the pooler's
+            made-up key).
         backend_ssl, backend_protocol, backend_cipher, backend_bits: ``pg_stat_ssl`` for that
             process. They differ from the client's view when a pooler or proxy terminates TLS.
         client_dn: the client certificate's subject, when one was used.
@@ -144,9 +149,10 @@ def _client_report(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any])
 
 def _finish(report: SSLReport, row: tuple[Any, ...] | None, allow_socket: bool) -> SSLReport:
     if row is not None:
-        ssl_on, version, cipher, bits, client_dn = row
+        pid, ssl_on, version, cipher, bits, client_dn = row
         report = dataclasses.replace(
             report,
+            backend_pid=pid,
             backend_ssl=ssl_on,
             backend_protocol=version,
             backend_cipher=cipher,
