@@ -38,6 +38,8 @@ _TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 # I/O, so that PQconninfo shows what libpq would use (see _libpq_view).
 _RESOLVE_ONLY = "__safepg_resolve_only__"
 _DEFAULT_PORT = "5432"  # libpq's compiled-in DEF_PGPORT
+# Longer than any real parameter (tokens used as passwords are a few KiB), short of abuse.
+MAX_VALUE_LENGTH = 65536
 _KEYWORD = re.compile(r"[a-z][a-z0-9_]*")
 
 
@@ -94,6 +96,12 @@ def _reject_unsafe_text(conninfo: str, kwargs: Mapping[str, Any]) -> None:
     # Values are checked as psycopg will pass them: as str() (a Path, an int).
     items = [("conninfo", conninfo)] + [(k, str(v)) for k, v in kwargs.items() if v is not None]
     for name, value in items:
+        if len(value) > MAX_VALUE_LENGTH:
+            raise ConfigurationError(
+                f"{name} is {len(value)} characters long; safepg accepts at most "
+                f"{MAX_VALUE_LENGTH}. No real connection parameter is this long (PostgreSQL "
+                "refuses startup packets over 10,000 bytes): check where the value came from."
+            )
         if "\x00" in value:
             raise ConfigurationError(f"{name} contains a NUL byte, which libpq cannot take")
         try:
