@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,6 +58,33 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     _trust._expiry_checked.clear()
     _bundles._passed.clear()
     return home
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(autouse=True)
+def no_password_in_logs(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test: safepg's log records, at DEBUG, never hold the test server's password."""
+    logger = logging.getLogger("safepg")
+    handler, level = _Collect(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    if "server" in request.fixturenames:
+        password = request.getfixturevalue("server").password
+        leaked = [m for m in handler.messages if password in m]
+        assert not leaked, f"the password reached safepg's log: {leaked[0][:200]}"
 
 
 @pytest.fixture(scope="session")
