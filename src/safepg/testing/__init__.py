@@ -8,14 +8,18 @@ Needs the ``safepg[testing]`` extra and PostgreSQL's server binaries (see `find_
         conn = safepg.connect(server.conninfo())
 """
 
+from ._binaries import KNOWN_RELEASES, BinariesError, server_bindir
 from ._certs import CertificateAuthority, IssuedCertificate
 from ._server import PostgresServer, ServerNotFoundError, find_bindir, probe_certificate
 
 __all__ = [
+    "KNOWN_RELEASES",
+    "BinariesError",
     "CertificateAuthority",
     "IssuedCertificate",
     "PostgresServer",
     "ServerNotFoundError",
     "find_bindir",
     "probe_certificate",
+    "server_bindir",
 ]

