@@ -98,6 +98,13 @@ def read_rest(conn: socket.socket, adversary: Adversary) -> None:
             adversary.leak(data)
 
 
+def drain(conn: socket.socket) -> None:
+    """Read and drop whatever the client sends, until it hangs up."""
+    with contextlib.suppress(OSError, ssl.SSLError):
+        while conn.recv(4096):
+            pass
+
+
 def server_context(cert: IssuedCertificate, directory: Path) -> ssl.SSLContext:
     cert_path, key_path = directory / "adversary.crt", directory / "adversary.key"
     cert.write(cert_path, key_path)
@@ -153,8 +160,10 @@ def reset_mid_handshake(conn: socket.socket, adversary: Adversary) -> None:
 
 def stall(conn: socket.socket, adversary: Adversary) -> None:
     """Accept, read the SSLRequest, and never answer."""
-    read_ssl_request(conn)
-    read_rest(conn, adversary)
+    if read_ssl_request(conn):
+        read_rest(conn, adversary)  # after an unanswered SSLRequest, anything sent is a leak
+    else:
+        drain(conn)  # a direct-TLS ClientHello (the fast path's probe): encrypted, not a leak
 
 
 PHISHING = "please log in again at http://evil.example/login"

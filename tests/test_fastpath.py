@@ -335,8 +335,14 @@ def test_multi_host_uses_the_union(server: PostgresServer, big_bundle: Path, cac
 
 def test_a_single_anchor_set_is_left_alone(server: PostgresServer, cache: Path) -> None:
     trust = learned(server.conninfo())
-    assert trust.path == str(server.ca_path)
-    assert not cache.exists() or not cache_files(cache, "host-*.json")
+    assert trust.path == str(server.ca_path)  # the caller's own file, not a copy
+    entries = cache_files(cache, "host-*.json") if cache.exists() else []
+    if _fastpath.libpq_has_direct():  # still learned: whether the host takes direct TLS
+        (entry,) = entries
+        assert json.loads(entry.read_text())["direct_tls"] is (server.major_version >= 17)
+    else:
+        assert entries == []
+    assert not cache_files(cache, "anchors-*.pem") if cache.exists() else True
 
 
 @pytest.mark.parametrize("how", ["argument", "environment"])

@@ -7,6 +7,7 @@ PgBouncer runs as the server's account (it refuses to run as root) and verifies 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -168,3 +169,18 @@ def test_pgbouncer_is_a_real_pooler(bouncer: PgBouncer) -> None:
     # of the setup.
     with psycopg.connect(bouncer.conninfo("session", sslmode="require")) as conn:
         assert conn.pgconn.ssl_in_use
+
+
+def test_pgbouncer_takes_no_direct_tls_and_safepg_learns_it(
+    bouncer: PgBouncer, clean_env: Path
+) -> None:
+    from safepg import _fastpath
+
+    if not _fastpath.libpq_has_direct():
+        pytest.skip("this libpq does not know sslnegotiation")
+    for _ in range(2):
+        with safepg.connect(bouncer.conninfo("session")) as conn:
+            assert safepg.check(conn).verified
+    cache = Path(os.environ["SAFEPG_CACHE_DIR"])
+    learned = [json.loads(p.read_text()) for p in cache.glob("host-*.json")]
+    assert [e["direct_tls"] for e in learned] == [False]

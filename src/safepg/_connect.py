@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -14,7 +15,7 @@ from psycopg.abc import AdaptContext, ConnParam
 from psycopg.rows import AsyncRowFactory, Row, RowFactory, TupleRow
 
 from . import _check, _diagnose, _fastpath
-from ._errors import InsecureConnectionError
+from ._errors import ConfigurationError, InsecureConnectionError
 from ._params import Plan, build_plan
 from ._trust import TrustSource
 
@@ -99,17 +100,49 @@ def _admit(
     return err
 
 
-def _retry_with_full_set(ex: psycopg.OperationalError, used: Plan, full: Plan) -> bool:
-    """After libpq rejected the chain with the fast path's small file: forget it, and say so.
+def _with_direct_tls(plan: Plan, direct_tls: bool | None) -> Plan:
+    """Apply the caller's direct_tls choice; the caller's own sslnegotiation always wins."""
+    if direct_tls is None:
+        return plan
+    if plan.negotiation_chosen:
+        raise ConfigurationError(
+            "direct_tls and sslnegotiation were both given; keep one (safepg never overrides "
+            "the sslnegotiation you set)."
+        )
+    if not direct_tls:
+        return dataclasses.replace(plan, direct_tls=False)
+    if not _fastpath.libpq_has_direct():
+        raise ConfigurationError(
+            f"direct_tls=True needs libpq 17 or later; this is libpq {psycopg.pq.version()}. "
+            "Use psycopg-binary (which bundles a newer libpq), or drop direct_tls."
+        )
+    params = {**plan.params, "sslnegotiation": "direct"}
+    return dataclasses.replace(plan, params=params, direct_tls=True)
 
-    The server may have moved to another root of the full set (a CA rotation). Any other
-    failure (authentication, refused, timeout) is never retried.
+
+def _retry(ex: psycopg.OperationalError, used: Plan, full: Plan, attempts: list[Plan]) -> bool:
+    """Whether to try again after *ex*, queueing the next attempt in *attempts*. Two cases:
+
+    - direct TLS was learned for these hosts, and the TLS handshake failed: the host no longer
+      takes it (a pooler in front, an older server). Remember that, and retry the SSLRequest.
+    - libpq rejected the chain with the fast path's small file: the server may have moved to
+      another root of the full set (a CA rotation). Forget what was learned, retry the full set.
+
+    Nothing else is retried: authentication failures, refusals, timeouts.
     """
+    where = ", ".join(f"{t.host}:{t.port}" for t in full.targets)
+    if used.learned_direct and _diagnose.handshake_failed(ex):
+        logger.info("safepg: %s refused direct TLS; using the SSLRequest from now on", where)
+        _fastpath.no_direct(full)
+        params = {k: v for k, v in used.params.items() if k != "sslnegotiation"}
+        retry = dataclasses.replace(used, params=params, learned_direct=False)
+        attempts.insert(attempts.index(used) + 1, retry)
+        return True
     if used is full or not _diagnose.rejected_chain(ex):
         return False
     logger.info(
         "safepg: %s did not verify with the anchors learned for it; retrying once with %s",
-        ", ".join(f"{t.host}:{t.port}" for t in full.targets),
+        where,
         full.trust,
     )
     _fastpath.forget(full)
@@ -124,36 +157,40 @@ def open_verified(
     allow_unencrypted_unix_socket: bool,
     fast_path: bool | None,
     verify_as: str | None = None,
+    direct_tls: bool | None = None,
     **options: Any,
 ) -> CT:
     """Harden, connect with *opener* (a psycopg ``Connection.connect``), diagnose and check.
 
     *options* are psycopg's own (autocommit, row_factory, ...), passed to *opener* untouched.
     """
-    plan = build_plan(
-        conninfo,
-        kwargs,
-        allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
-        verify_as=verify_as,
+    plan = _with_direct_tls(
+        build_plan(
+            conninfo,
+            kwargs,
+            allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
+            verify_as=verify_as,
+        ),
+        direct_tls,
     )
     fast = None
     if _fastpath.enabled(fast_path):
         fast = _fastpath.cached(plan)
         if fast is None and _fastpath.worth_learning(plan):
             fast = _fastpath.learn(plan)
-    attempts = (fast, plan) if fast else (plan,)
+    attempts = [fast, plan] if fast else [plan]
     for used in attempts:
         try:
             conn = opener(**used.params, **options)
             break
         except psycopg.OperationalError as ex:
-            if _retry_with_full_set(ex, used, plan):
+            if _retry(ex, used, plan, attempts):
                 continue
             err = _diagnose.diagnose(ex, used)
             if err is None:
                 raise
             raise err from ex
-    if used is not attempts[0]:
+    if used is plan and fast is not None:
         _fastpath.learn(plan)  # learn the host's new anchors, for the next connect
     refusal = _admit(conn, used)
     if refusal:
@@ -170,6 +207,7 @@ async def open_verified_async(
     allow_unencrypted_unix_socket: bool,
     fast_path: bool | None,
     verify_as: str | None = None,
+    direct_tls: bool | None = None,
     **options: Any,
 ) -> ACT:
     """`open_verified` for asyncio; probes, DNS and diagnoses run in a thread, off the loop."""
@@ -180,25 +218,27 @@ async def open_verified_async(
         allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
         verify_as=verify_as,
     )
-    plan = await asyncio.to_thread(make_plan) if verify_as else make_plan()
+    plan = _with_direct_tls(
+        await asyncio.to_thread(make_plan) if verify_as else make_plan(), direct_tls
+    )
     fast = None
     if _fastpath.enabled(fast_path):
         fast = _fastpath.cached(plan)
         if fast is None and _fastpath.worth_learning(plan):
             fast = await asyncio.to_thread(_fastpath.learn, plan)
-    attempts = (fast, plan) if fast else (plan,)
+    attempts = [fast, plan] if fast else [plan]
     for used in attempts:
         try:
             conn = await opener(**used.params, **options)
             break
         except psycopg.OperationalError as ex:
-            if _retry_with_full_set(ex, used, plan):
+            if _retry(ex, used, plan, attempts):
                 continue
             err = await asyncio.to_thread(_diagnose.diagnose, ex, used)
             if err is None:
                 raise
             raise err from ex
-    if used is not attempts[0]:
+    if used is plan and fast is not None:
         await asyncio.to_thread(_fastpath.learn, plan)
     refusal = _admit(conn, used)
     if refusal:
@@ -219,6 +259,7 @@ def connect(
     allow_unencrypted_unix_socket: bool = False,
     fast_path: bool | None = None,
     verify_as: str | None = None,
+    direct_tls: bool | None = None,
     **kwargs: ConnParam,
 ) -> Connection[Row]: ...
 
@@ -235,6 +276,7 @@ def connect(
     allow_unencrypted_unix_socket: bool = False,
     fast_path: bool | None = None,
     verify_as: str | None = None,
+    direct_tls: bool | None = None,
     **kwargs: ConnParam,
 ) -> Connection[TupleRow]: ...
 
@@ -250,6 +292,7 @@ def connect(
     allow_unencrypted_unix_socket: bool = False,
     fast_path: bool | None = None,
     verify_as: str | None = None,
+    direct_tls: bool | None = None,
     **kwargs: ConnParam,
 ) -> Connection[Any]:
     """Connect like `psycopg.connect`, always with a verified TLS session.
@@ -267,6 +310,10 @@ def connect(
             as ``sslmode=require``. None (the default) follows ``SAFEPG_FAST_PATH``, which is on
             unless set to 0, off, false or no. It never widens trust: the anchors are a subset
             of the resolved set, and libpq still verifies everything.
+        direct_tls: TLS straight away (PostgreSQL 17+, libpq 17+), saving the SSLRequest round
+            trip. None (the default): learned per host by the fast path's probe and used when
+            the host takes it, falling back (and remembering) when it stops. True: always;
+            False: never. An sslnegotiation you set yourself is never overridden.
         verify_as: dial the host given (a DNS alias, such as a CNAME to a managed endpoint) but
             verify the certificate for this name instead. safepg resolves the alias and passes
             libpq ``host=<verify_as>`` with ``hostaddr=<the alias's addresses>``. Needs a single
@@ -290,6 +337,7 @@ def connect(
         allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
         fast_path=fast_path,
         verify_as=verify_as,
+        direct_tls=direct_tls,
         autocommit=autocommit,
         prepare_threshold=prepare_threshold,
         context=context,
@@ -310,6 +358,7 @@ async def connect_async(
     allow_unencrypted_unix_socket: bool = False,
     fast_path: bool | None = None,
     verify_as: str | None = None,
+    direct_tls: bool | None = None,
     **kwargs: ConnParam,
 ) -> AsyncConnection[Row]: ...
 
@@ -326,6 +375,7 @@ async def connect_async(
     allow_unencrypted_unix_socket: bool = False,
     fast_path: bool | None = None,
     verify_as: str | None = None,
+    direct_tls: bool | None = None,
     **kwargs: ConnParam,
 ) -> AsyncConnection[TupleRow]: ...
 
@@ -341,6 +391,7 @@ async def connect_async(
     allow_unencrypted_unix_socket: bool = False,
     fast_path: bool | None = None,
     verify_as: str | None = None,
+    direct_tls: bool | None = None,
     **kwargs: ConnParam,
 ) -> AsyncConnection[Any]:
     """`connect` for asyncio: like `psycopg.AsyncConnection.connect`, always verified.
@@ -354,6 +405,7 @@ async def connect_async(
         allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
         fast_path=fast_path,
         verify_as=verify_as,
+        direct_tls=direct_tls,
         autocommit=autocommit,
         prepare_threshold=prepare_threshold,
         context=context,

@@ -146,6 +146,19 @@ def rejected_chain(ex: psycopg.OperationalError) -> bool:
     return _failure_line(str(ex), (_VERIFY_FAILED, "root certificate")) is not None
 
 
+# Failures of the TLS handshake itself, as a server or pooler without direct TLS gives them.
+_HANDSHAKE = ("SSL error", "SSL SYSCALL", "server closed the connection unexpectedly", "ALPN",
+              "direct SSL", "unexpected eof")  # fmt: skip
+
+
+def handshake_failed(ex: psycopg.OperationalError) -> bool:
+    """The TLS handshake failed for a reason other than the certificate (see _connect._retry)."""
+    text = str(ex)
+    if rejected_chain(ex) or _MISMATCH.search(text) or _NO_NAMES in text:
+        return False
+    return any(needle in text for needle in _HANDSHAKE)
+
+
 def diagnose(ex: psycopg.OperationalError, plan: Plan, *, probe: bool = True) -> SafePGError | None:
     """The safepg error for libpq's failure *ex*, or None when it is not a TLS problem.
 

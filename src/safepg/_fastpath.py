@@ -31,7 +31,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from . import _cache, _x509
@@ -156,8 +156,14 @@ def _host_key(plan: Plan, target: Target, index: _Index) -> _HostKey:
     )
 
 
-def _read_entry(key: _HostKey, index: _Index) -> tuple[str, ...] | None:
-    """The anchors learned for *key* from the disk cache, if the entry is sound."""
+@dataclass(frozen=True)
+class _Learned:
+    anchors: tuple[str, ...]
+    direct: bool | None = None  # accepts direct TLS (PostgreSQL 17+); None: not probed
+
+
+def _read_entry(key: _HostKey, index: _Index) -> _Learned | None:
+    """What was learned for *key*, from the disk cache, if the entry is sound."""
     try:
         path = _cache.cache_dir() / key.filename()
         entry = json.loads(path.read_bytes())
@@ -169,6 +175,7 @@ def _read_entry(key: _HostKey, index: _Index) -> tuple[str, ...] | None:
             and entry.get("trust_digest") == key.trust_digest
         )
         anchors = tuple(entry["anchors"]) if ok else ()
+        direct = entry.get("direct_tls")
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigurationError):
         return None
     if not anchors or not all(isinstance(a, str) and a in index.by_fingerprint for a in anchors):
@@ -176,10 +183,10 @@ def _read_entry(key: _HostKey, index: _Index) -> tuple[str, ...] | None:
         # belongs to another set. Ignore it; the host is learned again.
         logger.debug("safepg: ignoring the learned anchors in %s", key.filename())
         return None
-    return anchors
+    return _Learned(anchors, direct if isinstance(direct, bool) else None)
 
 
-def _write_entry(key: _HostKey, anchors: Sequence[str]) -> None:
+def _write_entry(key: _HostKey, learned: _Learned) -> None:
     entry = {
         "version": _ENTRY_VERSION,
         "host": key.host,
@@ -188,82 +195,107 @@ def _write_entry(key: _HostKey, anchors: Sequence[str]) -> None:
         "sni": key.sni,
         "direct": key.direct,
         "trust_digest": key.trust_digest,
-        "anchors": list(anchors),
+        "anchors": list(learned.anchors),
+        "direct_tls": learned.direct,
         "learned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     try:
         path = _cache.cache_dir() / key.filename()
         _cache.write_private_file(path, json.dumps(entry, indent=1).encode())
     except (OSError, ConfigurationError) as ex:
-        logger.debug("safepg: cannot store the anchors learned for %s: %s", key.where(), ex)
+        logger.debug("safepg: cannot store what was learned for %s: %s", key.where(), ex)
 
 
 # --- the small files, per plan -----------------------------------------------------------------
 
-# host keys (holding the full set's digest) -> the small file's TrustSource and its stat key.
-_memo: dict[tuple[_HostKey, ...], tuple[TrustSource, tuple[int, int, int]]] = {}
+# host keys (holding the full set's digest) -> the trust to use, its stat key, and whether
+# every host accepts direct TLS.
+_memo: dict[tuple[_HostKey, ...], tuple[TrustSource, tuple[int, int, int], bool]] = {}
 # host key -> when it may be probed again, after a probe that taught nothing.
 _unlearnable: dict[_HostKey, float] = {}
 _locks: dict[tuple[_HostKey, ...], threading.Lock] = {}
 _locks_guard = threading.Lock()
 
 
+def libpq_has_direct() -> bool:
+    """This libpq knows sslnegotiation=direct (17+); older ones reject the keyword."""
+    from psycopg import pq
+
+    return pq.version() >= 170000
+
+
+def auto_direct(plan: Plan) -> bool:
+    """Learn and use direct TLS for *plan*: not chosen by the caller either way, libpq >= 17."""
+    return plan.direct_tls is None and not plan.negotiation_chosen and libpq_has_direct()
+
+
 def _applicable(plan: Plan) -> tuple[_Index, tuple[_HostKey, ...]] | None:
     if not plan.targets or any(t.socket for t in plan.targets):
         return None
     index = _index(plan.trust.path)
-    if index is None or len(index.by_fingerprint) <= 1:
-        return None  # nothing to gain: the set is already as small as it gets
+    if index is None:
+        return None
+    if len(index.by_fingerprint) <= 1 and not auto_direct(plan):
+        return None  # nothing to gain: the set is as small as it gets, no direct TLS to learn
     return index, tuple(_host_key(plan, t, index) for t in plan.targets)
 
 
-def _narrowed(plan: Plan, source: TrustSource) -> Plan:
-    return replace(plan, params={**plan.params, "sslrootcert": source.path}, trust=source)
+def _narrowed(plan: Plan, source: TrustSource, direct: bool) -> Plan:
+    params = {**plan.params, "sslrootcert": source.path}
+    use_direct = direct and auto_direct(plan)
+    if use_direct:
+        params["sslnegotiation"] = "direct"
+    return replace(plan, params=params, trust=source, learned_direct=use_direct)
 
 
 def _build(
-    plan: Plan, keys: tuple[_HostKey, ...], index: _Index, anchors: Iterable[str]
+    plan: Plan, keys: tuple[_HostKey, ...], index: _Index, learned: Sequence[_Learned]
 ) -> Plan | None:
-    fingerprints = sorted(set(anchors))
+    fingerprints = sorted({a for item in learned for a in item.anchors})
+    direct = all(item.direct is True for item in learned)
     certs = [index.by_fingerprint[fp] for fp in fingerprints]
     _x509.warn_if_expiring(certs, plan.trust.label)
-    pem = b"".join(c.pem() for c in certs)
-    try:
-        path = _cache.write_trust_file("anchors", pem)
-    except (OSError, ConfigurationError) as ex:
-        logger.debug("safepg: cannot write a small trust file, using the full set: %s", ex)
-        return None
-    where = ", ".join(k.where() for k in keys)
-    source = TrustSource(
-        str(path),
-        f"{plan.trust.label}, narrowed to the {len(fingerprints)} anchor(s) that verify {where}",
-        plan.trust.origin,
-    )
-    stat_key = _stat_key(str(path))
+    if len(fingerprints) == len(index.by_fingerprint):
+        source = plan.trust  # already as small as it gets: keep the caller's file
+    else:
+        pem = b"".join(c.pem() for c in certs)
+        try:
+            path = _cache.write_trust_file("anchors", pem)
+        except (OSError, ConfigurationError) as ex:
+            logger.debug("safepg: cannot write a small trust file, using the full set: %s", ex)
+            return None
+        where = ", ".join(k.where() for k in keys)
+        source = TrustSource(
+            str(path),
+            f"{plan.trust.label}, narrowed to the {len(fingerprints)} anchor(s) that verify "
+            f"{where}",
+            plan.trust.origin,
+        )
+    stat_key = _stat_key(source.path)
     if stat_key is not None:
-        _memo[keys] = (source, stat_key)
-    return _narrowed(plan, source)
+        _memo[keys] = (source, stat_key, direct)
+    return _narrowed(plan, source, direct)
 
 
 def cached(plan: Plan) -> Plan | None:
-    """*plan* with the small trust file, if every host is already learned; no network I/O."""
+    """*plan* with what was learned for its hosts, if every one is learned; no network I/O."""
     found = _applicable(plan)
     if found is None:
         return None
     index, keys = found
     memo = _memo.get(keys)
     if memo is not None:
-        source, stat_key = memo
+        source, stat_key, direct = memo
         if _stat_key(source.path) == stat_key:
-            return _narrowed(plan, source)
+            return _narrowed(plan, source, direct)
         del _memo[keys]  # changed on disk: rebuild it from the full set below
-    anchors: list[str] = []
+    learned = []
     for key in keys:
-        learned = _read_entry(key, index)
-        if learned is None:
-            return None
-        anchors.extend(learned)
-    return _build(plan, keys, index, anchors)
+        item = _read_entry(key, index)
+        if item is None or (item.direct is None and auto_direct(plan)):
+            return None  # not learned, or not yet whether it takes direct TLS
+        learned.append(item)
+    return _build(plan, keys, index, learned)
 
 
 def worth_learning(plan: Plan) -> bool:
@@ -286,26 +318,41 @@ def _probe_timeout(plan: Plan) -> float:
     return max(max(value, 2.0) / 2, 1.0) if value > 0 else _DEFAULT_TIMEOUT
 
 
-def _learn_host(plan: Plan, target: Target, key: _HostKey, index: _Index) -> tuple[str, ...] | None:
+def _learn_host(plan: Plan, target: Target, key: _HostKey, index: _Index) -> _Learned | None:
     from . import _probe  # ssl and socket, not at import time
 
-    presented = _probe.presented_chain(
-        target.hostaddr or target.host,
-        int(target.port),
-        server_hostname=target.host if key.sni else None,
-        timeout=_probe_timeout(plan),
-        direct=key.direct,
-    )
+    def look(direct: bool) -> _probe.Presented | None:
+        return _probe.presented_chain(
+            target.hostaddr or target.host,
+            int(target.port),
+            server_hostname=target.host if key.sni else None,
+            timeout=_probe_timeout(plan),
+            direct=direct,
+        )
+
+    presented, direct = None, None
+    if auto_direct(plan):
+        # Direct TLS first: PostgreSQL 17+ answers it, and then one handshake teaches both.
+        # Older servers and poolers drop the connection at once; then ask as usual. A host
+        # that let the first probe time out is not probed again.
+        attempt = look(True)
+        direct = bool(attempt and attempt.tls and attempt.chain and attempt.alpn == "postgresql")
+        presented = attempt if direct or (attempt and attempt.timed_out) else None
+    if presented is None:
+        presented = look(key.direct)
     why = None
     if presented is None:
         why = "the probe could not reach it or complete a handshake"
+    elif presented.timed_out:
+        why = "it did not answer the probe in time"
     elif not presented.tls:
         why = "it does not offer TLS"
     else:
         anchors = tuple(c.sha256 for c in anchors_for(presented.chain, index))
         if anchors:
-            _write_entry(key, anchors)
-            return anchors
+            learned = _Learned(anchors, direct)
+            _write_entry(key, learned)
+            return learned
         why = "no certificate in the trust set issued its chain"
     logger.debug(
         "safepg: fast path not used for %s (%s); verifying against the full set %s",
@@ -333,17 +380,17 @@ def learn(plan: Plan) -> Plan | None:
         done = cached(plan)
         if done is not None:
             return done
-        anchors: list[str] = []
+        learned = []
         for target, key in zip(plan.targets, keys, strict=True):
-            learned = _read_entry(key, index)
-            if learned is None:
+            item = _read_entry(key, index)
+            if item is None or (item.direct is None and auto_direct(plan)):
                 if _unlearnable.get(key, 0.0) > time.monotonic():
                     return None
-                learned = _learn_host(plan, target, key, index)
-                if learned is None:
+                item = _learn_host(plan, target, key, index)
+                if item is None:
                     return None
-            anchors.extend(learned)
-        return _build(plan, keys, index, anchors)
+            learned.append(item)
+        return _build(plan, keys, index, learned)
 
 
 def forget(plan: Plan) -> None:
@@ -356,6 +403,20 @@ def forget(plan: Plan) -> None:
     for key in keys:
         with contextlib.suppress(OSError, ConfigurationError):
             (_cache.cache_dir() / key.filename()).unlink(missing_ok=True)
+
+
+def no_direct(plan: Plan) -> None:
+    """Remember that *plan*'s hosts refused direct TLS after all (say, a server downgraded or a
+    pooler put in front): use the SSLRequest from now on."""
+    found = _applicable(plan)
+    if found is None:
+        return
+    index, keys = found
+    _memo.pop(keys, None)
+    for key in keys:
+        item = _read_entry(key, index)
+        if item is not None:
+            _write_entry(key, _Learned(item.anchors, False))
 
 
 def clear_memory(*, keep_indexes: bool = False) -> None:

@@ -63,6 +63,12 @@ class Plan:
     allow_unix_socket: bool
     # Every option as libpq resolved it (service file, environment, defaults), before hardening.
     resolved: dict[str, str] = field(default_factory=dict, hash=False, repr=False)
+    # The caller chose sslnegotiation (conninfo, keyword, service file or PGSSLNEGOTIATION).
+    negotiation_chosen: bool = False
+    # The fast path added sslnegotiation=direct, learned for these hosts.
+    learned_direct: bool = False
+    # The caller's direct_tls option: True, False, or None to learn it per host.
+    direct_tls: bool | None = None
 
     @property
     def conninfo(self) -> str:
@@ -369,4 +375,9 @@ def build_plan(
             resolved, origin("ssl_min_protocol_version", "PGSSLMINPROTOCOLVERSION")
         ),
     )
-    return Plan(final, trust, targets, allow_unencrypted_unix_socket, resolved)
+    chosen = (
+        "sslnegotiation" in params
+        or bool(os.environ.get("PGSSLNEGOTIATION"))
+        or resolved.get("sslnegotiation", "postgres") != "postgres"
+    )
+    return Plan(final, trust, targets, allow_unencrypted_unix_socket, resolved, chosen)

@@ -45,6 +45,7 @@ def verified_class(
     allow_unencrypted_unix_socket: bool = False,
     fast_path: bool | None = None,
     verify_as: str | None = None,
+    direct_tls: bool | None = None,
 ) -> type[CT]:
     """A subclass of *base* whose ``connect()`` goes through safepg.
 
@@ -63,6 +64,7 @@ def verified_class(
                 allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
                 fast_path=fast_path,
                 verify_as=verify_as,
+                direct_tls=direct_tls,
                 **options,
             )
 
@@ -77,6 +79,7 @@ def verified_async_class(
     allow_unencrypted_unix_socket: bool = False,
     fast_path: bool | None = None,
     verify_as: str | None = None,
+    direct_tls: bool | None = None,
 ) -> type[ACT]:
     """`verified_class` for `psycopg.AsyncConnection` and its subclasses."""
 
@@ -91,6 +94,7 @@ def verified_async_class(
                 allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
                 fast_path=fast_path,
                 verify_as=verify_as,
+                direct_tls=direct_tls,
                 **options,
             )
 
@@ -103,9 +107,9 @@ class ConnectionPool(_ConnectionPool[CT], Generic[CT]):
     """`psycopg_pool.ConnectionPool`, with every connection opened through safepg.
 
     Takes psycopg_pool's arguments, plus safepg's *allow_unencrypted_unix_socket*,
-    *fast_path* and *verify_as* (see `safepg.connect`). Connection errors are safepg's (for example
-    `safepg.HostnameMismatchError`), which psycopg_pool reports and retries as it does any
-    `psycopg.OperationalError`.
+    *fast_path*, *verify_as* and *direct_tls* (see `safepg.connect`). Connection errors are
+    safepg's (for example `safepg.HostnameMismatchError`), which psycopg_pool reports and
+    retries as it does any `psycopg.OperationalError`.
     """
 
     @overload
@@ -116,6 +120,7 @@ class ConnectionPool(_ConnectionPool[CT], Generic[CT]):
         allow_unencrypted_unix_socket: bool = False,
         fast_path: bool | None = None,
         verify_as: str | None = None,
+        direct_tls: bool | None = None,
         **kwargs: Any,
     ) -> None: ...
 
@@ -128,6 +133,7 @@ class ConnectionPool(_ConnectionPool[CT], Generic[CT]):
         allow_unencrypted_unix_socket: bool = False,
         fast_path: bool | None = None,
         verify_as: str | None = None,
+        direct_tls: bool | None = None,
         **kwargs: Any,
     ) -> None: ...
 
@@ -139,6 +145,7 @@ class ConnectionPool(_ConnectionPool[CT], Generic[CT]):
         allow_unencrypted_unix_socket: bool = False,
         fast_path: bool | None = None,
         verify_as: str | None = None,
+        direct_tls: bool | None = None,
         **kwargs: Any,
     ) -> None:
         cls = verified_class(
@@ -146,6 +153,7 @@ class ConnectionPool(_ConnectionPool[CT], Generic[CT]):
             allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
             fast_path=fast_path,
             verify_as=verify_as,
+            direct_tls=direct_tls,
         )
         super().__init__(conninfo, connection_class=cls, **kwargs)
 
@@ -161,6 +169,7 @@ class AsyncConnectionPool(_AsyncConnectionPool[ACT], Generic[ACT]):
         allow_unencrypted_unix_socket: bool = False,
         fast_path: bool | None = None,
         verify_as: str | None = None,
+        direct_tls: bool | None = None,
         **kwargs: Any,
     ) -> None: ...
 
@@ -173,6 +182,7 @@ class AsyncConnectionPool(_AsyncConnectionPool[ACT], Generic[ACT]):
         allow_unencrypted_unix_socket: bool = False,
         fast_path: bool | None = None,
         verify_as: str | None = None,
+        direct_tls: bool | None = None,
         **kwargs: Any,
     ) -> None: ...
 
@@ -184,6 +194,7 @@ class AsyncConnectionPool(_AsyncConnectionPool[ACT], Generic[ACT]):
         allow_unencrypted_unix_socket: bool = False,
         fast_path: bool | None = None,
         verify_as: str | None = None,
+        direct_tls: bool | None = None,
         **kwargs: Any,
     ) -> None:
         cls = verified_async_class(
@@ -191,5 +202,6 @@ class AsyncConnectionPool(_AsyncConnectionPool[ACT], Generic[ACT]):
             allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
             fast_path=fast_path,
             verify_as=verify_as,
+            direct_tls=direct_tls,
         )
         super().__init__(conninfo, connection_class=cls, **kwargs)
