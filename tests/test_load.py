@@ -52,7 +52,7 @@ def test_load_from_a_cold_cache(server: PostgresServer, tmp_path: Path, clean_en
     bundle.write_bytes(Path(certifi.where()).read_bytes() + server.ca.cert_pem)
     conninfo = server.conninfo(sslrootcert=str(bundle))
     cache = Path(os.environ["SAFEPG_CACHE_DIR"])
-    safepg.connect(server.conninfo()).close()  # warm up the interpreter, not the cache
+    safepg.connect(server.conninfo(), fast_path=False).close()  # warm up, leaving no cache
     fds_before, temps_before = open_fds(), temp_files()
 
     children = [
