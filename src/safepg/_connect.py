@@ -20,6 +20,8 @@ from ._params import Plan, build_plan
 from ._trust import TrustSource
 
 logger = logging.getLogger("safepg")
+# PostgreSQL 17 is the first server to accept TLS without the SSLRequest.
+_DIRECT_TLS_SERVER = 170000
 CT = TypeVar("CT", bound="Connection[Any]")
 ACT = TypeVar("ACT", bound="AsyncConnection[Any]")
 
@@ -133,7 +135,7 @@ def _retry(ex: psycopg.OperationalError, used: Plan, full: Plan, attempts: list[
     where = ", ".join(f"{t.host}:{t.port}" for t in full.targets)
     if used.learned_direct and _diagnose.handshake_failed(ex):
         logger.info("safepg: %s refused direct TLS; using the SSLRequest from now on", where)
-        _fastpath.no_direct(full)
+        _fastpath.set_direct(full, False)
         params = {k: v for k, v in used.params.items() if k != "sslnegotiation"}
         retry = dataclasses.replace(used, params=params, learned_direct=False)
         attempts.insert(attempts.index(used) + 1, retry)
@@ -192,6 +194,8 @@ def open_verified(
             raise err from ex
     if used is plan and fast is not None:
         _fastpath.learn(plan)  # learn the host's new anchors, for the next connect
+    if used.direct_unknown:
+        _fastpath.set_direct(plan, conn.info.server_version >= _DIRECT_TLS_SERVER)
     refusal = _admit(conn, used)
     if refusal:
         conn.close()
@@ -240,6 +244,8 @@ async def open_verified_async(
             raise err from ex
     if used is plan and fast is not None:
         await asyncio.to_thread(_fastpath.learn, plan)
+    if used.direct_unknown:
+        _fastpath.set_direct(plan, conn.info.server_version >= _DIRECT_TLS_SERVER)
     refusal = _admit(conn, used)
     if refusal:
         await conn.close()

@@ -17,6 +17,9 @@ whose content no longer hashes to its name (tampering, a partial write) is rewri
 rejects the chain with the small file (the server moved to another root of the set), the caller
 retries once with the full set and the host is learned again (see `forget`).
 
+With libpq 17+, the first connect also records whether the host takes direct TLS (a
+PostgreSQL 17+ server does), and warm connects then use ``sslnegotiation=direct``.
+
 What is learned is kept in memory and in safepg's private cache directory, keyed by host,
 host address, port, SNI, negotiation and the digest of the full set, so a changed set never
 reuses an old answer. ``SAFEPG_FAST_PATH=0`` or ``connect(..., fast_path=False)`` turns it off.
@@ -159,7 +162,7 @@ def _host_key(plan: Plan, target: Target, index: _Index) -> _HostKey:
 @dataclass(frozen=True)
 class _Learned:
     anchors: tuple[str, ...]
-    direct: bool | None = None  # accepts direct TLS (PostgreSQL 17+); None: not probed
+    direct: bool | None = None  # takes direct TLS (PostgreSQL 17+); None: not known yet
 
 
 def _read_entry(key: _HostKey, index: _Index) -> _Learned | None:
@@ -209,8 +212,8 @@ def _write_entry(key: _HostKey, learned: _Learned) -> None:
 # --- the small files, per plan -----------------------------------------------------------------
 
 # host keys (holding the full set's digest) -> the trust to use, its stat key, and whether
-# every host accepts direct TLS.
-_memo: dict[tuple[_HostKey, ...], tuple[TrustSource, tuple[int, int, int], bool]] = {}
+# every host takes direct TLS (None: not known yet for one of them).
+_memo: dict[tuple[_HostKey, ...], tuple[TrustSource, tuple[int, int, int], bool | None]] = {}
 # host key -> when it may be probed again, after a probe that taught nothing.
 _unlearnable: dict[_HostKey, float] = {}
 _locks: dict[tuple[_HostKey, ...], threading.Lock] = {}
@@ -240,19 +243,26 @@ def _applicable(plan: Plan) -> tuple[_Index, tuple[_HostKey, ...]] | None:
     return index, tuple(_host_key(plan, t, index) for t in plan.targets)
 
 
-def _narrowed(plan: Plan, source: TrustSource, direct: bool) -> Plan:
+def _narrowed(plan: Plan, source: TrustSource, direct: bool | None) -> Plan:
     params = {**plan.params, "sslrootcert": source.path}
-    use_direct = direct and auto_direct(plan)
-    if use_direct:
+    auto = auto_direct(plan)
+    if auto and direct:
         params["sslnegotiation"] = "direct"
-    return replace(plan, params=params, trust=source, learned_direct=use_direct)
+    return replace(
+        plan,
+        params=params,
+        trust=source,
+        learned_direct=bool(auto and direct),
+        direct_unknown=auto and direct is None,
+    )
 
 
 def _build(
     plan: Plan, keys: tuple[_HostKey, ...], index: _Index, learned: Sequence[_Learned]
 ) -> Plan | None:
     fingerprints = sorted({a for item in learned for a in item.anchors})
-    direct = all(item.direct is True for item in learned)
+    flags = {item.direct for item in learned}
+    direct = False if False in flags else (None if None in flags else True)
     certs = [index.by_fingerprint[fp] for fp in fingerprints]
     _x509.warn_if_expiring(certs, plan.trust.label)
     if len(fingerprints) == len(index.by_fingerprint):
@@ -292,8 +302,8 @@ def cached(plan: Plan) -> Plan | None:
     learned = []
     for key in keys:
         item = _read_entry(key, index)
-        if item is None or (item.direct is None and auto_direct(plan)):
-            return None  # not learned, or not yet whether it takes direct TLS
+        if item is None:
+            return None
         learned.append(item)
     return _build(plan, keys, index, learned)
 
@@ -330,16 +340,10 @@ def _learn_host(plan: Plan, target: Target, key: _HostKey, index: _Index) -> _Le
             direct=direct,
         )
 
-    presented, direct = None, None
-    if auto_direct(plan):
-        # Direct TLS first: PostgreSQL 17+ answers it, and then one handshake teaches both.
-        # Older servers and poolers drop the connection at once; then ask as usual. A host
-        # that let the first probe time out is not probed again.
-        attempt = look(True)
-        direct = bool(attempt and attempt.tls and attempt.chain and attempt.alpn == "postgresql")
-        presented = attempt if direct or (attempt and attempt.timed_out) else None
-    if presented is None:
-        presented = look(key.direct)
+    # Whether the host takes direct TLS is learned from the first connect (the server's
+    # version), not by a second probe: a cold connect costs one probe, whatever the server.
+    presented = look(key.direct)
+    direct = True if key.direct and presented and presented.tls else None
     why = None
     if presented is None:
         why = "the probe could not reach it or complete a handshake"
@@ -383,7 +387,7 @@ def learn(plan: Plan) -> Plan | None:
         learned = []
         for target, key in zip(plan.targets, keys, strict=True):
             item = _read_entry(key, index)
-            if item is None or (item.direct is None and auto_direct(plan)):
+            if item is None:
                 if _unlearnable.get(key, 0.0) > time.monotonic():
                     return None
                 item = _learn_host(plan, target, key, index)
@@ -405,9 +409,10 @@ def forget(plan: Plan) -> None:
             (_cache.cache_dir() / key.filename()).unlink(missing_ok=True)
 
 
-def no_direct(plan: Plan) -> None:
-    """Remember that *plan*'s hosts refused direct TLS after all (say, a server downgraded or a
-    pooler put in front): use the SSLRequest from now on."""
+def set_direct(plan: Plan, direct: bool) -> None:
+    """Remember whether *plan*'s hosts take direct TLS: from the first connect's server version
+    (PostgreSQL 17+), or False when a host refused it after all (a pooler put in front, an older
+    server): then the SSLRequest is used from now on."""
     found = _applicable(plan)
     if found is None:
         return
@@ -415,8 +420,8 @@ def no_direct(plan: Plan) -> None:
     _memo.pop(keys, None)
     for key in keys:
         item = _read_entry(key, index)
-        if item is not None:
-            _write_entry(key, _Learned(item.anchors, False))
+        if item is not None and item.direct is not direct:
+            _write_entry(key, _Learned(item.anchors, direct))
 
 
 def clear_memory(*, keep_indexes: bool = False) -> None:

@@ -67,6 +67,9 @@ class Plan:
     negotiation_chosen: bool = False
     # The fast path added sslnegotiation=direct, learned for these hosts.
     learned_direct: bool = False
+    # The fast path does not know yet whether these hosts take direct TLS: learn it from the
+    # server version once connected.
+    direct_unknown: bool = False
     # The caller's direct_tls option: True, False, or None to learn it per host.
     direct_tls: bool | None = None
 
