@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,6 +86,15 @@ def no_password_in_logs(request: pytest.FixtureRequest) -> Iterator[None]:
         password = request.getfixturevalue("server").password
         leaked = [m for m in handler.messages if password in m]
         assert not leaked, f"the password reached safepg's log: {leaked[0][:200]}"
+
+
+@pytest.fixture
+def stalled_port() -> Iterator[int]:
+    """A port that accepts TCP connections (the kernel's backlog) and never answers."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        yield listener.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

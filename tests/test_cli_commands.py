@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -44,6 +43,16 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def arrange(case: str, certs: CertificateShop, rogue_ca: CertificateAuthority) -> None:
+    """Have the server present the certificate a failure case needs."""
+    days = {"expired": -2, "expiring": 10}.get(case)
+    if days is not None:
+        when = NOW + dt.timedelta(days=days)
+        certs.present("localhost", ip_addresses=["127.0.0.1"], not_after=when)
+    elif case == "untrusted":
+        certs.present("localhost", ip_addresses=["127.0.0.1"], ca=rogue_ca)
 
 
 def inspect_args(server: PostgresServer, host: str = "localhost") -> list[str]:
@@ -138,14 +147,6 @@ def test_check_honours_timeout(stalled_port: int, capsys: pytest.CaptureFixture[
     )
     assert code == 1
     assert "timeout" in data["error"]["message"].lower()
-
-
-@pytest.fixture
-def stalled_port() -> Iterator[int]:
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
-        yield listener.getsockname()[1]
 
 
 # -- inspect -----------------------------------------------------------------------------------

@@ -9,11 +9,9 @@ import asyncio
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -285,15 +283,6 @@ def test_untrusted_server_falls_back_to_the_full_set_and_fails(
 
 def plan(conninfo: str) -> _params.Plan:
     return _params.build_plan(conninfo, {})
-
-
-@pytest.fixture
-def stalled_port() -> Iterator[int]:
-    """A port that accepts TCP connections (the kernel's backlog) and never answers."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
-        yield listener.getsockname()[1]
 
 
 def test_probe_honours_connect_timeout(big_bundle: Path, stalled_port: int) -> None:
