@@ -235,6 +235,26 @@ def test_override_bundle_is_checked_and_used(
     assert trust.label == "bundled Amazon RDS roots (newer copy, checked)"
 
 
+def test_override_writable_by_others_is_refused(
+    server: PostgresServer,
+    rds_through_test_ca: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    overrides = tmp_path / "bundles"
+    overrides.mkdir()
+    monkeypatch.setenv("SAFEPG_BUNDLE_DIR", str(overrides))
+    bundle = overrides / "rds-global-bundle.pem"
+    bundle.write_bytes(server.ca.cert_pem)
+    bundle.chmod(0o666)
+    with pytest.raises(ConfigurationError, match="can be written by other users"):
+        safepg.connect(rds_through_test_ca)
+    bundle.chmod(0o644)
+    overrides.chmod(0o777)
+    with pytest.raises(ConfigurationError, match="can be written by other users"):
+        safepg.connect(rds_through_test_ca)
+
+
 @pytest.mark.parametrize("problem", ["expired", "garbage", "not-a-ca"])
 def test_bad_override_is_refused(
     server: PostgresServer,

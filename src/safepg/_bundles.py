@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import os
 import re
+import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -131,6 +132,20 @@ def check_bundle(pem: bytes, *, now: dt.datetime | None = None) -> list[CheckedC
 _passed: dict[str, tuple[int, int, int]] = {}
 
 
+def _check_private(path: str) -> None:
+    """An override replaces trust anchors: only this user may have written it or its folder."""
+    if os.name != "posix":  # pragma: no cover
+        return
+    for where in (path, os.path.dirname(os.path.abspath(path))):
+        st = os.stat(where)
+        if st.st_uid not in (os.geteuid(), 0) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise ConfigurationError(
+                f"the CA bundle override {path} cannot be used: {where} can be written by "
+                f"other users (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}), who "
+                "could swap in their own CA. Make it private (chmod go-w) or remove it."
+            )
+
+
 def checked_override(path: str) -> str:
     """*path*, if the override bundle there passes `check_bundle`.
 
@@ -141,6 +156,7 @@ def checked_override(path: str) -> str:
     key = (st.st_ino, st.st_size, st.st_mtime_ns)
     if _passed.get(path) == key:
         return path
+    _check_private(path)
     with open(path, "rb") as f:
         pem = f.read()
     try:
