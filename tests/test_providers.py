@@ -218,15 +218,20 @@ def rds_through_test_ca(server: PostgresServer, certs: CertificateShop) -> str:
     return server.conninfo(host=RDS_HOST, hostaddr="127.0.0.1", sslrootcert=None)
 
 
+@pytest.fixture
+def overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty bundle override directory, in use (SAFEPG_BUNDLE_DIR)."""
+    directory = tmp_path / "bundles"
+    directory.mkdir()
+    monkeypatch.setenv("SAFEPG_BUNDLE_DIR", str(directory))
+    return directory
+
+
 def test_override_bundle_is_checked_and_used(
     server: PostgresServer,
     rds_through_test_ca: str,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    overrides: Path,
 ) -> None:
-    overrides = tmp_path / "bundles"
-    overrides.mkdir()
-    monkeypatch.setenv("SAFEPG_BUNDLE_DIR", str(overrides))
     shipped = Path(providers.shipped_path("rds-global-bundle.pem")).read_bytes()
     (overrides / "rds-global-bundle.pem").write_bytes(shipped + server.ca.cert_pem)
     with safepg.connect(rds_through_test_ca, fast_path=False) as conn:
@@ -238,12 +243,8 @@ def test_override_bundle_is_checked_and_used(
 def test_override_writable_by_others_is_refused(
     server: PostgresServer,
     rds_through_test_ca: str,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    overrides: Path,
 ) -> None:
-    overrides = tmp_path / "bundles"
-    overrides.mkdir()
-    monkeypatch.setenv("SAFEPG_BUNDLE_DIR", str(overrides))
     bundle = overrides / "rds-global-bundle.pem"
     bundle.write_bytes(server.ca.cert_pem)
     bundle.chmod(0o666)
@@ -259,13 +260,9 @@ def test_override_writable_by_others_is_refused(
 def test_bad_override_is_refused(
     server: PostgresServer,
     rds_through_test_ca: str,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    overrides: Path,
     problem: str,
 ) -> None:
-    overrides = tmp_path / "bundles"
-    overrides.mkdir()
-    monkeypatch.setenv("SAFEPG_BUNDLE_DIR", str(overrides))
     if problem == "expired":
         pem = CertificateAuthority("old", not_after=NOW - dt.timedelta(days=1)).cert_pem
     elif problem == "garbage":

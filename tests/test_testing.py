@@ -90,3 +90,19 @@ def test_embedded_binaries_when_the_machine_has_no_server(
     assert str(bindir).startswith(str(_binaries.cache_root()))
     with PostgresServer(bindir) as server, safepg.connect(server.conninfo()) as conn:
         assert safepg.check(conn).verified
+
+
+def test_cached_binaries_others_can_write_are_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from safepg.testing import BinariesError, _binaries
+
+    root = tmp_path / "postgresql"
+    (root / "postgresql-17.11.0" / "bin").mkdir(parents=True)
+    (root / "postgresql-17.11.0" / "bin" / "postgres").write_text("#!/bin/sh\n")
+    monkeypatch.setattr(_binaries, "cache_root", lambda: root)
+    root.chmod(0o777)  # anyone could have planted those binaries
+    with pytest.raises(BinariesError, match="can be written by other users"):
+        _binaries.server_bindir(17)
+    root.chmod(0o755)
+    assert _binaries.server_bindir(17) == root / "postgresql-17.11.0" / "bin"

@@ -151,6 +151,18 @@ def _retry(ex: psycopg.OperationalError, used: Plan, full: Plan, attempts: list[
     return True
 
 
+def _teaches(used: Plan, full: Plan, fast: Plan | None) -> bool:
+    """Whether a successful connect has something to teach the fast path (never when warm)."""
+    return (used is full and fast is not None) or used.direct_unknown
+
+
+def _learn_after(used: Plan, full: Plan, fast: Plan | None, server_version: int) -> None:
+    if used is full and fast is not None:
+        _fastpath.learn(full)  # the full set was needed (a rotation): learn the new anchors
+    if used.direct_unknown:
+        _fastpath.set_direct(full, server_version >= _DIRECT_TLS_SERVER)
+
+
 def open_verified(
     opener: Callable[..., CT],
     conninfo: str,
@@ -192,10 +204,8 @@ def open_verified(
             if err is None:
                 raise
             raise err from ex
-    if used is plan and fast is not None:
-        _fastpath.learn(plan)  # learn the host's new anchors, for the next connect
-    if used.direct_unknown:
-        _fastpath.set_direct(plan, conn.info.server_version >= _DIRECT_TLS_SERVER)
+    if _teaches(used, plan, fast):
+        _learn_after(used, plan, fast, conn.info.server_version)
     refusal = _admit(conn, used)
     if refusal:
         conn.close()
@@ -242,10 +252,8 @@ async def open_verified_async(
             if err is None:
                 raise
             raise err from ex
-    if used is plan and fast is not None:
-        await asyncio.to_thread(_fastpath.learn, plan)
-    if used.direct_unknown:
-        _fastpath.set_direct(plan, conn.info.server_version >= _DIRECT_TLS_SERVER)
+    if _teaches(used, plan, fast):  # a probe and file writes: off the event loop
+        await asyncio.to_thread(_learn_after, used, plan, fast, conn.info.server_version)
     refusal = _admit(conn, used)
     if refusal:
         await conn.close()

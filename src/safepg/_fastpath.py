@@ -331,18 +331,15 @@ def _probe_timeout(plan: Plan) -> float:
 def _learn_host(plan: Plan, target: Target, key: _HostKey, index: _Index) -> _Learned | None:
     from . import _probe  # ssl and socket, not at import time
 
-    def look(direct: bool) -> _probe.Presented | None:
-        return _probe.presented_chain(
-            target.hostaddr or target.host,
-            int(target.port),
-            server_hostname=target.host if key.sni else None,
-            timeout=_probe_timeout(plan),
-            direct=direct,
-        )
-
     # Whether the host takes direct TLS is learned from the first connect (the server's
     # version), not by a second probe: a cold connect costs one probe, whatever the server.
-    presented = look(key.direct)
+    presented = _probe.presented_chain(
+        target.hostaddr or target.host,
+        int(target.port),
+        server_hostname=target.host if key.sni else None,
+        timeout=_probe_timeout(plan),
+        direct=key.direct,
+    )
     direct = True if key.direct and presented and presented.tls else None
     why = None
     if presented is None:

