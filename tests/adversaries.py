@@ -54,6 +54,12 @@ class Adversary:
         with contextlib.suppress(OSError, ssl.SSLError), conn:
             self.behaviour(conn, self)
 
+    def settle(self) -> None:
+        """Wait for the connections handled so far to end, then forget what they received."""
+        for thread in list(self._threads):
+            thread.join(timeout=10)
+        self.received.clear()
+
     def leak(self, data: bytes) -> None:
         if data:
             self.received.append(data)
