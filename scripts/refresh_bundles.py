@@ -17,7 +17,6 @@ Exit status: 0 nothing to change or written, 1 a check failed (nothing written),
 from __future__ import annotations
 
 import argparse
-import base64
 import datetime as dt
 import hashlib
 import json
@@ -28,10 +27,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from safepg import ConfigurationError, _bundles
+from safepg import ConfigurationError, _bundles, _x509
 
 CACERTS = Path(__file__).resolve().parent.parent / "src" / "safepg" / "cacerts"
-_PEM = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
 def _roots_only(certs: list[_bundles.CheckedCert]) -> list[_bundles.CheckedCert]:
@@ -79,16 +77,23 @@ SOURCES: dict[str, Source] = {
 }
 
 
-def to_pem(data: bytes) -> list[bytes]:
-    """PEM blocks from *data*, which may be PEM or a single DER certificate."""
-    blocks = _PEM.findall(data)
-    if blocks:
-        return [b.replace(b"\r\n", b"\n") for b in blocks]
+def certificates(data: bytes) -> list[bytes]:
+    """The DER certificates in *data*: PEM, read as OpenSSL reads it, or one DER certificate.
+
+    Raises:
+        BundleError: a block that is not a plain certificate (TRUSTED CERTIFICATE, a CRL, a
+            key) or that OpenSSL would read otherwise: published files hold certificates only.
+    """
     if data[:1] == b"\x30":  # DER
-        b64 = base64.encodebytes(data).replace(b"\n", b"")
-        body = b"\n".join(b64[i : i + 64] for i in range(0, len(b64), 64))
-        return [b"-----BEGIN CERTIFICATE-----\n" + body + b"\n-----END CERTIFICATE-----"]
-    return []
+        return [data]
+    try:
+        blocks = _x509.read_pem(data)
+        if not all(b.label in _x509.CERTIFICATE_LABELS for b in blocks):
+            odd = next(b for b in blocks if b.label not in _x509.CERTIFICATE_LABELS)
+            raise _bundles.BundleError(f"{odd} is not a certificate block")
+        return [_x509.certificate(b).der for b in blocks]
+    except _x509.PemError as ex:
+        raise _bundles.BundleError(str(ex)) from None
 
 
 def fetch(url: str) -> bytes:
@@ -99,21 +104,17 @@ def fetch(url: str) -> bytes:
 
 def build(name: str, raw: Sequence[bytes]) -> tuple[bytes, list[_bundles.CheckedCert]]:
     """The new file's bytes and its checked certificates. Raises BundleError."""
-    blocks: dict[str, bytes] = {}  # by SHA-256 fingerprint: de-duplicated, order kept
+    ders: dict[str, bytes] = {}  # by SHA-256 fingerprint: de-duplicated, order kept
     for data in raw:
-        for block in to_pem(data):
-            body = b"".join(block.splitlines()[1:-1])
-            try:
-                der = base64.b64decode(body, validate=True)
-            except ValueError:
-                raise _bundles.BundleError("a certificate block is not valid base64") from None
-            blocks.setdefault(hashlib.sha256(der).hexdigest().upper(), block)
-    pem = b"\n".join(blocks.values()) + b"\n" if blocks else b""
+        for der in certificates(data):
+            ders.setdefault(hashlib.sha256(der).hexdigest().upper(), der)
+    # Written in canonical form from the parsed certificates, never the publisher's bytes.
+    pem = b"".join(_x509.pem_encode(der) for der in ders.values())
     certs = _bundles.check_bundle(pem)
     keep = SOURCES[name].keep if name in SOURCES else None
     if keep is not None:
         kept = {c.sha256 for c in keep(certs)}
-        pem = b"\n".join(b for fp, b in blocks.items() if fp in kept) + b"\n"
+        pem = b"".join(_x509.pem_encode(der) for fp, der in ders.items() if fp in kept)
         certs = _bundles.check_bundle(pem)
     return pem, certs
 

@@ -13,7 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from safepg import providers
+from safepg import _bundles, providers
 
 CACERTS = importlib.resources.files("safepg") / "cacerts"
 SHIPPED = sorted(p.name for p in CACERTS.iterdir() if p.name.endswith(".pem"))
@@ -68,3 +68,11 @@ def test_certificates_are_unexpired_cas(name: str) -> None:
 def test_bundle_loads_in_openssl(name: str) -> None:
     ctx = ssl.create_default_context(cafile=providers.shipped_path(name))
     assert len(ctx.get_ca_certs()) == INVENTORY[name]["count"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_file_is_canonical(name: str) -> None:
+    """Shipped data passes the checks every override passes (including OpenSSL loading exactly
+    the certificates checked), in the very form `safepg bundles install` writes."""
+    data = (CACERTS / name).read_bytes()
+    assert _bundles.canonical_pem(_bundles.check_bundle(data)) == data

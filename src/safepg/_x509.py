@@ -1,4 +1,9 @@
-"""Just enough X.509 to index a CA file: fingerprints, subject and issuer, without a dependency.
+"""Just enough PEM and X.509 to index a CA file: fingerprints, subject and issuer, without a
+dependency.
+
+PEM is read the way OpenSSL reads it when libpq loads ``sslrootcert`` (`read_pem`): every block
+OpenSSL would find is found, with its label, and anything OpenSSL could read differently (or
+that OpenSSL versions read differently) is an error naming the block, never skipped.
 
 A certificate is ``SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL, serialNumber,
 signature, issuer Name, validity, subject Name, ... }, ... }``. Names are compared as their DER
@@ -14,14 +19,10 @@ import datetime as dt
 import hashlib
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 logger = logging.getLogger("safepg")
-
-_PEM_BLOCK = re.compile(
-    rb"-----BEGIN CERTIFICATE-----\r?\n(?P<b64>.+?)-----END CERTIFICATE-----", re.DOTALL
-)
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,15 @@ class Cert:
         return self.subject == self.issuer
 
     def pem(self) -> bytes:
-        b64 = base64.encodebytes(self.der).replace(b"\n", b"")
-        lines = b"\n".join(b64[i : i + 64] for i in range(0, len(b64), 64))
-        return b"-----BEGIN CERTIFICATE-----\n" + lines + b"\n-----END CERTIFICATE-----\n"
+        return pem_encode(self.der)
+
+
+def pem_encode(der: bytes) -> bytes:
+    """*der* as a canonical PEM block: ``BEGIN CERTIFICATE``, base64 in 64-character lines,
+    ``\\n`` line ends. Every trust file safepg writes for libpq holds only such blocks."""
+    b64 = base64.b64encode(der)
+    lines = b"\n".join(b64[i : i + 64] for i in range(0, len(b64), 64))
+    return b"-----BEGIN CERTIFICATE-----\n" + lines + b"\n-----END CERTIFICATE-----\n"
 
 
 def _tlv(data: bytes, pos: int) -> tuple[int, int, int]:
@@ -105,15 +112,239 @@ def _not_after(validity: bytes) -> dt.datetime | None:
         return None
 
 
-def parse_pem(data: bytes) -> list[Cert]:
-    """Every certificate in *data*; blocks that are not valid certificates are skipped."""
-    certs = []
-    for m in _PEM_BLOCK.finditer(data):
-        try:
-            certs.append(parse_der(base64.b64decode(m["b64"])))
-        except (ValueError, binascii.Error):
+# --- PEM, as OpenSSL reads it -------------------------------------------------------------------
+#
+# libpq loads sslrootcert with SSL_CTX_load_verify_locations, which reads the file with
+# PEM_X509_INFO_read_bio and so with PEM_read_bio (crypto/pem/pem_lib.c). That:
+# - reads lines with BIO_gets, at most 254 bytes at a time: a longer line is read as several
+#   (newer versions then ignore a line end read on its own, older ones see a blank line);
+# - strips trailing bytes <= ' ' from each (and, where C's char is signed, bytes >= 0x80);
+# - skips every line until one is "-----BEGIN <label>-----";
+# - then reads up to "-----END <label>-----" (another END line is an error): optional RFC 1421
+#   headers ended by a blank line (a line holding ':' before any blank line makes them headers),
+#   then base64 in which spaces, tabs and line ends are ignored and '-' ends the data; after
+#   headers, lines hold at most 64 characters and only the last may be shorter;
+# - and fails the whole file on any error in a block.
+# PEM_X509_INFO_read_bio then loads CERTIFICATE and X509 CERTIFICATE blocks as certificates,
+# TRUSTED CERTIFICATE ones as certificates with OpenSSL trust settings, X509 CRL ones as CRLs,
+# "... PRIVATE KEY" ones as keys (ignored by the store, but parsed), and skips any other label.
+
+CERTIFICATE_LABELS = frozenset({"CERTIFICATE", "X509 CERTIFICATE"})
+TRUSTED_LABEL = "TRUSTED CERTIFICATE"
+
+_BEGIN = b"-----BEGIN "
+_END = b"-----END "
+_TAIL = b"-----"
+_BOM = b"\xef\xbb\xbf"
+_LINE_MAX = 254  # BIO_gets(bio, buf, 255) returns at most 254 bytes
+_STRIP = bytes(range(0x21))  # stripped from line ends: bytes <= ' '
+_STRIP_SIGNED = _STRIP + bytes(range(0x80, 0x100))  # and bytes >= 0x80 where char is signed
+_B64 = re.compile(rb"[A-Za-z0-9+/]*={0,2}")
+_MAYBE_HEADER, _IN_HEADER, _POST_HEADER = 0, 1, 2
+
+
+class PemError(ValueError):
+    """The data is not PEM that OpenSSL reads as safepg does; the message names the block."""
+
+
+@dataclass(frozen=True)
+class PemBlock:
+    """One PEM block, as OpenSSL reads it.
+
+    Attributes:
+        index: its place among the file's blocks, from 1, whatever their labels.
+        line: the line of its BEGIN line, from 1.
+        label: what follows ``-----BEGIN `` (non-ASCII bytes shown escaped).
+        headers: its RFC 1421 headers (``Proc-Type: ...``), ``b""`` if none.
+        data: its body, base64-decoded as OpenSSL decodes it.
+    """
+
+    index: int
+    line: int
+    label: str
+    headers: bytes
+    data: bytes
+
+    def __str__(self) -> str:
+        return f"block #{self.index} (BEGIN {self.label}, line {self.line})"
+
+
+def _lines(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(line number, text) for each read of OpenSSL's BIO_gets; a text may keep its newline."""
+    lines = data.split(b"\n")
+    if not lines[-1]:
+        lines.pop()  # the end of the data, not a line
+    if max(map(len, lines), default=0) < _LINE_MAX:
+        return enumerate(lines, 1)  # the usual case, quickly: every line is read at once
+    return _chunks(lines, ends_with_newline=data.endswith(b"\n"))
+
+
+def _chunks(lines: list[bytes], ends_with_newline: bool) -> Iterator[tuple[int, bytes]]:
+    last = len(lines) - 1
+    for i, line in enumerate(lines):
+        has_newline = i < last or ends_with_newline
+        if len(line) + has_newline <= _LINE_MAX:
+            yield i + 1, line
             continue
-    return certs
+        raw = line + b"\n" if has_newline else line
+        for start in range(0, len(raw), _LINE_MAX):
+            yield i + 1, raw[start : start + _LINE_MAX]
+
+
+def _is_begin(line: bytes) -> bool:
+    return line.startswith(_BEGIN) and line.endswith(_TAIL) and len(line) >= 16
+
+
+def _b64decode(text: bytes) -> bytes | None:
+    """*text* decoded as OpenSSL's EVP_DecodeUpdate and EVP_DecodeFinal do, or None if they fail
+    (or decode nothing)."""
+    cut = text.find(b"-")  # '-' ends the data: what follows is ignored
+    if cut >= 0:
+        text = text[:cut]
+    text = text.translate(None, b" \t\r\n")
+    if not text or len(text) % 4 or not _B64.fullmatch(text):
+        return None
+    return binascii.a2b_base64(text)
+
+
+def read_pem(data: bytes) -> list[PemBlock]:
+    """Every PEM block in *data*, found as OpenSSL finds them when libpq loads a CA file.
+
+    Raises:
+        PemError: OpenSSL would fail to load *data*, or could read it otherwise than this does
+            (NUL bytes, non-ASCII bytes in a block or at the end of a BEGIN line, a byte order
+            mark before a BEGIN line: OpenSSL versions and platforms differ on these). The
+            message names the block and the line.
+    """
+    if b"\0" in data:
+        at = data.count(b"\n", 0, data.index(b"\0")) + 1
+        raise PemError(f"line {at} holds a NUL byte, where OpenSSL stops reading the line")
+    blocks: list[PemBlock] = []
+    lines = _lines(data)
+    for number, text in lines:
+        if not text.startswith(_BEGIN):
+            if text.startswith(_BOM) and _is_begin(text[3:].rstrip(_STRIP_SIGNED)):
+                raise PemError(
+                    f"line {number}: a BEGIN line after a UTF-8 byte order mark, which OpenSSL "
+                    "versions read differently: save the file without it"
+                )
+            continue
+        begin = text.rstrip(_STRIP)
+        if not _is_begin(begin):
+            if _is_begin(text.rstrip(_STRIP_SIGNED)):
+                raise PemError(
+                    f"line {number}: a BEGIN line that ends in non-ASCII bytes, which OpenSSL "
+                    "reads differently on different platforms"
+                )
+            continue
+        raw_label = begin[len(_BEGIN) : -len(_TAIL)]
+        label = raw_label.decode("ascii", "backslashreplace")
+        where = f"block #{len(blocks) + 1} (BEGIN {label}, line {number})"
+        end_line = _END + raw_label + _TAIL
+        state = _MAYBE_HEADER
+        before: list[bytes] = []  # headers, or the body if no blank line comes
+        after: list[bytes] = []  # the body, after a blank line
+        lines_in = before
+        short = partial = False
+        for number_in, text_in in lines:
+            if not text_in.isascii():
+                raise PemError(f"{where}: line {number_in} holds non-ASCII bytes")
+            was_partial = partial
+            partial = len(text_in) == _LINE_MAX and not text_in.endswith(b"\n")
+            if state == _MAYBE_HEADER and b":" in text_in:
+                state = _IN_HEADER
+            line = text_in.rstrip(_STRIP)
+            if not line:
+                if was_partial:  # newer OpenSSL versions ignore this line end, older ones not
+                    raise PemError(
+                        f"{where}: line {number_in} is {_LINE_MAX} characters long or more, "
+                        "which OpenSSL versions read differently"
+                    )
+                if state == _POST_HEADER:
+                    raise PemError(f"{where}: a second blank line, at line {number_in}")
+                state = _POST_HEADER
+                lines_in = after
+                continue
+            if line.startswith(_END):
+                if line != end_line:
+                    raise PemError(f"{where}: line {number_in} is not -----END {label}-----")
+                break
+            if short:
+                raise PemError(f"{where}: a short base64 line before line {number_in}")
+            lines_in.append(line)
+            if state == _POST_HEADER:
+                if len(line) > 64:
+                    raise PemError(f"{where}: line {number_in} is longer than 64 characters")
+                short = len(line) < 64
+        else:
+            raise PemError(f"{where}: no -----END {label}----- line")
+        if state == _MAYBE_HEADER:
+            headers, body = b"", before
+        else:
+            headers, body = b"".join(h + b"\n" for h in before), after
+        decoded = _b64decode(b"".join(body))
+        if decoded is None:
+            raise PemError(f"{where}: its base64 does not decode")
+        blocks.append(PemBlock(len(blocks) + 1, number, label, headers, decoded))
+    return blocks
+
+
+def certificate(block: PemBlock) -> Cert:
+    """The certificate OpenSSL loads from a CERTIFICATE, X509 CERTIFICATE or TRUSTED
+    CERTIFICATE block: its leading SEQUENCE. (OpenSSL ignores what follows it, except in a
+    TRUSTED CERTIFICATE, where trust settings follow, which safepg does not evaluate.)
+
+    Raises:
+        PemError: OpenSSL would not load a certificate from the block (or would decrypt it).
+    """
+    if block.headers:
+        raise PemError(
+            f"{block} has RFC 1421 headers: OpenSSL refuses them, or decrypts the block "
+            "(Proc-Type: 4,ENCRYPTED) with an empty password"
+        )
+    try:
+        _tag, _start, end = _tlv(block.data, 0)
+        cert = parse_der(block.data[:end])
+        rest = block.data[end:]
+        if block.label == TRUSTED_LABEL and rest and _tlv(rest, 0)[0] != 0x30:
+            raise ValueError("its trust settings are not a SEQUENCE")
+    except (ValueError, IndexError) as ex:
+        raise PemError(f"{block} does not hold a certificate ({ex})") from None
+    return cert
+
+
+def _loaded_unread(block: PemBlock) -> bool:
+    """OpenSSL parses *block* (and fails the file if it is bad), but not as a certificate."""
+    return block.label == "X509 CRL" or "PRIVATE KEY" in block.label
+
+
+def parse_pem(data: bytes) -> list[Cert]:
+    """The certificates of a trust file that may be rewritten, as plain certificates, into a
+    narrower trust file: never wider than what OpenSSL trusts from *data*.
+
+    That is, its CERTIFICATE and X509 CERTIFICATE blocks, less every certificate that is also
+    in a TRUSTED CERTIFICATE block, or shares a subject with one (its trust settings would be
+    lost in the rewrite; without it, narrowing falls back to the full set). Nothing at all when
+    OpenSSL would fail to load *data*, or read it otherwise than `read_pem` (a narrower file
+    that loads where the full one does not would be wider), or when it holds a CRL or a key.
+    """
+    plain: list[Cert] = []
+    trusted: list[Cert] = []
+    try:
+        for block in read_pem(data):
+            if block.label in CERTIFICATE_LABELS:
+                plain.append(certificate(block))
+            elif block.label == TRUSTED_LABEL:
+                trusted.append(certificate(block))
+            elif _loaded_unread(block):
+                return []
+    except PemError:
+        return []
+    if not trusted:
+        return plain
+    fingerprints = {c.sha256 for c in trusted}
+    subjects = {c.subject for c in trusted}
+    return [c for c in plain if c.sha256 not in fingerprints and c.subject not in subjects]
 
 
 _CN_OID = b"\x06\x03\x55\x04\x03"
