@@ -53,7 +53,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     _trust._union_memo.clear()
     _trust._valid_files.clear()
     _params._warned.clear()
-    _cache._checked.clear()
+    _cache.clear_memory()
     _fastpath.clear_memory()
     _x509._expiry_warned.clear()
     _trust._expiry_checked.clear()

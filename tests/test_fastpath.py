@@ -21,6 +21,7 @@ import pytest
 
 import safepg
 from safepg import UntrustedCertificateError, _fastpath, _params, _x509
+from safepg._deadline import Deadline
 from safepg.testing import CertificateAuthority, PostgresServer
 
 from .conftest import CertificateShop
@@ -292,7 +293,7 @@ def test_probe_honours_connect_timeout(big_bundle: Path, stalled_port: int) -> N
     result: list[object] = []
 
     def run() -> None:
-        result.append(_fastpath.learn(p))
+        result.append(_fastpath.learn(p, Deadline(p.timeout).probe_budget()))
         done.set()
 
     threading.Thread(target=run, daemon=True).start()

@@ -229,7 +229,7 @@ def test_cache_dir_writable_by_others_is_refused(
     cache.mkdir()
     cache.chmod(0o777)
     monkeypatch.setenv("SAFEPG_CACHE_DIR", str(cache))
-    with pytest.raises(ConfigurationError, match="not private"):
+    with pytest.raises(ConfigurationError, match="not safe for trust files"):
         safepg.resolve_trust(host=f"{RDS_HOST},db.example.com")
 
 

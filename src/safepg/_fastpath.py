@@ -39,25 +39,29 @@ from dataclasses import dataclass, replace
 
 from . import _cache, _x509
 from ._errors import ConfigurationError
-from ._params import Plan, Target
+from ._params import Plan, Target, as_bool
 from ._trust import TrustSource
 
 logger = logging.getLogger("safepg")
 
 ENV_SWITCH = "SAFEPG_FAST_PATH"
-_OFF = ("0", "off", "false", "no")
 # A host that could not be probed is not probed again for this long (the full set is used).
 _RETRY_AFTER = 60.0
-# libpq waits forever without connect_timeout; a probe never does.
+# A probe never waits forever (the connect path passes its own budget, see _deadline).
 _DEFAULT_TIMEOUT = 10.0
 _ENTRY_VERSION = 1
 
 
-def enabled(option: bool | None) -> bool:
-    """The caller's ``fast_path`` argument, else ``SAFEPG_FAST_PATH`` (on unless 0/off/false/no)."""
+def enabled(option: object) -> bool:
+    """The caller's ``fast_path`` argument, else ``SAFEPG_FAST_PATH`` (on when unset or empty).
+
+    Raises:
+        ConfigurationError: either is not a boolean (true/false, 1/0, yes/no, on/off).
+    """
     if option is not None:
-        return option
-    return os.environ.get(ENV_SWITCH, "").strip().lower() not in _OFF
+        return as_bool("fast_path", option)
+    value = os.environ.get(ENV_SWITCH, "")
+    return as_bool(ENV_SWITCH, value, where=" (environment)") if value.strip() else True
 
 
 # --- the full set, indexed once per file version ---------------------------------------------
@@ -167,9 +171,11 @@ class _Learned:
 
 def _read_entry(key: _HostKey, index: _Index) -> _Learned | None:
     """What was learned for *key*, from the disk cache, if the entry is sound."""
+    directory = _cache.usable()
+    if directory is None:
+        return None
     try:
-        path = _cache.cache_dir() / key.filename()
-        entry = json.loads(path.read_bytes())
+        entry = json.loads(_cache.read_private_file(directory / key.filename()))
         ok = (
             entry.get("version") == _ENTRY_VERSION
             and entry.get("host") == key.host
@@ -179,7 +185,7 @@ def _read_entry(key: _HostKey, index: _Index) -> _Learned | None:
         )
         anchors = tuple(entry["anchors"]) if ok else ()
         direct = entry.get("direct_tls")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigurationError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     if not anchors or not all(isinstance(a, str) and a in index.by_fingerprint for a in anchors):
         # Subset only: a fingerprint the full set lacks means the entry was tampered with, or
@@ -202,9 +208,11 @@ def _write_entry(key: _HostKey, learned: _Learned) -> None:
         "direct_tls": learned.direct,
         "learned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    directory = _cache.usable()
+    if directory is None:
+        return
     try:
-        path = _cache.cache_dir() / key.filename()
-        _cache.write_private_file(path, json.dumps(entry, indent=1).encode())
+        _cache.write_private_file(directory / key.filename(), json.dumps(entry, indent=1).encode())
     except (OSError, ConfigurationError) as ex:
         logger.debug("safepg: cannot store what was learned for %s: %s", key.where(), ex)
 
@@ -269,6 +277,8 @@ def _build(
         source = plan.trust  # already as small as it gets: keep the caller's file
     else:
         pem = b"".join(c.pem() for c in certs)
+        if _cache.usable() is None:
+            return None  # warned once: the caller's own full set is used
         try:
             path = _cache.write_trust_file("anchors", pem)
         except (OSError, ConfigurationError) as ex:
@@ -287,6 +297,14 @@ def _build(
     return _narrowed(plan, source, direct)
 
 
+def _still_good(source: TrustSource, stat_key: tuple[int, int, int], full: TrustSource) -> bool:
+    """The memoized trust file is as it was: a small file safepg wrote is checked with its
+    directories (`_cache.unchanged`); the caller's own file by its stat key."""
+    if source.path == full.path:
+        return _stat_key(source.path) == stat_key
+    return _cache.unchanged(source.path)
+
+
 def cached(plan: Plan) -> Plan | None:
     """*plan* with what was learned for its hosts, if every one is learned; no network I/O."""
     found = _applicable(plan)
@@ -296,9 +314,11 @@ def cached(plan: Plan) -> Plan | None:
     memo = _memo.get(keys)
     if memo is not None:
         source, stat_key, direct = memo
-        if _stat_key(source.path) == stat_key:
+        if _still_good(source, stat_key, plan.trust):
             return _narrowed(plan, source, direct)
-        del _memo[keys]  # changed on disk: rebuild it from the full set below
+        # Changed on disk: rebuild it from the full set below. pop, not del: another thread
+        # may have dropped the entry while this one was looking at the file.
+        _memo.pop(keys, None)
     learned = []
     for key in keys:
         item = _read_entry(key, index)
@@ -317,18 +337,9 @@ def worth_learning(plan: Plan) -> bool:
     return all(_unlearnable.get(k, 0.0) <= now for k in found[1])
 
 
-def _probe_timeout(plan: Plan) -> float:
-    """Half of connect_timeout (at least 1 s): a host that stalls the probe, then libpq, costs
-    at most 1.5 times what libpq alone would wait."""
-    try:
-        value = float(plan.resolved.get("connect_timeout") or 0)
-    except ValueError:
-        value = 0
-    # libpq treats values from 1 to 2 as 2 seconds, and 0 as "wait forever".
-    return max(max(value, 2.0) / 2, 1.0) if value > 0 else _DEFAULT_TIMEOUT
-
-
-def _learn_host(plan: Plan, target: Target, key: _HostKey, index: _Index) -> _Learned | None:
+def _learn_host(
+    plan: Plan, target: Target, key: _HostKey, index: _Index, timeout: float
+) -> _Learned | None:
     from . import _probe  # ssl and socket, not at import time
 
     # Whether the host takes direct TLS is learned from the first connect (the server's
@@ -337,7 +348,7 @@ def _learn_host(plan: Plan, target: Target, key: _HostKey, index: _Index) -> _Le
         target.hostaddr or target.host,
         int(target.port),
         server_hostname=target.host if key.sni else None,
-        timeout=_probe_timeout(plan),
+        timeout=timeout,
         direct=key.direct,
     )
     direct = True if key.direct and presented and presented.tls else None
@@ -365,8 +376,10 @@ def _learn_host(plan: Plan, target: Target, key: _HostKey, index: _Index) -> _Le
     return None
 
 
-def learn(plan: Plan) -> Plan | None:
+def learn(plan: Plan, timeout: float = _DEFAULT_TIMEOUT) -> Plan | None:
     """Probe the hosts not learned yet and return *plan* with the small trust file.
+
+    *timeout* bounds the probing as a whole (see `_deadline`), not each step.
 
     Returns None (use the full set) when the fast path does not apply or a probe taught nothing.
     Threads learning the same hosts wait for one probe rather than each making their own.
@@ -382,12 +395,14 @@ def learn(plan: Plan) -> Plan | None:
         if done is not None:
             return done
         learned = []
+        end = time.monotonic() + timeout
         for target, key in zip(plan.targets, keys, strict=True):
             item = _read_entry(key, index)
             if item is None:
-                if _unlearnable.get(key, 0.0) > time.monotonic():
+                left = end - time.monotonic()
+                if _unlearnable.get(key, 0.0) > time.monotonic() or left <= 0:
                     return None
-                item = _learn_host(plan, target, key, index)
+                item = _learn_host(plan, target, key, index, left)
                 if item is None:
                     return None
             learned.append(item)
@@ -401,9 +416,12 @@ def forget(plan: Plan) -> None:
         return
     keys = found[1]
     _memo.pop(keys, None)
+    directory = _cache.usable()
+    if directory is None:
+        return
     for key in keys:
-        with contextlib.suppress(OSError, ConfigurationError):
-            (_cache.cache_dir() / key.filename()).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (directory / key.filename()).unlink(missing_ok=True)
 
 
 def set_direct(plan: Plan, direct: bool) -> None:

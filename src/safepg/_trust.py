@@ -20,7 +20,6 @@ no PEM certificate is an error that names it: safepg never falls back from it to
 from __future__ import annotations
 
 import os
-import re
 import stat
 import sys
 from collections.abc import Sequence
@@ -58,8 +57,6 @@ class TrustSource:
         return f"{self.label} ({self.path})"
 
 
-_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?-----END CERTIFICATE-----", re.DOTALL)
-
 # Where distributions keep the OS store as one PEM file.
 WELL_KNOWN_STORE_FILES = (
     "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Arch, Gentoo, Alpine
@@ -96,9 +93,7 @@ def check_ca_file(path: str, named_by: str) -> None:
             problem = "is empty"
         else:
             with open(path, "rb") as f:
-                data = f.read()
-            if not _PEM_CERT.search(data):
-                problem = "holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+                problem = _pem_problem(f.read())
     except FileNotFoundError:
         problem = "does not exist"
     except PermissionError:
@@ -112,6 +107,22 @@ def check_ca_file(path: str, named_by: str) -> None:
             "setting to let safepg choose (see safepg.resolve_trust)."
         )
     _valid_files[path] = _stat_key(st)
+
+
+def _pem_problem(data: bytes) -> str | None:
+    """What keeps OpenSSL from loading *data* as a CA file, read as it reads it, or None."""
+    try:
+        blocks = _x509.read_pem(data)
+        certs = [
+            _x509.certificate(b)
+            for b in blocks
+            if b.label in _x509.CERTIFICATE_LABELS or b.label == _x509.TRUSTED_LABEL
+        ]
+    except _x509.PemError as ex:
+        return f"cannot be read as OpenSSL reads it: {ex}"
+    if not certs:
+        return "holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+    return None
 
 
 def libpq_default_root() -> Path | None:
@@ -132,19 +143,43 @@ def libpq_default_root() -> Path | None:
 
 
 def _pem_from_dir(directory: str) -> bytes:
-    certs: set[bytes] = set()
+    """The certificates of an OS certificate directory as one file for libpq, in canonical PEM.
+
+    Only the CERTIFICATE and X509 CERTIFICATE blocks of files safepg reads as OpenSSL does; a
+    certificate that is also in a TRUSTED CERTIFICATE block anywhere (whose trust settings,
+    perhaps a distrust, would be lost in a plain copy) is left out, like that block.
+    """
+    plain: dict[str, _x509.Cert] = {}
+    trusted: list[_x509.Cert] = []
     try:
         entries = sorted(os.scandir(directory), key=lambda e: e.name)
     except OSError:
         return b""
     for entry in entries:
         try:
-            if entry.is_file():
-                with open(entry.path, "rb") as f:
-                    certs.update(m.group(0) for m in _PEM_CERT.finditer(f.read()))
-        except OSError:
-            continue
-    return b"\n".join(sorted(certs)) + b"\n" if certs else b""
+            if not entry.is_file():
+                continue
+            with open(entry.path, "rb") as f:
+                blocks = _x509.read_pem(f.read())
+            found = [
+                (b.label == _x509.TRUSTED_LABEL, _x509.certificate(b))
+                for b in blocks
+                if b.label in _x509.CERTIFICATE_LABELS or b.label == _x509.TRUSTED_LABEL
+            ]
+        except (OSError, _x509.PemError):
+            continue  # not a file OpenSSL loads the way safepg reads it: none of it
+        for is_trusted, cert in found:
+            if is_trusted:
+                trusted.append(cert)
+            else:
+                plain[cert.sha256] = cert
+    fingerprints = {c.sha256 for c in trusted}
+    subjects = {c.subject for c in trusted}
+    return b"".join(
+        plain[fp].pem()
+        for fp in sorted(plain)
+        if fp not in fingerprints and plain[fp].subject not in subjects
+    )
 
 
 def _windows_store_pem() -> bytes:  # pragma: no cover - Windows only
@@ -159,8 +194,20 @@ def _windows_store_pem() -> bytes:  # pragma: no cover - Windows only
     return b"".join(sorted(certs))
 
 
-# (SSL_CERT_FILE, SSL_CERT_DIR) -> the OS store found for them.
-_os_store_memo: dict[tuple[str | None, str | None], TrustSource | None] = {}
+# (SSL_CERT_FILE, SSL_CERT_DIR) -> the OS store found for them, and whether safepg wrote it.
+_os_store_memo: dict[tuple[str | None, str | None], tuple[TrustSource | None, bool]] = {}
+
+
+def _still_valid(found: TrustSource, ours: bool) -> bool:
+    """A memoized source is still usable: a file safepg wrote is unchanged in its private
+    directory; anyone else's file still holds a certificate (checked by stat, cheaply)."""
+    if ours:
+        return _cache.unchanged(found.path)
+    try:
+        check_ca_file(found.path, "the OS")
+    except ConfigurationError:
+        return False
+    return True
 
 
 def os_store() -> TrustSource | None:
@@ -177,15 +224,16 @@ def os_store() -> TrustSource | None:
     env_file = os.environ.get("SSL_CERT_FILE") or None
     env_dir = os.environ.get("SSL_CERT_DIR") or None
     key = (env_file, env_dir)
-    found = _os_store_memo.get(key)
-    if found is not None and os.path.isfile(found.path):
-        return found
+    memo = _os_store_memo.get(key)
+    if memo is not None and memo[0] is not None and _still_valid(memo[0], memo[1]):
+        return memo[0]
+    found: TrustSource | None
     if env_file:
         check_ca_file(env_file, "the SSL_CERT_FILE environment variable")
         found = TrustSource(env_file, "OS trust store (SSL_CERT_FILE)", "os-store")
     else:
         found = _find_os_store(env_dir)
-    _os_store_memo[key] = found
+    _os_store_memo[key] = (found, found is not None and _cache.unchanged(found.path))
     return found
 
 
@@ -298,10 +346,8 @@ def resolve(
     return _union(sorted(sources.values(), key=lambda s: s.path))
 
 
-# The sources' (path, inode, size, mtime) -> the union file made from them, and its own stat key.
-_union_memo: dict[
-    tuple[tuple[str, tuple[int, int, int]], ...], tuple[TrustSource, tuple[int, int, int]]
-] = {}
+# The sources' (path, inode, size, mtime) -> the union file made from them.
+_union_memo: dict[tuple[tuple[str, tuple[int, int, int]], ...], TrustSource] = {}
 
 
 def _union(sources: Sequence[TrustSource]) -> TrustSource:
@@ -312,20 +358,27 @@ def _union(sources: Sequence[TrustSource]) -> TrustSource:
     """
     key = tuple((s.path, _stat_key(os.stat(s.path))) for s in sources)
     memo = _union_memo.get(key)
-    if memo is not None:
-        found, written = memo
-        try:
-            if _stat_key(os.stat(found.path)) == written:
-                return found
-        except OSError:
-            pass
-    pem = b"".join(Path(s.path).read_bytes().rstrip() + b"\n" for s in sources)
-    path = _cache.write_trust_file("combined", pem)
+    if memo is not None and _cache.unchanged(memo.path):
+        return memo
+    # Written from the certificates parsed out of each source, in canonical form: libpq gets
+    # exactly what safepg read, whatever else the sources hold.
+    certs: dict[str, _x509.Cert] = {}
+    for source in sources:
+        parsed = _x509.parse_pem(Path(source.path).read_bytes())
+        if not parsed:
+            raise ConfigurationError(
+                f"the hosts of this connection need several trust files, and safepg cannot "
+                f"combine {source}: it holds no plain PEM certificate safepg can re-encode (or "
+                "blocks OpenSSL would read otherwise). Pass one CA file that covers every host "
+                "as sslrootcert."
+            )
+        certs.update((c.sha256, c) for c in parsed)
+    path = _cache.write_trust_file("combined", b"".join(c.pem() for c in certs.values()))
     labels = list(dict.fromkeys(s.label for s in sources))
     origins = {s.origin for s in sources}
     if len(labels) == 1 and len(origins) == 1:  # one bundle of several files (Supabase)
         found = TrustSource(str(path), labels[0], origins.pop())
     else:
         found = TrustSource(str(path), "combined: " + " + ".join(labels), "combined")
-    _union_memo[key] = (found, _stat_key(os.stat(path)))
+    _union_memo[key] = found
     return found
