@@ -12,6 +12,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -150,6 +151,23 @@ def present(ctx: ssl.SSLContext) -> Callable[[socket.socket, Adversary], None]:
         if not read_ssl_request(conn):
             return
         conn.sendall(b"S")
+        with ctx.wrap_socket(conn, server_side=True) as tls:
+            read_rest(tls, adversary)
+
+    return behaviour
+
+
+def just_in_time(ctx: ssl.SSLContext, hold: float) -> Callable[[socket.socket, Adversary], None]:
+    """Hold each step just under the client's timeout: the 'S', then the handshake, then
+    present the context's certificate. A client that times each step on its own waits for
+    every one of them, on every connection it makes."""
+
+    def behaviour(conn: socket.socket, adversary: Adversary) -> None:
+        if not read_ssl_request(conn):
+            return
+        time.sleep(hold)
+        conn.sendall(b"S")
+        time.sleep(hold)
         with ctx.wrap_socket(conn, server_side=True) as tls:
             read_rest(tls, adversary)
 

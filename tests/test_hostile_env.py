@@ -205,9 +205,21 @@ def test_secrets_never_appear(
         assert secret not in repr(err.args)
         assert secret not in caplog.text
         assert secret not in out.out + out.err
-        if err.__cause__ is not None and isinstance(err, safepg.SafePGError):
-            # The original libpq error is kept as the cause; libpq never echoes passwords.
-            assert secret not in str(err.__cause__)
+        # Security review item 9: libpq's error is kept as the cause, but not psycopg's
+        # snapshot of the failed connection, whose repr and info held both secrets.
+        chained: BaseException | None = err
+        while chained is not None:
+            for text in (str(chained), repr(chained), repr(getattr(chained, "pgconn", None))):
+                assert secret not in text
+            chained = chained.__cause__ or chained.__context__
+    assert err.pgconn is None
+    assert err.__cause__ is None or err.__cause__.__traceback__ is None  # no frames, no locals
+    tb = err.__traceback__
+    while tb is not None:  # no frame the error passed through keeps the failed connection
+        for value in tb.tb_frame.f_locals.values():
+            assert not (isinstance(value, psycopg.Error) and value.pgconn is not None)
+            assert type(value).__name__ not in ("PGconn", "FinishedPGconn")
+        tb = tb.tb_next
 
 
 def _failure(conninfo: str) -> psycopg.Error:

@@ -51,7 +51,9 @@ def no_secrets_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
         assert PASSWORD not in record.getMessage()
 
 
-def attack(adversary: Adversary, trust: str) -> tuple[BaseException, float]:
+def attack(
+    adversary: Adversary, trust: str, deadline: float = DEADLINE
+) -> tuple[BaseException, float]:
     conninfo = (
         f"host=localhost hostaddr=127.0.0.1 port={adversary.port} user=app dbname=app "
         f"password={PASSWORD} connect_timeout={CONNECT_TIMEOUT} sslrootcert={trust}"
@@ -63,7 +65,7 @@ def attack(adversary: Adversary, trust: str) -> tuple[BaseException, float]:
     err = info.value
     assert PASSWORD not in str(err)
     assert PASSWORD not in repr(err)
-    assert elapsed < DEADLINE, f"took {elapsed:.1f}s"
+    assert elapsed < deadline, f"took {elapsed:.1f}s"
     return err, elapsed
 
 
@@ -138,6 +140,19 @@ def test_stall_is_bounded_by_connect_timeout(trust: str) -> None:
         err, elapsed = attack(adversary, trust)
     assert "timeout" in str(err).lower()
     assert elapsed >= CONNECT_TIMEOUT - 0.5
+    assert_nothing_sent(adversary)
+
+
+@pytest.mark.usefixtures("no_secrets_logged")
+def test_stepwise_stall_is_bounded_by_one_deadline(
+    trust: str, tmp_path: Path, rogue_ca: CertificateAuthority
+) -> None:
+    """Security review item 7: each step held just under its own timeout, then a rogue
+    certificate. The probe, libpq and the diagnosis share one deadline: 1.5 x connect_timeout."""
+    ctx = adversaries.server_context(rogue_ca.issue("localhost"), tmp_path)
+    with adversaries.running(adversaries.just_in_time(ctx, CONNECT_TIMEOUT * 0.47)) as adversary:
+        err, _ = attack(adversary, trust, deadline=CONNECT_TIMEOUT * 1.5 + 0.5)
+    assert isinstance(err, UntrustedCertificateError)
     assert_nothing_sent(adversary)
 
 

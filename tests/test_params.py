@@ -301,7 +301,7 @@ def test_parse_errors_never_show_the_password(conninfo: str) -> None:
         assert "s3cr" not in text
         assert "Pa55" not in text
     assert info.value.__cause__ is None
-    assert info.value.__suppress_context__
+    assert info.value.__context__ is None  # libpq's error quoted the input: not kept at all
 
 
 def test_errors_are_psycopg_operational_errors() -> None:
@@ -339,3 +339,63 @@ def test_environment_is_untouched(ca_file: str) -> None:
     before = dict(os.environ)
     final(host="db.example.com", sslrootcert=ca_file)
     assert dict(os.environ) == before
+
+
+# -- booleans from strings (URLs, the environment) are parsed strictly --------------------------
+
+
+@pytest.mark.parametrize("value", ["false", "0", "no", "off", "FALSE", " Off "])
+def test_false_strings_refuse_a_socket(value: Any, tmp_path: Path) -> None:
+    """Security review item 3: "false" from a URL query once enabled the socket opt-in."""
+    with pytest.raises(ConfigurationError, match="Unix-domain socket"):
+        safepg.secure_conninfo(host=str(tmp_path), allow_unencrypted_unix_socket=value)
+
+
+@pytest.mark.parametrize("value", ["maybe", "", "2", "tru", "none", 2, 1.0, [], b"true"])
+def test_other_values_are_refused(value: object, tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="allow_unencrypted_unix_socket must be true"):
+        safepg.secure_conninfo(host=str(tmp_path), allow_unencrypted_unix_socket=value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("option", ["fast_path", "direct_tls"])
+def test_connect_options_are_strict(option: str) -> None:
+    options: dict[str, Any] = {option: "maybe"}  # as a URL's query string gives it
+    with pytest.raises(ConfigurationError, match=f"{option} must be true or false"):
+        safepg.connect("host=db.example.com sslrootcert=system", **options)
+
+
+@pytest.mark.parametrize(
+    ("value", "enabled"), [("0", False), ("off", False), ("1", True), ("", True), ("yes", True)]
+)
+def test_fast_path_switch_is_strict(
+    value: str, enabled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safepg import _fastpath
+
+    monkeypatch.setenv("SAFEPG_FAST_PATH", value)
+    assert _fastpath.enabled(None) is enabled
+    assert _fastpath.enabled("false") is False  # the argument wins, parsed the same way
+    monkeypatch.setenv("SAFEPG_FAST_PATH", "disabled")
+    with pytest.raises(ConfigurationError, match="SAFEPG_FAST_PATH \\(environment\\) must be"):
+        _fastpath.enabled(None)
+
+
+@pytest.mark.parametrize(
+    "conninfo",
+    [
+        "postgresql://app:p@ss:Tr0ub4dor@db.example.com/app",
+        "postgresql://app:p@ss@db.example.com/app",
+        "host=db.example.com port=Tr0ub4dor",
+        "host=db.example.com connect_timeout=inf",
+        "host=db.example.com connect_timeout=2.5",
+    ],
+)
+def test_odd_ports_and_timeouts_are_refused_without_echo(conninfo: str) -> None:
+    """Security review item 5: a bare ValueError holding part of the password, an
+    OverflowError for connect_timeout=inf."""
+    with pytest.raises(ConfigurationError) as info:
+        safepg.connect(conninfo, sslrootcert="system")
+    for text in (str(info.value), repr(info.value)):
+        assert "Tr0ub4dor" not in text
+        assert "ss@" not in text
+    assert info.value.__context__ is None

@@ -165,3 +165,110 @@ def test_hardening_property_10000(
     raw: str, use_raw: bool,
 ) -> None:  # fmt: skip
     _property(files, pairs, kw, env, raw, use_raw)
+
+
+# -- URLs with odd user names, passwords, ports and timeouts ------------------------------------
+
+# Secrets are made of distinctive tokens between URL delimiters, so that a test can tell a
+# fragment of the password from ordinary message text.
+_DELIMITERS = st.sampled_from(["@", ":", "/", "%", "?", "#", "&", "=", " ", "'", "%4", "%zz", ","])
+_TOKEN = st.from_regex(r"S[0-9a-f]{7}", fullmatch=True)
+_SECRET = st.lists(st.one_of(_DELIMITERS, _TOKEN), min_size=1, max_size=6).map("".join)
+_ODD_PORTS = st.sampled_from(["", "0", "65536", "99999", "abc", "54 32", "-1", "1e3", "@closed"])
+_TIMEOUTS = st.sampled_from(["", "0", "2", "-1", "inf", "nan", "1e9", "2.5", "x", "99999999999"])
+
+
+@pytest.fixture(scope="module")
+def closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens: connecting is refused at once."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _url_property(
+    closed_port: int, user: str, password: str, port: str, timeout: str, use_cli: bool
+) -> None:
+    import io
+    import logging
+    import re
+    from contextlib import redirect_stderr, redirect_stdout
+
+    import psycopg
+
+    import safepg
+    from safepg import _cli
+
+    port = str(closed_port) if port == "@closed" else port
+    query = f"?connect_timeout={timeout}" if timeout else ""
+    url = f"postgresql://{user}:{password}@db.example.com:{port}/app{query}"
+    tokens = set(re.findall(r"S[0-9a-f]{7}", password))
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = Collect(logging.DEBUG)
+    logger = logging.getLogger("safepg")
+    logger.addHandler(handler)
+    shown: list[str] = []
+    try:
+        if use_cli:
+            out, err = io.StringIO(), io.StringIO()
+            with redirect_stdout(out), redirect_stderr(err):
+                code = _cli.main(["check", url, "--timeout", "2"])
+            assert code in (1, 2, 3)
+            shown += [out.getvalue(), err.getvalue()]
+        else:
+            try:
+                # hostaddr: libpq dials 127.0.0.1 whatever host the URL parses to (no DNS).
+                safepg.connect(url, hostaddr="127.0.0.1").close()
+            except (psycopg.Error, SafePGError) as ex:
+                chain: BaseException | None = ex
+                while chain is not None:
+                    shown += [str(chain), repr(chain), repr(chain.args)]
+                    pgconn = getattr(chain, "pgconn", None)
+                    shown.append(repr(pgconn))
+                    chain = chain.__cause__ or chain.__context__
+            else:
+                raise AssertionError("connected to a closed port")
+    finally:
+        logger.removeHandler(handler)
+    shown += records
+    for token in tokens:
+        for text in shown:
+            assert token not in text, f"a fragment of the password reached the output: {text}"
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=_HEALTH, database=None)
+@given(
+    user=st.sampled_from(["app", "a@b", "a:b", "app%40x"]),
+    password=_SECRET,
+    port=_ODD_PORTS,
+    timeout=_TIMEOUTS,
+    use_cli=st.booleans(),
+)
+def test_urls_never_raise_foreign_errors_or_leak_secrets(
+    closed_port: int, user: str, password: str, port: str, timeout: str, use_cli: bool
+) -> None:
+    """Security review item 5: an unencoded '@' in a password once raised a bare ValueError
+    holding part of it; connect_timeout=inf an OverflowError."""
+    _url_property(closed_port, user, password, port, timeout, use_cli)
+
+
+@pytest.mark.slow
+@settings(max_examples=3_000, deadline=None, suppress_health_check=_HEALTH, database=None)
+@given(
+    user=st.sampled_from(["app", "a@b", "a:b", "app%40x"]),
+    password=_SECRET,
+    port=_ODD_PORTS,
+    timeout=_TIMEOUTS,
+    use_cli=st.booleans(),
+)
+def test_urls_never_raise_foreign_errors_or_leak_secrets_3000(
+    closed_port: int, user: str, password: str, port: str, timeout: str, use_cli: bool
+) -> None:
+    _url_property(closed_port, user, password, port, timeout, use_cli)

@@ -15,8 +15,10 @@ from psycopg.abc import AdaptContext, ConnParam
 from psycopg.rows import AsyncRowFactory, Row, RowFactory, TupleRow
 
 from . import _check, _diagnose, _fastpath
+from ._deadline import Deadline
 from ._errors import ConfigurationError, InsecureConnectionError
-from ._params import Plan, build_plan
+from ._params import Plan, as_optional_bool, build_plan
+from ._text import shown_lines
 from ._trust import TrustSource
 
 logger = logging.getLogger("safepg")
@@ -102,8 +104,9 @@ def _admit(
     return err
 
 
-def _with_direct_tls(plan: Plan, direct_tls: bool | None) -> Plan:
+def _with_direct_tls(plan: Plan, option: object) -> Plan:
     """Apply the caller's direct_tls choice; the caller's own sslnegotiation always wins."""
+    direct_tls = as_optional_bool("direct_tls", option)
     if direct_tls is None:
         return plan
     if plan.negotiation_chosen:
@@ -156,11 +159,64 @@ def _teaches(used: Plan, full: Plan, fast: Plan | None) -> bool:
     return (used is full and fast is not None) or used.direct_unknown
 
 
-def _learn_after(used: Plan, full: Plan, fast: Plan | None, server_version: int) -> None:
+def _learn_after(
+    used: Plan, full: Plan, fast: Plan | None, server_version: int, budget: float
+) -> None:
     if used is full and fast is not None:
-        _fastpath.learn(full)  # the full set was needed (a rotation): learn the new anchors
+        _fastpath.learn(full, budget)  # the full set was needed (a rotation): learn it again
     if used.direct_unknown:
         _fastpath.set_direct(full, server_version >= _DIRECT_TLS_SERVER)
+
+
+def _start(
+    conninfo: str,
+    kwargs: Mapping[str, Any],
+    allow_unencrypted_unix_socket: object,
+    verify_as: str | None,
+    direct_tls: object,
+) -> tuple[Plan, Deadline]:
+    plan = build_plan(
+        conninfo,
+        kwargs,
+        allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
+        verify_as=verify_as,
+    )
+    return _with_direct_tls(plan, direct_tls), Deadline(plan.timeout)
+
+
+def _attempt_params(used: Plan, deadline: Deadline, retry: bool) -> dict[str, str] | None:
+    """libpq's parameters for an attempt; a retry gets what is left of the deadline, and None
+    means too little is left to start one."""
+    if not retry:
+        return used.params
+    limit = deadline.attempt_timeout()
+    if limit == 0:
+        return None
+    return used.params if limit is None else {**used.params, "connect_timeout": str(limit)}
+
+
+def _scrubbed(ex: psycopg.OperationalError) -> psycopg.OperationalError:
+    """libpq's error without what could leak the password: psycopg keeps a snapshot of the
+    failed connection (``ex.pgconn``) whose repr and ``info`` hold the password and
+    sslpassword, and its traceback's frames hold the conninfo. The message stays."""
+    if getattr(ex, "_pgconn", None) is not None:
+        ex._pgconn = None  # psycopg drops it too when pickling an error
+    return ex.with_traceback(None)
+
+
+def _failure(ex: psycopg.OperationalError, used: Plan, budget: float) -> BaseException:
+    """The error to raise for libpq's failure *ex*: safepg's diagnosis, with libpq's error as
+    its cause, or libpq's own error when it is not a TLS problem; both scrubbed.
+
+    A TLS failure's message quotes the server's certificate, so the cause is a copy of libpq's
+    error with that text escaped: a printed traceback shows it too."""
+    err = _diagnose.diagnose(ex, used, budget=budget)
+    scrubbed = _scrubbed(ex)
+    if err is None:
+        return scrubbed
+    err.__cause__ = psycopg.OperationalError(shown_lines(str(scrubbed)))
+    err.__suppress_context__ = True
+    return err
 
 
 def open_verified(
@@ -168,44 +224,44 @@ def open_verified(
     conninfo: str,
     kwargs: Mapping[str, Any],
     *,
-    allow_unencrypted_unix_socket: bool,
-    fast_path: bool | None,
+    allow_unencrypted_unix_socket: object,
+    fast_path: object,
     verify_as: str | None = None,
-    direct_tls: bool | None = None,
+    direct_tls: object = None,
     **options: Any,
 ) -> CT:
     """Harden, connect with *opener* (a psycopg ``Connection.connect``), diagnose and check.
 
     *options* are psycopg's own (autocommit, row_factory, ...), passed to *opener* untouched.
+    Probes, libpq's attempts and the diagnosis share one deadline (see `_deadline`).
     """
-    plan = _with_direct_tls(
-        build_plan(
-            conninfo,
-            kwargs,
-            allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
-            verify_as=verify_as,
-        ),
-        direct_tls,
-    )
+    plan, deadline = _start(conninfo, kwargs, allow_unencrypted_unix_socket, verify_as, direct_tls)
     fast = None
     if _fastpath.enabled(fast_path):
         fast = _fastpath.cached(plan)
         if fast is None and _fastpath.worth_learning(plan):
-            fast = _fastpath.learn(plan)
+            fast = _fastpath.learn(plan, deadline.probe_budget())
     attempts = [fast, plan] if fast else [plan]
+    failed: tuple[psycopg.OperationalError, Plan] | None = None
     for used in attempts:
-        try:
-            conn = opener(**used.params, **options)
+        params = _attempt_params(used, deadline, retry=failed is not None)
+        if params is None:
             break
+        try:
+            conn = opener(**params, **options)
         except psycopg.OperationalError as ex:
+            failed = (ex, used)
             if _retry(ex, used, plan, attempts):
                 continue
-            err = _diagnose.diagnose(ex, used)
-            if err is None:
-                raise
-            raise err from ex
+            break
+        failed = None
+        break
+    if failed is not None:
+        # Raised here, outside the except clause, so that libpq's error is only the scrubbed
+        # cause and not also the implicit context.
+        raise _failure(*failed, deadline.diagnosis_budget())
     if _teaches(used, plan, fast):
-        _learn_after(used, plan, fast, conn.info.server_version)
+        _learn_after(used, plan, fast, conn.info.server_version, deadline.probe_budget())
     refusal = _admit(conn, used)
     if refusal:
         conn.close()
@@ -218,42 +274,43 @@ async def open_verified_async(
     conninfo: str,
     kwargs: Mapping[str, Any],
     *,
-    allow_unencrypted_unix_socket: bool,
-    fast_path: bool | None,
+    allow_unencrypted_unix_socket: object,
+    fast_path: object,
     verify_as: str | None = None,
-    direct_tls: bool | None = None,
+    direct_tls: object = None,
     **options: Any,
 ) -> ACT:
     """`open_verified` for asyncio; probes, DNS and diagnoses run in a thread, off the loop."""
-    make_plan = functools.partial(
-        build_plan,
-        conninfo,
-        kwargs,
-        allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
-        verify_as=verify_as,
+    start = functools.partial(
+        _start, conninfo, kwargs, allow_unencrypted_unix_socket, verify_as, direct_tls
     )
-    plan = _with_direct_tls(
-        await asyncio.to_thread(make_plan) if verify_as else make_plan(), direct_tls
-    )
+    plan, deadline = await asyncio.to_thread(start) if verify_as else start()
     fast = None
     if _fastpath.enabled(fast_path):
         fast = _fastpath.cached(plan)
         if fast is None and _fastpath.worth_learning(plan):
-            fast = await asyncio.to_thread(_fastpath.learn, plan)
+            fast = await asyncio.to_thread(_fastpath.learn, plan, deadline.probe_budget())
     attempts = [fast, plan] if fast else [plan]
+    failed: tuple[psycopg.OperationalError, Plan] | None = None
     for used in attempts:
-        try:
-            conn = await opener(**used.params, **options)
+        params = _attempt_params(used, deadline, retry=failed is not None)
+        if params is None:
             break
+        try:
+            conn = await opener(**params, **options)
         except psycopg.OperationalError as ex:
+            failed = (ex, used)
             if _retry(ex, used, plan, attempts):
                 continue
-            err = await asyncio.to_thread(_diagnose.diagnose, ex, used)
-            if err is None:
-                raise
-            raise err from ex
+            break
+        failed = None
+        break
+    if failed is not None:
+        raise await asyncio.to_thread(_failure, *failed, deadline.diagnosis_budget())
     if _teaches(used, plan, fast):  # a probe and file writes: off the event loop
-        await asyncio.to_thread(_learn_after, used, plan, fast, conn.info.server_version)
+        await asyncio.to_thread(
+            _learn_after, used, plan, fast, conn.info.server_version, deadline.probe_budget()
+        )
     refusal = _admit(conn, used)
     if refusal:
         await conn.close()

@@ -26,13 +26,17 @@ from ._errors import (
 )
 from ._params import Plan, Target
 from ._redact import redact
+from ._text import shown
 
 if TYPE_CHECKING:
     from . import _probe
 
+# libpq quotes the certificate's first name raw: it may hold quotes, line breaks and any of the
+# phrases matched here. The host name (the caller's) ends libpq's line.
 _MISMATCH = re.compile(
-    r'server certificate for "(?P<name>[^"]*)"(?: \(and (?P<more>\d+) other names?\))? '
-    r'does not match host name "(?P<host>[^"]*)"'
+    r'server certificate for "(?P<name>.*?)"(?: \(and (?P<more>\d+) other names?\))? '
+    r'does not match host name "(?P<host>[^"\n]*)"(?=\n|\Z)',
+    re.DOTALL,
 )
 _NO_NAMES = "could not get server's host name from server certificate"
 _VERIFY_FAILED = "certificate verify failed"
@@ -49,6 +53,7 @@ _EXPIRY_CODES = (9, 10)
 # UNABLE_TO_VERIFY_LEAF_SIGNATURE.
 _NO_TRUSTED_ISSUER_CODES = (2, 18, 19, 20, 21)
 _DEFAULT_PROBE_TIMEOUT = 5.0
+_MIN_PROBE_TIME = 0.2
 
 # How to fix each failure: shared by connect errors and the CLI's inspect command.
 FIX_MISMATCH = (
@@ -85,19 +90,12 @@ def _find_target(plan: Plan, host: str | None, addr: str | None) -> Target | Non
     return plan.targets[0] if len(plan.targets) == 1 else None
 
 
-def _probe_timeout(plan: Plan) -> float:
-    try:
-        value = float(plan.params.get("connect_timeout", ""))
-    except ValueError:
-        return _DEFAULT_PROBE_TIMEOUT
-    return min(max(value, 2.0), _DEFAULT_PROBE_TIMEOUT) if value > 0 else _DEFAULT_PROBE_TIMEOUT
-
-
 def _run_probe(
-    plan: Plan, target: Target | None, addr: str | None, port: str | None
+    plan: Plan, target: Target | None, addr: str | None, port: str | None, budget: float
 ) -> _probe.ProbeResult | None:
     address = (target.hostaddr if target else None) or addr or (target.host if target else None)
-    if not address or not port or not port.isdigit():
+    # Too little time left on the connect's deadline: diagnose from libpq's text alone.
+    if not address or not port or not port.isdigit() or budget < _MIN_PROBE_TIME:
         return None
     from . import _probe  # ssl and socket, only on a failure path
 
@@ -106,7 +104,7 @@ def _run_probe(
         int(port),
         plan.trust.path,
         server_hostname=target.host if target else None,
-        timeout=_probe_timeout(plan),
+        timeout=budget,
     )
 
 
@@ -114,7 +112,7 @@ def _out_of_date(chain: Sequence[_probe.CertificateInfo]) -> str:
     """Which certificate of *chain* is expired or not yet valid, and since or until when."""
     now = dt.datetime.now(dt.timezone.utc)
     for i, cert in enumerate(chain):
-        who = "the server's certificate" if i == 0 else f"the CA certificate {cert.subject}"
+        who = "the server's certificate" if i == 0 else f"the CA certificate {shown(cert.subject)}"
         if cert.not_after and cert.not_after < now:
             return f": {who} expired on {cert.not_after:%Y-%m-%d %H:%M} UTC"
         if cert.not_before and cert.not_before > now:
@@ -122,10 +120,22 @@ def _out_of_date(chain: Sequence[_probe.CertificateInfo]) -> str:
     return ""
 
 
+def _without_names(text: str) -> str:
+    """*text* with the certificate names libpq quoted blanked out (same length, same offsets).
+
+    Those names are the server's text: they are never searched for libpq's phrases."""
+    for m in _MISMATCH.finditer(text):
+        start, end = m.span("name")
+        text = text[:start] + "_" * (end - start) + text[end:]
+    return text
+
+
 def _failure_line(text: str, needles: Sequence[str]) -> str | None:
-    for line in text.splitlines():
-        if any(n in line for n in needles):
-            return line
+    """The first of libpq's lines that holds one of *needles*, whole (with a quoted certificate
+    name, even one that holds line breaks)."""
+    for m in re.finditer(r"[^\n]+", _without_names(text)):
+        if any(n in m.group() for n in needles):
+            return text[m.start() : m.end()]
     return None
 
 
@@ -138,6 +148,14 @@ def _mismatch_fix(host: str | None) -> str:
     profile = providers.profile_for_host(host) if host else None
     hint = profile.mismatch_hint(host) if profile and host else None
     return f"{hint}\n{FIX_MISMATCH}" if hint else FIX_MISMATCH
+
+
+def _host_port(ex: psycopg.OperationalError) -> tuple[str | None, str | None]:
+    pg = ex.pgconn
+    if pg is None:
+        return None, None
+    host = pg.host.decode("utf-8", "replace") if pg.host else None
+    return host, (pg.port or b"").decode("utf-8", "replace") or None
 
 
 def rejected_chain(ex: psycopg.OperationalError) -> bool:
@@ -159,12 +177,20 @@ def handshake_failed(ex: psycopg.OperationalError) -> bool:
     return any(needle in text for needle in _HANDSHAKE)
 
 
-def diagnose(ex: psycopg.OperationalError, plan: Plan, *, probe: bool = True) -> SafePGError | None:
+def diagnose(
+    ex: psycopg.OperationalError,
+    plan: Plan,
+    *,
+    probe: bool = True,
+    budget: float = _DEFAULT_PROBE_TIMEOUT,
+) -> SafePGError | None:
     """The safepg error for libpq's failure *ex*, or None when it is not a TLS problem.
 
     Args:
         probe: on a certificate failure, connect once more with Python's ``ssl`` to read the
             chain and tell an expired certificate from an untrusted one.
+        budget: the longest that probe may take, in all (what is left of the connect's
+            deadline); with too little, the error is built from libpq's message alone.
     """
     text = str(ex)
     line = _failure_line(
@@ -181,13 +207,17 @@ def diagnose(ex: psycopg.OperationalError, plan: Plan, *, probe: bool = True) ->
     )
     if line is None:
         return None
+    # What libpq said, and the same with the certificate's quoted name blanked out: only the
+    # latter is searched for libpq's phrases (the name is the server's text).
+    said, line = line, _without_names(line)
     at = _AT.search(line)
     addr, port = (at["addr"], at["port"]) if at else (None, None)
-    pg = ex.pgconn
-    if port is None and pg is not None:
-        port = (pg.port or b"").decode() or None
+    # Only the host and port of libpq's failed connection: the rest of it holds the password,
+    # and nothing here may keep a reference to it (frame locals end up in error reports).
+    pg_host, pg_port = _host_port(ex)
+    port = port or pg_port
     trust = f"Trust anchors: {plan.trust.label} ({plan.trust.path})."
-    libpq = f"libpq said: {redact(line.strip(), plan.secrets)}"
+    libpq = f"libpq said: {shown(redact(said.strip(), plan.secrets))}"
 
     root = _ROOT_FILE.search(line)
     if root:
@@ -196,7 +226,7 @@ def diagnose(ex: psycopg.OperationalError, plan: Plan, *, probe: bool = True) ->
         )
 
     if _ERROR_INSTEAD_OF_TLS in line or _INJECTED in line:
-        host = pg.host.decode() if pg and pg.host else addr
+        host = pg_host or addr
         what = (
             "answered the TLS request with an error message instead of TLS"
             if _ERROR_INSTEAD_OF_TLS in line
@@ -212,30 +242,37 @@ def diagnose(ex: psycopg.OperationalError, plan: Plan, *, probe: bool = True) ->
         violation.host, violation.port, violation.trust = host, port, plan.trust
         return violation
 
-    mismatch = _MISMATCH.search(line)
+    mismatch = _MISMATCH.search(said)
     if mismatch or _NO_NAMES in line:
-        host = mismatch["host"] if mismatch else (pg.host.decode() if pg and pg.host else None)
+        host = mismatch["host"] if mismatch else pg_host
         target = _find_target(plan, host, addr)
-        result = _run_probe(plan, target, addr, port) if probe else None
+        result = _run_probe(plan, target, addr, port, budget) if probe else None
         leaf = result.chain[0] if result and result.chain else None
         if mismatch:
             more = int(mismatch["more"] or 0)
-            holds = f'"{mismatch["name"]}"' + (f" and {more} other name(s)" if more else "")
+            holds = f'"{shown(mismatch["name"])}"' + (f" and {more} other name(s)" if more else "")
         else:
             holds = "no host name at all (no subjectAltName and no common name)"
-        listing = f" The certificate lists: {', '.join(leaf.names)}." if leaf and leaf.names else ""
+        listing = (
+            f" The certificate lists (read by a second handshake, unverified): "
+            f"{', '.join(map(shown, leaf.names))}."
+            if leaf and leaf.names
+            else ""
+        )
+        named = shown(str(host))  # from libpq's line, after the certificate's name
         mismatch_err = HostnameMismatchError(
-            f"The server at {addr or host}:{port} presented a certificate that does not name "
-            f'"{host}": it holds {holds}.{listing}\n{trust}\n{_mismatch_fix(host)}\n{libpq}'
+            f"The server at {shown(str(addr or host))}:{port} presented a certificate that does "
+            f'not name "{named}": it holds {holds}.{listing}\n{trust}\n{_mismatch_fix(named)}\n'
+            f"{libpq}"
         )
         mismatch_err.certificate_names = (
             leaf.names if leaf else ((mismatch["name"],) if mismatch else ())
         )
         err: ConnectionSecurityError = mismatch_err
     elif _VERIFY_FAILED in line:
-        host = pg.host.decode() if pg and pg.host else addr
+        host = pg_host or addr
         target = _find_target(plan, host, addr)
-        result = _run_probe(plan, target, addr, port) if probe else None
+        result = _run_probe(plan, target, addr, port, budget) if probe else None
         leaf = result.chain[0] if result and result.chain else None
         presented = f"\nThe server presented (unverified): {leaf.describe()}." if leaf else ""
         if result and result.verify_code in _EXPIRY_CODES:
@@ -254,7 +291,7 @@ def diagnose(ex: psycopg.OperationalError, plan: Plan, *, probe: bool = True) ->
                     "~/.postgresql/root.crl) has probably revoked it"
                 )
             issuer = (
-                f' The issuer "{leaf.issuer}" is not among them.'
+                f' The issuer "{shown(leaf.issuer)}" is not among them (as presented, unverified).'
                 if leaf and result and result.verify_code in _NO_TRUSTED_ISSUER_CODES
                 else ""
             )
@@ -263,7 +300,7 @@ def diagnose(ex: psycopg.OperationalError, plan: Plan, *, probe: bool = True) ->
                 f"root{reason}.{presented}\n{trust}{issuer}\n{_untrusted_fix(host)}\n{libpq}"
             )
     else:
-        host = pg.host.decode() if pg and pg.host else addr
+        host = pg_host or addr
         err = SSLNotSupportedError(
             f"The server at {host}:{port} does not offer TLS, and safepg never connects without "
             f"it.\n{FIX_NO_TLS}\n{libpq}"

@@ -14,9 +14,9 @@ import ntpath
 import os
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import pq
@@ -41,6 +41,44 @@ _DEFAULT_PORT = "5432"  # libpq's compiled-in DEF_PGPORT
 # Longer than any real parameter (tokens used as passwords are a few KiB), short of abuse.
 MAX_VALUE_LENGTH = 65536
 _KEYWORD = re.compile(r"[a-z][a-z0-9_]*")
+_PORT = re.compile(r"[0-9]{1,5}")
+# DNS names (IDNs too), IPv4 and IPv6 addresses with a zone: what libpq can dial and verify.
+_HOST = re.compile(r"[\w.:%-]+")
+# A socket directory or abstract name that can be shown: no second '@', quote or control.
+_SHOWN_SOCKET = re.compile(r"@?[\w./+ -]*")
+_SECONDS = re.compile(r"-?[0-9]{1,9}")
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+def as_bool(name: str, value: object, *, where: str = "") -> bool:
+    """*value* as a boolean: a bool, 0 or 1, or one of true/false, 1/0, yes/no, on/off.
+
+    Strings come from URLs, the environment and ini files, where ``"false"`` must never be
+    taken as true. Anything else is refused rather than guessed.
+
+    Raises:
+        ConfigurationError: naming the option (and *where* it came from).
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    raise ConfigurationError(
+        f"{name}{where} must be true or false (also accepted: 1/0, yes/no, on/off), not {shown}"
+    )
+
+
+def as_optional_bool(name: str, value: object) -> bool | None:
+    """`as_bool`, keeping None (meaning: not chosen)."""
+    return None if value is None else as_bool(name, value)
 
 
 @dataclass(frozen=True)
@@ -57,7 +95,7 @@ class Target:
 class Plan:
     """The outcome of hardening: what to hand to libpq, and why."""
 
-    params: dict[str, str] = field(hash=False)
+    params: dict[str, str] = field(hash=False, repr=False)  # holds the password
     trust: TrustSource
     targets: tuple[Target, ...]
     allow_unix_socket: bool
@@ -80,6 +118,13 @@ class Plan:
     @property
     def secrets(self) -> tuple[str | None, ...]:
         return (self.params.get("password"), self.params.get("sslpassword"))
+
+    @property
+    def timeout(self) -> float | None:
+        """libpq's connect_timeout for each attempt, in seconds, or None (none set): libpq
+        reads 1 as 2, and 0 or less as no timeout."""
+        value = int(self.resolved.get("connect_timeout") or 0)
+        return float(max(value, 2)) if value > 0 else None
 
 
 _DEFAULT_ORIGIN = "libpq's default"
@@ -113,10 +158,18 @@ def _reject_unsafe_text(conninfo: str, kwargs: Mapping[str, Any]) -> None:
             )
         if "\x00" in value:
             raise ConfigurationError(f"{name} contains a NUL byte, which libpq cannot take")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ConfigurationError(f"{name} is not valid UTF-8 text") from None
+        if not _is_utf8(value):
+            raise ConfigurationError(f"{name} is not valid UTF-8 text")
+
+
+def _is_utf8(value: str) -> bool:
+    # Not raised from inside the except clause: the UnicodeEncodeError holds the whole value
+    # (perhaps a password), and would stay reachable as the refusal's __context__.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _join(params: Mapping[str, str]) -> str:
@@ -155,6 +208,29 @@ def _libpq_view(params: Mapping[str, str], secrets: tuple[str | None, ...]) -> d
         pgconn.finish()
 
 
+def _check_numbers(resolved: Mapping[str, str], origin: Any) -> None:
+    """Refuse a port or connect_timeout that is not a plain number, without showing it.
+
+    An unencoded ``@`` in a URL's password makes libpq read the rest of the password as the
+    host and port, so the value may be a secret: it is never echoed.
+    """
+    for port in _split(resolved.get("port")):
+        if port and not (_PORT.fullmatch(port) and 1 <= int(port) <= 65535):
+            raise ConfigurationError(
+                f"the port (from {origin('port', 'PGPORT')}) is not a number from 1 to 65535; "
+                "its value is not shown, as it may hold part of a password. In a URL, "
+                "percent-encode '@', ':' and '/' in the user name and password (%40, %3A, "
+                "%2F): an unencoded '@' makes libpq read the rest of the password as the host "
+                "and port."
+            )
+    timeout = resolved.get("connect_timeout")
+    if timeout and not _SECONDS.fullmatch(timeout.strip()):
+        raise ConfigurationError(
+            f"connect_timeout (from {origin('connect_timeout', 'PGCONNECT_TIMEOUT')}) must be a "
+            "whole number of seconds, such as connect_timeout=10 (0 means no timeout)"
+        )
+
+
 def _env_origin(envvar: str) -> str:
     return f"the {envvar} environment variable"
 
@@ -179,6 +255,15 @@ _SOCKET_FIX = (
 )
 
 
+def _socket_shown(host: str) -> str:
+    """A socket path for a message, unless it may hold part of a password: an unencoded '@'
+    in a URL's password can make the rest of it a host that starts with '@' (Linux's abstract
+    socket namespace)."""
+    if _SHOWN_SOCKET.fullmatch(host):
+        return repr(host)
+    return "(not shown: it holds characters no socket path has, perhaps part of a password)"
+
+
 def _targets(resolved: Mapping[str, str], allow_socket: bool) -> tuple[Target, ...]:
     hosts, addrs = _split(resolved.get("host")), _split(resolved.get("hostaddr"))
     ports = _split(resolved.get("port"))
@@ -201,7 +286,7 @@ def _targets(resolved: Mapping[str, str], allow_socket: bool) -> tuple[Target, .
         elif _is_socket(host):
             if not allow_socket:
                 where = (
-                    f"host {host!r} is a Unix-domain socket directory"
+                    f"host {_socket_shown(host)} is a Unix-domain socket directory"
                     if host
                     else "no host was given (conninfo, keyword, service file or PGHOST), so libpq "
                     "would use its default Unix-domain socket"
@@ -210,6 +295,15 @@ def _targets(resolved: Mapping[str, str], allow_socket: bool) -> tuple[Target, .
             targets.append(Target(host, None, socket=True, port=port))
         else:
             targets.append(Target(host or "localhost", None, socket=False, port=port))
+    for target in targets:
+        if not target.socket and not _HOST.fullmatch(target.host):
+            # Never echoed: an unencoded '@' in a URL's password puts the rest of it here.
+            raise ConfigurationError(
+                "a host name holds characters that no host name or IP address has (such as "
+                "'@', '/', '?', spaces or quotes); it is not shown, as it may hold part of a "
+                "password. In a URL, percent-encode '@', ':' and '/' in the user name and "
+                "password (%40, %3A, %2F)."
+            )
     return tuple(targets)
 
 
@@ -284,11 +378,27 @@ def _dial_alias(resolved: dict[str, str], verify_as: str) -> None:
     resolved["hostaddr"] = ",".join(addresses)
 
 
+_T = TypeVar("_T")
+
+
+def _refused_or(parse: Callable[[], _T]) -> _T | ConfigurationError:
+    """*parse*'s result, or the refusal to raise for libpq's parse error.
+
+    The refusal is returned, to be raised outside the except clause: libpq's own error quotes
+    the input (perhaps the password), and would stay reachable as the refusal's __context__.
+    """
+    try:
+        return parse()
+    except psycopg.ProgrammingError as ex:
+        message = redact_parse_error(str(ex))
+    return ConfigurationError(f"invalid connection parameters: {message}")
+
+
 def build_plan(
     conninfo: str,
     kwargs: Mapping[str, Any],
     *,
-    allow_unencrypted_unix_socket: bool = False,
+    allow_unencrypted_unix_socket: object = False,
     verify_as: str | None = None,
 ) -> Plan:
     """Harden *conninfo* and *kwargs* into the final libpq parameters.
@@ -298,22 +408,19 @@ def build_plan(
     Raises:
         ConfigurationError: the input is invalid, or cannot lead to a verified session.
     """
+    allow_socket = as_bool("allow_unencrypted_unix_socket", allow_unencrypted_unix_socket)
     _reject_unsafe_text(conninfo, kwargs)
-    try:
-        params = dict(_parse(conninfo))
-    except psycopg.ProgrammingError as ex:
-        raise ConfigurationError(
-            f"invalid connection parameters: {redact_parse_error(str(ex))}"
-        ) from None
+    parsed = _refused_or(lambda: dict(_parse(conninfo)))
+    if isinstance(parsed, ConfigurationError):
+        raise parsed
+    params = parsed
     params.update((k, str(v)) for k, v in kwargs.items() if v is not None)
     secrets = (params.get("password"), params.get("sslpassword"))
-    try:
-        resolved = _libpq_view(params, secrets)
-    except psycopg.ProgrammingError as ex:
-        # make_conninfo validates keywords given as kwargs (conninfo_to_dict does not).
-        raise ConfigurationError(
-            f"invalid connection parameters: {redact_parse_error(str(ex))}"
-        ) from None
+    # make_conninfo validates keywords given as kwargs (conninfo_to_dict does not).
+    viewed = _refused_or(lambda: _libpq_view(params, secrets))
+    if isinstance(viewed, ConfigurationError):
+        raise viewed
+    resolved = viewed
 
     service = params.get("service") or os.environ.get("PGSERVICE")
     defaults: dict[str, str | None] = {}
@@ -336,6 +443,7 @@ def build_plan(
             return _env_origin(envvar)
         return _DEFAULT_ORIGIN
 
+    _check_numbers(resolved, origin)
     sslmode = resolved.get("sslmode", "prefer")
     if sslmode != REQUIRED_SSLMODE:
         _raise_logged(
@@ -356,7 +464,7 @@ def build_plan(
         )
     if verify_as is not None:
         _dial_alias(resolved, verify_as)
-    targets = _targets(resolved, allow_unencrypted_unix_socket)
+    targets = _targets(resolved, allow_socket)
     rootcert_origin = origin("sslrootcert", "PGSSLROOTCERT")
     trust = _trust.resolve(
         resolved.get("sslrootcert") or None,
@@ -383,4 +491,4 @@ def build_plan(
         or bool(os.environ.get("PGSSLNEGOTIATION"))
         or resolved.get("sslnegotiation", "postgres") != "postgres"
     )
-    return Plan(final, trust, targets, allow_unencrypted_unix_socket, resolved, chosen)
+    return Plan(final, trust, targets, allow_socket, resolved, chosen)

@@ -15,8 +15,11 @@ import datetime as dt
 import socket
 import ssl
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any
+
+from ._text import shown
 
 # SSLRequest: length 8, then the magic code 1234.5679.
 _SSLREQUEST = struct.pack("!ii", 8, 80877103)
@@ -36,10 +39,11 @@ class CertificateInfo:
     common_name: str | None = None
 
     def describe(self) -> str:
-        names = ", ".join(self.names) if self.names else "no subjectAltName"
+        """One line for messages, every name escaped (`_text.shown`): the server wrote them."""
+        names = ", ".join(map(shown, self.names)) if self.names else "no subjectAltName"
         until = f", valid until {self.not_after:%Y-%m-%d}" if self.not_after else ""
-        subject = self.subject or "(empty)"
-        return f"subject {subject}, issued by {self.issuer}{until}; names: {names}"
+        subject = shown(self.subject) or "(empty)"
+        return f"subject {subject}, issued by {shown(self.issuer)}{until}; names: {names}"
 
 
 @dataclass(frozen=True)
@@ -69,23 +73,62 @@ def request_tls(sock: socket.socket) -> bool:
     return sock.recv(1) == b"S"
 
 
-def _open(address: str, port: int, timeout: float, direct: bool) -> socket.socket:
-    """A TCP connection on which TLS can start. Raises OSError when the server is unreachable.
+def _left(end: float) -> float:
+    """Seconds until *end*; TimeoutError once it has passed."""
+    left = end - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the probe's time is up")
+    return left
+
+
+def _connect(address: str, port: int, end: float) -> socket.socket:
+    """A TCP connection to the first of *address*'s addresses that answers before *end*.
+
+    Unlike socket.create_connection, every address shares one deadline rather than each
+    getting the whole timeout.
+    """
+    last: OSError | None = None
+    for family, kind, proto, _name, where in socket.getaddrinfo(
+        address, port, type=socket.SOCK_STREAM
+    ):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(_left(end))
+            sock.connect(where)
+        except OSError as ex:  # TimeoutError included
+            sock.close()
+            last = ex
+            if isinstance(ex, TimeoutError):
+                break
+            continue
+        return sock
+    raise last or OSError(f"no address for {address}")
+
+
+def _open(address: str, port: int, end: float, direct: bool) -> socket.socket:
+    """A TCP connection on which TLS can start, opened before the monotonic time *end*.
 
     With *direct*, TLS starts at once (PostgreSQL 17+, ALPN ``postgresql``); otherwise after
-    PostgreSQL's SSLRequest. Raises _NoTLS when the server declines the SSLRequest.
+    PostgreSQL's SSLRequest. The socket's timeout is left at the time remaining, so that the
+    handshake that follows (whose timeout CPython applies to the whole handshake) ends by *end*
+    too: a peer that answers each step just in time cannot stretch the probe.
+
+    Raises:
+        OSError: the server is unreachable (TimeoutError: not by *end*).
+        _NoTLS: the server declined the SSLRequest.
     """
-    sock = socket.create_connection((address, port), timeout=timeout)
-    if direct:
-        return sock
+    sock = _connect(address, port, end)
     try:
-        if request_tls(sock):
-            return sock
+        if not direct:
+            sock.settimeout(_left(end))
+            if not request_tls(sock):
+                sock.close()
+                raise _NoTLS
+        sock.settimeout(_left(end))
     except OSError:
         sock.close()
         raise
-    sock.close()
-    raise _NoTLS
+    return sock
 
 
 class _NoTLS(Exception):
@@ -127,11 +170,12 @@ def presented_chain(
 ) -> Presented | None:
     """Read the certificates *address*:*port* presents, without verifying anything.
 
-    *server_hostname* is sent as SNI (unless it is an IP address), as libpq does. Returns None
-    when the server cannot be reached or the handshake fails.
+    *server_hostname* is sent as SNI (unless it is an IP address), as libpq does. *timeout*
+    bounds the whole probe, not each step. Returns None when the server cannot be reached or
+    the handshake fails.
     """
     try:
-        sock = _open(address, port, timeout, direct)
+        sock = _open(address, port, time.monotonic() + timeout, direct)
     except _NoTLS:
         return Presented(tls=False)
     except TimeoutError:
@@ -211,9 +255,11 @@ def probe(
 ) -> ProbeResult | None:
     """Connect to *address*:*port*, ask for TLS, and check the chain against *cafile*.
 
-    The host name is not checked here: that is libpq's decision alone. Returns None when the
-    server cannot be reached or the exchange fails before a certificate arrives.
+    The host name is not checked here: that is libpq's decision alone. *timeout* bounds the
+    whole probe, not each step. Returns None when the server cannot be reached or the exchange
+    fails before a certificate arrives.
     """
+    end = time.monotonic() + timeout
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False  # libpq judges host names; this only reads and checks the chain
     ctx.verify_mode = ssl.CERT_REQUIRED
@@ -223,7 +269,7 @@ def probe(
     ctx.verify_flags &= ~(ssl.VERIFY_X509_STRICT | ssl.VERIFY_X509_PARTIAL_CHAIN)
     ctx.load_verify_locations(cafile=cafile)
     try:
-        sock = _open(address, port, timeout, direct=False)
+        sock = _open(address, port, end, direct=False)
     except _NoTLS:
         return ProbeResult(tls=False)
     except OSError:
