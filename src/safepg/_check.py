@@ -14,6 +14,7 @@ from psycopg.rows import tuple_row
 from ._errors import InsecureConnectionError
 from ._libpq import ssl_attribute
 from ._params import REQUIRED_SSLMODE, Plan, _is_socket
+from ._text import shown
 from ._trust import TrustSource
 
 __all__ = ["SSLReport", "check", "check_async"]
@@ -95,11 +96,12 @@ class SSLReport:
             f"  cipher:        {self.cipher or '-'} ({self.bits or '-'} bits)",
             f"  TLS library:   {self.ssl_library or '-'}",
             f"  trust anchors: {self.trust or '-'}",
+            # The server's own text (pg_stat_ssl): shown escaped, like any text from the network.
             f"  server side:   pid {self.backend_pid}, pg_stat_ssl.ssl={self.backend_ssl}, "
-            f"{self.backend_protocol or '-'}, {self.backend_cipher or '-'}",
+            f"{shown(self.backend_protocol or '-')}, {shown(self.backend_cipher or '-')}",
         ]
         if self.client_dn:
-            lines.append(f"  client cert:   {self.client_dn}")
+            lines.append(f"  client cert:   {shown(self.client_dn)}")
         return "\n".join(lines)
 
 
@@ -170,7 +172,9 @@ def _finish(report: SSLReport, row: tuple[Any, ...] | None, allow_socket: bool) 
     # pooler in between); libpq has enforced ssl_min_protocol_version in the handshake anyway.
     protocol = report.protocol or report.backend_protocol
     if protocol is not None and protocol not in _ACCEPTED_PROTOCOLS:
-        raise InsecureConnectionError(f"This session uses {protocol}, below the TLS 1.2 minimum.")
+        raise InsecureConnectionError(
+            f"This session uses {shown(protocol)}, below the TLS 1.2 minimum."
+        )
     return report
 
 

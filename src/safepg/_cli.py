@@ -26,6 +26,7 @@ from typing import Any, TextIO
 import psycopg
 
 from . import __version__
+from ._text import shown, shown_lines
 
 EXIT_OK, EXIT_CONNECT, EXIT_USAGE, EXIT_INSECURE, EXIT_EXPIRING = 0, 1, 2, 3, 4
 DEFAULT_TIMEOUT = 10.0
@@ -104,12 +105,13 @@ def _trust_json(trust: Any) -> dict[str, Any] | None:
 def _print_chain(out: _Out, chain: Sequence[Any]) -> None:
     from ._inspect import EXPIRY_WARNING_DAYS, days_left
 
+    # Every name is the server's text: shown escaped (the callers' headings say it is unverified).
     for i, cert in enumerate(chain):
         role = "server" if i == 0 else "CA"
-        out.line(f"  [{i}] {role}: {cert.subject or '(empty subject)'}")
-        out.field("issuer", cert.issuer, 6)
+        out.line(f"  [{i}] {role}: {shown(cert.subject) or '(empty subject)'}")
+        out.field("issuer", shown(cert.issuer), 6)
         if cert.names:
-            out.field("names", ", ".join(cert.names), 6)
+            out.field("names", ", ".join(map(shown, cert.names)), 6)
         left = days_left(cert)
         if cert.not_after is not None and left is not None:
             text = f"{cert.not_after:%Y-%m-%d} ({left} days)"
@@ -140,6 +142,17 @@ def _error_exit(ex: BaseException) -> int:
     return EXIT_CONNECT
 
 
+def _for_people(ex: BaseException, message: str) -> str:
+    """*message* (from *ex*) ready to print. safepg's own messages show the network's text
+    escaped already; psycopg's may quote the server's, so each of their lines is escaped (the
+    line breaks are libpq's, and its tabs indent its hints)."""
+    from ._errors import SafePGError
+
+    if isinstance(ex, SafePGError):
+        return message
+    return shown_lines(message)
+
+
 # -- check -------------------------------------------------------------------------------------
 
 
@@ -168,7 +181,9 @@ def _check(args: argparse.Namespace) -> int:
                 }
             )
         else:
-            print(f"safepg check: {type(ex).__name__}:\n{message}", file=sys.stderr)
+            print(
+                f"safepg check: {type(ex).__name__}:\n{_for_people(ex, message)}", file=sys.stderr
+            )
         return code
     with conn:
         report = safepg.check(conn)
@@ -242,20 +257,18 @@ def _check(args: argparse.Namespace) -> int:
         out.field("trust anchors", report.trust.label)
         out.field("trust file", report.trust.path)
     if chain:
-        out.line("  certificates (read by a second handshake, as the server presents them):")
+        out.line("  certificates (read by a second handshake, as presented: unverified):")
         _print_chain(out, chain)
+    # The server's own text (verified server, but its values can hold anything): escaped.
     out.line("  server side (pg_stat_ssl joined with pg_stat_activity, this session):")
     out.field("pid", report.backend_pid, 6)
     for key in ("user", "database", "application_name", "client_addr", "backend_start"):
         if activity.get(key) is not None:
-            out.field(key.replace("_", " "), activity[key], 6)
-    out.field(
-        "ssl",
-        f"{activity.get('ssl')} {activity.get('protocol') or ''} {activity.get('cipher') or ''}",
-        6,
-    )
+            out.field(key.replace("_", " "), shown(str(activity[key])), 6)
+    ssl_text = f"{activity.get('protocol') or ''} {activity.get('cipher') or ''}"
+    out.field("ssl", f"{activity.get('ssl')} {shown(ssl_text)}", 6)
     if activity.get("client_dn"):
-        out.field("client cert", activity["client_dn"], 6)
+        out.field("client cert", shown(str(activity["client_dn"])), 6)
     return code
 
 
@@ -340,7 +353,7 @@ def _inspect(args: argparse.Namespace) -> int:
     if found.reachable:
         out.field("TLS", out.good("offered") if found.tls else out.bad("not offered"))
     if found.chain:
-        out.line("  certificates presented (unauthenticated until verified):")
+        out.line("  certificates as presented (unverified; the trust anchors judge them below):")
         _print_chain(out, found.chain)
     if found.tls and found.trust is not None:
         verdict = (
@@ -519,6 +532,12 @@ def _providers(args: argparse.Namespace) -> int:
 
 def _bundles_check(args: argparse.Namespace) -> int:
     """Check a CA bundle as safepg checks its own data, and show how it differs."""
+    return _checked_bundle(args)[0]
+
+
+def _checked_bundle(args: argparse.Namespace) -> tuple[int, list[Any]]:
+    """Check *args.file*, print the verdict and the difference to *args.replace*; the exit
+    status and the checked certificates (`_bundles.CheckedCert`), read once."""
     from . import _bundles, providers
 
     try:
@@ -527,10 +546,10 @@ def _bundles_check(args: argparse.Namespace) -> int:
         certs = _bundles.check_bundle(pem)
     except OSError as ex:
         print(f"safepg bundles: cannot read {args.file}: {ex.strerror}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_USAGE, []
     except _bundles.BundleError as ex:
         print(f"safepg bundles: {args.file}: {ex}", file=sys.stderr)
-        return EXIT_INSECURE
+        return EXIT_INSECURE, []
     print(f"{args.file}: {len(certs)} certificates, all CAs, signatures verify, none expired")
     if getattr(args, "replace", None):
         current = _fingerprints(providers.shipped_path(args.replace))
@@ -539,29 +558,32 @@ def _bundles_check(args: argparse.Namespace) -> int:
             print(f"  + {new[fp]}  {fp[:16]}")
         for fp in sorted(set(current) - set(new)):
             print(f"  - {current[fp]}  {fp[:16]}")
-    return EXIT_OK
+    return EXIT_OK, certs
 
 
 def _fingerprints(path: str) -> dict[str, str]:
+    """The certificates of a PEM file, read as OpenSSL and `_bundles.check_bundle` read it."""
     from . import _x509
 
     with open(path, "rb") as f:
-        certs = _x509.parse_pem(f.read())
+        blocks = _x509.read_pem(f.read())
+    certs = [_x509.certificate(b) for b in blocks if b.label in _x509.CERTIFICATE_LABELS]
     return {c.sha256.upper(): _x509.common_name(c.subject) or "?" for c in certs}
 
 
 def _bundles_install(args: argparse.Namespace) -> int:
     """Check a newer copy of a shipped CA file and make safepg use it (no download, ever)."""
-    from . import _cache, providers
+    from . import _bundles, _cache, providers
 
-    code = _bundles_check(args)
+    code, certs = _checked_bundle(args)
     if code != EXIT_OK:
         return code
     directory = providers.override_dir()
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with open(args.file, "rb") as f:
-            _cache.write_private_file(directory / args.replace, f.read())
+        # The certificates checked, re-encoded: never the file's own bytes, which could hold
+        # more than was checked.
+        _cache.write_private_file(directory / args.replace, _bundles.canonical_pem(certs))
     except OSError as ex:
         print(f"safepg bundles: cannot write to {directory}: {ex.strerror}", file=sys.stderr)
         return EXIT_USAGE
@@ -711,7 +733,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except psycopg.Error as ex:
-        print(f"safepg {args.command}: {type(ex).__name__}: {ex}", file=sys.stderr)
+        message = _for_people(ex, str(ex))
+        print(f"safepg {args.command}: {type(ex).__name__}: {message}", file=sys.stderr)
         return _error_exit(ex)
     except KeyboardInterrupt:
         return 130

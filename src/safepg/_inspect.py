@@ -16,6 +16,7 @@ from . import _probe, _trust, providers
 from ._diagnose import FIX_EXPIRED, FIX_MISMATCH, FIX_NO_TLS, FIX_UNTRUSTED
 from ._errors import ConfigurationError
 from ._probe import CertificateInfo
+from ._text import shown
 from ._trust import TrustSource
 
 EXPIRY_WARNING_DAYS = 30
@@ -32,7 +33,11 @@ _RDS_GENERATIONS = (
 
 @dataclass(frozen=True)
 class Inspection:
-    """What ``safepg inspect`` found. See the README for the JSON form."""
+    """What ``safepg inspect`` found. See the README for the JSON form.
+
+    *chain* holds the certificates' text as presented (raw); the sentences in *problems* and
+    *warnings* show it escaped (`_text.shown`), ready to print.
+    """
 
     host: str
     port: int
@@ -173,7 +178,10 @@ def inspect_server(
             advice.append(FIX_EXPIRED)
         else:
             if leaf is not None:
-                problems.append(f'the issuer "{leaf.issuer}" is not among the trust anchors')
+                problems.append(
+                    f'the issuer "{shown(leaf.issuer)}" (as presented, unverified) is not among '
+                    "the trust anchors"
+                )
             if verified_by is not None:
                 advice.append(
                     f"It verifies against {verified_by.label} ({verified_by.path}): pass that "
@@ -181,14 +189,17 @@ def inspect_server(
                 )
             advice.append(FIX_UNTRUSTED)
     if matches is False and leaf is not None:
-        names = ", ".join(leaf.names) or (f"CN={leaf.common_name}" if leaf.common_name else "none")
-        problems.append(f'the certificate does not name "{host}"; it names: {names}')
+        names = ", ".join(map(shown, leaf.names)) or (
+            f"CN={shown(leaf.common_name)}" if leaf.common_name else "none"
+        )
+        unverified = "" if verifies else " (as presented, unverified)"
+        problems.append(f'the certificate does not name "{host}"; it names{unverified}: {names}')
         advice.append(FIX_MISMATCH)
     warnings: list[str] = []
     for i, cert in enumerate(chain):
         left = days_left(cert)
         if left is not None and left < EXPIRY_WARNING_DAYS:
-            who = "the server's certificate" if i == 0 else f"CA certificate {cert.subject}"
+            who = "the server's certificate" if i == 0 else f"CA certificate {shown(cert.subject)}"
             if left < 0:
                 problems.append(f"{who} expired on {cert.not_after:%Y-%m-%d}")
             else:
