@@ -88,3 +88,136 @@ def test_strict_everywhere(pytester: pytest.Pytester, how: str) -> None:
     assert "test_opted_out" not in "".join(
         line for line in result.outlines if line.startswith("FAILED")
     )
+
+
+# Strict mode's reach: fixture teardown, raw libpq connections, SQLAlchemy hooks. Run with
+# --safepg-strict, so the plugin watches before this module is imported.
+STRICT_TESTS = """
+import time
+
+import psycopg
+import pytest
+import sqlalchemy
+from psycopg import pq
+from psycopg.pq import PGconn  # taken at import time: watched too
+
+import safepg
+
+
+@pytest.fixture
+def opens_in_teardown(safepg_server):
+    yield
+    psycopg.connect(safepg_server.conninfo(sslmode="require")).close()
+
+
+def test_teardown(opens_in_teardown):
+    pass
+
+
+def test_raw_connect(safepg_server):
+    pgconn = pq.PGconn.connect(safepg_server.conninfo(sslmode="require").encode())
+    assert pgconn.status == pq.ConnStatus.OK
+    pgconn.finish()
+
+
+def test_raw_connect_imported_early(safepg_server):
+    pgconn = PGconn.connect(safepg_server.conninfo(sslmode="prefer").encode())
+    assert pgconn.status == pq.ConnStatus.OK
+    pgconn.finish()
+
+
+def test_raw_connect_start(safepg_server):
+    pgconn = pq.PGconn.connect_start(safepg_server.conninfo(sslmode="allow").encode())
+    try:
+        deadline = time.monotonic() + 10
+        while pgconn.connect_poll() not in (pq.PollingStatus.OK, pq.PollingStatus.FAILED):
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        assert pgconn.status == pq.ConnStatus.OK
+    finally:
+        pgconn.finish()
+
+
+def test_counted_once(safepg_server):
+    # psycopg starts its own connections with connect_start (PSYCOPG_IMPL=python): one report.
+    psycopg.connect(safepg_server.conninfo(sslmode="require")).close()
+
+
+def test_not_counted(safepg_server):
+    # safepg resolves options with connect_start, which stops before any I/O: not counted.
+    with safepg.connect(safepg_server.conninfo()) as conn:
+        assert isinstance(conn.pgconn, pq.PGconn)
+    psycopg.connect(safepg_server.conninfo(sslmode="verify-full")).close()
+    pgconn = pq.PGconn.connect(safepg_server.conninfo(sslmode="verify-full").encode())
+    assert pgconn.ssl_in_use and isinstance(pgconn, pq.PGconn)
+    pgconn.finish()
+
+
+def test_sqlalchemy_do_connect_hook(safepg_server):
+    # No sslmode in the URL: dialect.dbapi.connect must still be safepg's.
+    engine = sqlalchemy.create_engine(safepg_server.url(scheme="postgresql+safepg"))
+
+    @sqlalchemy.event.listens_for(engine, "do_connect")
+    def connect(dialect, record, cargs, cparams):
+        return dialect.dbapi.connect(*cargs, **cparams)
+
+    with engine.connect() as conn:
+        assert conn.execute(sqlalchemy.text("SELECT 1")).scalar() == 1
+    engine.dispose()
+"""
+
+
+_REQUIRE = "with sslmode=require, which does not verify the server, opened at:"
+
+
+_CASES = {
+    # fixture teardown is watched, as setup and the test itself are
+    "test_teardown": (
+        {"passed": 1, "errors": 1},
+        [
+            "*ERROR at teardown of test_teardown*",
+            "*safepg strict mode: 1 connection(s)*",
+            f"- a connection to 127.0.0.1:* {_REQUIRE}",
+            "*test_strict.py*in opens_in_teardown*",
+        ],
+    ),
+    # raw libpq connections: no psycopg Connection is ever made
+    "test_raw_connect": (
+        {"failed": 1},
+        [f"- a connection to 127.0.0.1:* {_REQUIRE}", "*test_strict.py*in test_raw_connect*"],
+    ),
+    "test_raw_connect_imported_early": (
+        {"failed": 1},
+        [
+            "- a connection to 127.0.0.1:* with sslmode=prefer*",
+            "*test_strict.py*in test_raw_connect_imported_early*",
+        ],
+    ),
+    "test_raw_connect_start": (
+        {"failed": 1},
+        [
+            "- a connection started to 127.0.0.1:* with sslmode=allow*",
+            "*test_strict.py*in test_raw_connect_start*",
+        ],
+    ),
+    # psycopg's own connect_start is not a second report
+    "test_counted_once": (
+        {"failed": 1},
+        ["*safepg strict mode: 1 connection(s)*", f"- a connection to 127.0.0.1:* {_REQUIRE}"],
+    ),
+    "test_not_counted": ({"passed": 1}, []),
+    # dialect.dbapi.connect in a hook is safepg's, so there is nothing to report
+    "test_sqlalchemy_do_connect_hook": ({"passed": 1}, []),
+}
+
+
+@pytest.mark.parametrize("test", list(_CASES))
+def test_strict_reach(pytester: pytest.Pytester, test: str) -> None:
+    outcomes, lines = _CASES[test]
+    pytester.makepyfile(test_strict=STRICT_TESTS)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-q", "--safepg-strict", f"test_strict.py::{test}"
+    )
+    result.assert_outcomes(**outcomes)
+    result.stdout.fnmatch_lines(lines)
+    assert "2 connection(s)" not in result.stdout.str()

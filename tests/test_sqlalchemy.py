@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import types
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
+import psycopg
 import pytest
 import sqlalchemy
 from sqlalchemy import String, select, text
@@ -205,3 +210,309 @@ def test_async_engine_fails_closed(server: PostgresServer, certs: CertificateSho
     with pytest.raises(OperationalError) as info:
         asyncio.run(main())
     assert isinstance(info.value.orig, HostnameMismatchError)
+
+
+# -- the dialects' DBAPI: hooks, module=, creators ---------------------------------------------
+
+
+def sslmode(raw: Any) -> str:
+    options = {o.keyword: o.val for o in raw.pgconn.info}
+    return (options.get(b"sslmode") or b"").decode()
+
+
+def test_do_connect_hook_gets_safepgs_dbapi(server: PostgresServer) -> None:
+    # The URL carries no sslmode: psycopg's own connect would use libpq's default, prefer.
+    eng = sqlalchemy.create_engine(server.url(scheme="postgresql+safepg"))
+    dbapi: Any = eng.dialect.dbapi
+    assert dbapi.connect is safepg.connect
+    assert eng.dialect.loaded_dbapi.connect is safepg.connect
+    # Everything else is psycopg's, as SQLAlchemy's psycopg dialect reads it.
+    assert (dbapi.paramstyle, dbapi.Error, dbapi.adapters) == (
+        "pyformat",
+        psycopg.Error,
+        psycopg.adapters,
+    )
+    assert dbapi.__version__ == psycopg.__version__
+    seen: list[dict[str, Any]] = []
+
+    @sqlalchemy.event.listens_for(eng, "do_connect")
+    def hook(dialect: Any, record: Any, cargs: list[Any], cparams: dict[str, Any]) -> Any:
+        assert "sslmode" not in cparams
+        seen.append(cparams)
+        return dialect.dbapi.connect(*cargs, **cparams)
+
+    try:
+        with eng.connect() as conn:
+            raw = conn.connection.driver_connection
+            assert seen
+            assert raw is not None
+            assert raw.pgconn.ssl_in_use
+            assert sslmode(raw) == "verify-full"
+            assert verified(raw)
+    finally:
+        eng.dispose()
+
+
+def test_async_do_connect_hook_gets_safepgs_dbapi(server: PostgresServer) -> None:
+    eng = sa_create_async_engine(server.url(scheme="postgresql+safepg_async"))
+    hooked: list[str] = []
+    opened: list[dict[str, Any]] = []
+
+    async def opener(**params: Any) -> psycopg.AsyncConnection[Any]:
+        opened.append(params)  # psycopg's own AsyncConnection.connect, given what safepg made
+        return await psycopg.AsyncConnection.connect(**params)
+
+    @sqlalchemy.event.listens_for(eng.sync_engine, "do_connect")
+    def hook(dialect: Any, record: Any, cargs: list[Any], cparams: dict[str, Any]) -> Any:
+        assert "sslmode" not in cparams
+        if not hooked:
+            hooked.append("plain")
+            return dialect.dbapi.connect(*cargs, **cparams)
+        hooked.append("async_creator_fn")
+        return dialect.dbapi.connect(*cargs, async_creator_fn=opener, **cparams)
+
+    async def main() -> None:
+        try:
+            for _ in range(2):
+                async with eng.connect() as conn:
+                    raw = (await conn.get_raw_connection()).driver_connection
+                    assert raw is not None
+                    assert raw.pgconn.ssl_in_use
+                    assert sslmode(raw) == "verify-full"
+                    assert (await safepg.check_async(raw)).verified
+                    await conn.invalidate()  # the next one is a new connection
+        finally:
+            await eng.dispose()
+
+    asyncio.run(main())
+    assert hooked == ["plain", "async_creator_fn"]
+    assert [p["sslmode"] for p in opened] == ["verify-full"]
+
+
+def _recording_psycopg() -> tuple[types.ModuleType, list[dict[str, Any]]]:
+    """A DBAPI module that is psycopg, but records each connect's arguments."""
+    calls: list[dict[str, Any]] = []
+    module = types.ModuleType("recording_psycopg")
+    module.__dict__.update({k: v for k, v in vars(psycopg).items() if not k.startswith("__")})
+    module.__dict__["__version__"] = psycopg.__version__
+
+    def connect(conninfo: str = "", **kwargs: Any) -> psycopg.Connection[Any]:
+        calls.append(dict(kwargs, conninfo=conninfo))
+        return psycopg.connect(conninfo, **kwargs)
+
+    class AsyncConnection(psycopg.AsyncConnection[Any]):
+        @classmethod
+        async def connect(cls, conninfo: str = "", **kwargs: Any) -> Any:
+            calls.append(dict(kwargs, conninfo=conninfo))
+            return await super().connect(conninfo, **kwargs)
+
+    module.connect = connect  # type: ignore[attr-defined]
+    module.AsyncConnection = AsyncConnection  # type: ignore[attr-defined]
+    return module, calls
+
+
+def test_module_is_used_and_still_hardened(server: PostgresServer) -> None:
+    module, calls = _recording_psycopg()
+    eng = sqlalchemy.create_engine(server.url(scheme="postgresql+safepg"), module=module)
+    assert eng.dialect.dbapi is not None
+    assert eng.dialect.dbapi.connect is not safepg.connect
+    try:
+        with eng.connect() as conn:
+            assert verified(conn.connection.driver_connection)
+    finally:
+        eng.dispose()
+    assert calls
+    assert calls[-1]["sslmode"] == "verify-full"  # the module got safepg's parameters
+
+
+def test_async_module_is_used_and_still_hardened(server: PostgresServer) -> None:
+    module, calls = _recording_psycopg()
+    eng = sa_create_async_engine(server.url(scheme="postgresql+safepg_async"), module=module)
+
+    async def main() -> None:
+        try:
+            async with eng.connect() as conn:
+                raw = (await conn.get_raw_connection()).driver_connection
+                assert raw is not None
+                assert (await safepg.check_async(raw)).verified
+        finally:
+            await eng.dispose()
+
+    asyncio.run(main())
+    assert calls
+    assert calls[-1]["sslmode"] == "verify-full"
+
+
+def test_a_module_that_weakens_the_session_is_refused(server: PostgresServer) -> None:
+    module, _ = _recording_psycopg()
+
+    def plaintext(conninfo: str = "", **kwargs: Any) -> psycopg.Connection[Any]:
+        return psycopg.connect(conninfo, **{**kwargs, "sslmode": "disable"})
+
+    module.connect = plaintext  # type: ignore[attr-defined]
+    eng = sqlalchemy.create_engine(server.url(scheme="postgresql+safepg"), module=module)
+    with pytest.raises(OperationalError) as info, eng.connect():
+        pass  # pragma: no cover
+    assert isinstance(info.value.orig, safepg.InsecureConnectionError)
+    eng.dispose()
+
+
+@pytest.mark.parametrize("how", ["creator", "do_connect", "async_creator"])
+def test_connections_made_around_safepg_are_refused(server: PostgresServer, how: str) -> None:
+    conninfo = server.conninfo(sslmode="require")
+    if how == "async_creator":
+
+        async def main() -> None:
+            eng = sa_create_async_engine(
+                server.url(scheme="postgresql+safepg_async"),
+                async_creator=lambda: psycopg.AsyncConnection.connect(conninfo),
+            )
+            try:
+                async with eng.connect():
+                    pass  # pragma: no cover
+            finally:
+                await eng.dispose()
+
+        with pytest.raises(OperationalError) as info:
+            asyncio.run(main())
+    else:
+        url = server.url(scheme="postgresql+safepg")
+        if how == "creator":
+            eng = sqlalchemy.create_engine(url, creator=lambda: psycopg.connect(conninfo))
+        else:
+            eng = sqlalchemy.create_engine(url)
+            sqlalchemy.event.listen(eng, "do_connect", lambda *args: psycopg.connect(conninfo))
+        with pytest.raises(OperationalError) as info, eng.connect():
+            pass  # pragma: no cover
+        eng.dispose()
+    assert isinstance(info.value.orig, safepg.InsecureConnectionError)
+    assert "sslmode=require" in str(info.value.orig)
+
+
+@pytest.mark.parametrize("scheme", ["postgresql+safepg", "postgresql+safepg_async"])
+def test_safepgs_own_creators_are_accepted(server: PostgresServer, scheme: str) -> None:
+    if scheme == "postgresql+safepg":
+        eng = sqlalchemy.create_engine(f"{scheme}://", creator=sp.creator(server.url()))
+        with eng.connect() as conn:
+            assert verified(conn.connection.driver_connection)
+        eng.dispose()
+        return
+
+    async def main() -> None:
+        eng = sa_create_async_engine(f"{scheme}://", async_creator=sp.async_creator(server.url()))
+        try:
+            async with eng.connect() as conn:
+                assert (await conn.scalar(text("SELECT 1"))) == 1
+        finally:
+            await eng.dispose()
+
+    asyncio.run(main())
+
+
+# -- boolean options in URLs -------------------------------------------------------------------
+
+WAYS = ["create_engine", "dialect", "create_async_engine", "async_dialect"]
+
+
+def _describe(raw: Any) -> dict[str, Any]:
+    options = {o.keyword.decode(): (o.val or b"").decode() for o in raw.pgconn.info}
+    return {
+        "ssl": raw.pgconn.ssl_in_use,
+        "host": (raw.pgconn.host or b"").decode(),
+        "sslnegotiation": options.get("sslnegotiation"),
+    }
+
+
+def _open_once(way: str, url: str) -> dict[str, Any]:
+    """One connection through an engine made *way* from the ``postgresql://`` *url*."""
+    if way in ("create_engine", "dialect"):
+        if way == "create_engine":
+            eng = sp.create_engine(url)
+        else:
+            eng = sqlalchemy.create_engine(url.replace("postgresql:", "postgresql+safepg:", 1))
+        try:
+            with eng.connect() as conn:
+                return _describe(conn.connection.driver_connection)
+        finally:
+            eng.dispose()
+
+    async def main() -> dict[str, Any]:
+        if way == "create_async_engine":
+            aeng = sp.create_async_engine(url)
+        else:
+            aeng = sa_create_async_engine(url.replace("postgresql:", "postgresql+safepg_async:", 1))
+        try:
+            async with aeng.connect() as conn:
+                return _describe((await conn.get_raw_connection()).driver_connection)
+        finally:
+            await aeng.dispose()
+
+    return asyncio.run(main())
+
+
+def _socket_url(server: PostgresServer, **query: str) -> str:
+    params = {"host": str(server.socket_dir), "port": str(server.port), **query}
+    return (
+        f"postgresql://{server.user}:{quote(server.password, safe='')}@/{server.dbname}?"
+        + urlencode(params)
+    )
+
+
+def _tcp_url(server: PostgresServer, **query: str) -> str:
+    return f"{server.url()}&{urlencode(query)}"
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_url_false_keeps_the_unix_socket_refused(server: PostgresServer, way: str) -> None:
+    with pytest.raises(OperationalError) as info:
+        _open_once(way, _socket_url(server, allow_unencrypted_unix_socket="false"))
+    assert isinstance(info.value.orig, ConfigurationError)
+    assert "Unix-domain socket" in str(info.value.orig)
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_url_true_allows_the_unix_socket(server: PostgresServer, way: str) -> None:
+    described = _open_once(way, _socket_url(server, allow_unencrypted_unix_socket="TRUE"))
+    assert described["host"] == str(server.socket_dir)
+    assert not described["ssl"]
+
+
+@pytest.mark.parametrize("option", ["allow_unencrypted_unix_socket", "fast_path", "direct_tls"])
+@pytest.mark.parametrize("way", WAYS)
+def test_url_boolean_that_is_not_one_is_refused(
+    server: PostgresServer, way: str, option: str
+) -> None:
+    with pytest.raises(OperationalError) as info:
+        _open_once(way, _tcp_url(server, **{option: "maybe"}))
+    assert isinstance(info.value.orig, ConfigurationError)
+    assert option in str(info.value.orig)
+
+
+@pytest.fixture
+def two_ca_bundle(server: PostgresServer, rogue_ca: Any, tmp_path: Path) -> Path:
+    """A trust set of two CAs: enough for the fast path to learn the one that verifies."""
+    path = tmp_path / "two.pem"
+    path.write_bytes(server.ca.cert_pem + rogue_ca.cert_pem)
+    return path
+
+
+@pytest.mark.parametrize("value", ["false", "true"])
+@pytest.mark.parametrize("way", WAYS)
+def test_url_fast_path(server: PostgresServer, two_ca_bundle: Path, way: str, value: str) -> None:
+    url = (
+        server.url().partition("?")[0]
+        + "?"
+        + urlencode({"sslrootcert": str(two_ca_bundle), "fast_path": value})
+    )
+    assert _open_once(way, url)["ssl"]
+    cache = Path(os.environ["SAFEPG_CACHE_DIR"])
+    learned = sorted(cache.glob("host-*")) if cache.exists() else []
+    assert bool(learned) is (value == "true")
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_url_direct_tls_false(server: PostgresServer, way: str) -> None:
+    for _ in range(2):  # cold, then warm (when direct TLS could have been learned)
+        described = _open_once(way, _tcp_url(server, direct_tls="false"))
+        assert described["ssl"]
+        assert described["sslnegotiation"] != "direct"

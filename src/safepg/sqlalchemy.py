@@ -19,24 +19,43 @@ Three ways in, from least to most code change:
        )
 
 Each new pooled connection is hardened, verified and checked as `safepg.connect` does it.
+
+The dialects' DBAPI (``dialect.dbapi``) is safepg's: psycopg's module with ``connect`` =
+`safepg.connect` (async: SQLAlchemy's psycopg adapter, opening with `safepg.connect_async`), so a
+``do_connect`` hook calling ``dialect.dbapi.connect(*cargs, **cparams)`` gets a verified
+connection. ``create_engine(..., module=M)`` opens with M's ``connect`` (async: its
+``AsyncConnection.connect``), given the hardened parameters and checked. An engine of these
+dialects refuses a connection its pool gets another way (a ``creator``, an ``async_creator``, a
+hook's own connection), with `InsecureConnectionError`, unless safepg opened it or it has TLS
+with ``sslmode=verify-full``.
 Errors reach you wrapped by SQLAlchemy, as ``sqlalchemy.exc.OperationalError``, with safepg's
 error (a `psycopg.OperationalError`) as ``.orig``.
 """
 
 from __future__ import annotations
 
+import inspect
+import types
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import psycopg
 import sqlalchemy
 from psycopg import AsyncConnection, Connection
-from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg, PGDialectAsync_psycopg
+from psycopg.pq import ExecStatus
+from sqlalchemy.dialects.postgresql.psycopg import (
+    PGDialect_psycopg,
+    PGDialectAsync_psycopg,
+    PsycopgAdaptDBAPI,
+)
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 
-from ._connect import connect, connect_async
-from ._errors import ConfigurationError
+from . import _check
+from ._connect import connect, connect_async, open_verified, open_verified_async
+from ._errors import ConfigurationError, InsecureConnectionError
+from ._params import REQUIRED_SSLMODE
 
 __all__ = [
     "SafePGAsyncDialect",
@@ -137,31 +156,229 @@ def create_async_engine(url: str | URL, **kw: Any) -> AsyncEngine:
     )
 
 
+# -- the dialects' DBAPI -----------------------------------------------------------------------
+
+
+def _keyword_only(fn: Callable[..., Any]) -> frozenset[str]:
+    params = inspect.signature(fn).parameters.values()
+    return frozenset(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+# psycopg's own connect options go to the opener untouched; safepg's (allow_unencrypted_unix_socket,
+# fast_path, ...) go to open_verified; everything else is a libpq parameter, hardened.
+_PSYCOPG_OPTIONS = _keyword_only(Connection.connect) | _keyword_only(AsyncConnection.connect)
+_SAFEPG_OPTIONS = _keyword_only(connect) - _PSYCOPG_OPTIONS
+
+
+def _split(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """*kwargs* as (libpq parameters, psycopg options, safepg options)."""
+    options = {k: kwargs.pop(k) for k in _PSYCOPG_OPTIONS & kwargs.keys()}
+    safety = {k: kwargs.pop(k) for k in _SAFEPG_OPTIONS & kwargs.keys()}
+    safety.setdefault("allow_unencrypted_unix_socket", False)
+    safety.setdefault("fast_path", None)
+    return kwargs, options, safety
+
+
+def _through_safepg(driver: Any) -> Callable[..., Connection[Any]]:
+    """`safepg.connect`, with *driver*'s ``connect`` (psycopg's call shape) as the opener."""
+
+    def connect_with(conninfo: str = "", **kwargs: Any) -> Connection[Any]:
+        params, options, safety = _split(kwargs)
+        return open_verified(driver.connect, conninfo, params, **safety, **options)
+
+    return connect_with
+
+
+def _unverified(conn: Any) -> str | None:
+    """Why a connection that safepg did not open is below policy, or None. No round trip."""
+    if conn in _check._plans:  # opened by safepg, and checked then
+        return None
+    pgconn = conn.pgconn
+    if not pgconn.ssl_in_use:
+        return "the session is not encrypted (libpq reports no TLS in use)"
+    sslmode = _check._sslmode(pgconn)
+    if sslmode != REQUIRED_SSLMODE:
+        return f"it uses sslmode={sslmode}, which does not verify the server"
+    return None
+
+
+def _refuse_unverified(conn: Any) -> None:
+    problem = _unverified(conn)
+    if problem is not None:
+        raise InsecureConnectionError(
+            f"safepg refused a connection that was not opened through safepg: {problem}. Open "
+            "it with safepg.connect, or let the engine open it (dialect.dbapi.connect)."
+        )
+
+
+class _DBAPI(types.ModuleType):
+    """The sync dialect's DBAPI: a psycopg-like module's attributes, connecting through safepg.
+
+    ``connect`` is `safepg.connect` for psycopg itself; for another module (``create_engine(...,
+    module=M)``), M's ``connect`` opens each connection, with safepg's hardening and check.
+    """
+
+    def __init__(self, driver: Any) -> None:
+        super().__init__(getattr(driver, "__name__", "psycopg"), getattr(driver, "__doc__", None))
+        if not callable(getattr(driver, "connect", None)):
+            raise ConfigurationError(
+                f"{driver!r} has no connect(): postgresql+safepg needs a DBAPI module with "
+                "psycopg's connect()"
+            )
+        self.driver = driver
+        self.connect = connect if driver is psycopg else _through_safepg(driver)
+
+    def __getattr__(self, name: str) -> Any:
+        if "driver" not in self.__dict__:  # not initialised (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.__dict__["driver"], name)
+
+    def __repr__(self) -> str:
+        return f"<safepg's DBAPI for {self.driver!r}>"
+
+
+class _AsyncDBAPI(PsycopgAdaptDBAPI):
+    """The async dialect's DBAPI: SQLAlchemy's psycopg adapter, connecting through safepg.
+
+    ``connect(...)`` opens with `safepg.connect_async`. An ``async_creator_fn`` given with
+    connection parameters is the opener (``AsyncConnection.connect``'s call shape) and gets the
+    hardened parameters; given alone (``create_async_engine(async_creator=...)``), it is called
+    as it is, and what it returns is refused unless it is verified.
+    """
+
+    def connect(self, *arg: Any, **kw: Any) -> Any:
+        creator = kw.pop("async_creator_fn", None)
+        if creator is None:
+            kw["async_creator_fn"] = _through_safepg_async(self.psycopg.AsyncConnection.connect)
+        elif arg or kw:
+            kw["async_creator_fn"] = _through_safepg_async(creator)
+        else:
+            kw["async_creator_fn"] = _checked(creator)
+        return super().connect(*arg, **kw)  # type: ignore[no-untyped-call]
+
+
+def _through_safepg_async(opener: Any) -> Callable[..., Awaitable[AsyncConnection[Any]]]:
+    if opener == AsyncConnection.connect:
+        return connect_async
+
+    async def connect_with(conninfo: str = "", **kwargs: Any) -> AsyncConnection[Any]:
+        params, options, safety = _split(kwargs)
+        conn: AsyncConnection[Any] = await open_verified_async(
+            opener, conninfo, params, **safety, **options
+        )
+        return conn
+
+    return connect_with
+
+
+def _checked(creator: Any) -> Callable[[], Awaitable[AsyncConnection[Any]]]:
+    async def create() -> AsyncConnection[Any]:
+        conn: AsyncConnection[Any] = await creator()
+        try:
+            _refuse_unverified(conn)
+        except InsecureConnectionError:
+            await conn.close()
+            raise
+        return conn
+
+    return create
+
+
+def _sync_dbapi(value: Any) -> Any:
+    if value is None or isinstance(value, _DBAPI):
+        return value
+    return _DBAPI(value)
+
+
+def _async_dbapi(value: Any) -> Any:
+    if value is None or isinstance(value, _AsyncDBAPI):
+        return value
+    if isinstance(value, PsycopgAdaptDBAPI):
+        return _AsyncDBAPI(value.psycopg, value.ExecStatus)
+    if not callable(getattr(getattr(value, "AsyncConnection", None), "connect", None)):
+        raise ConfigurationError(
+            f"{value!r} has no AsyncConnection.connect(): postgresql+safepg_async needs a "
+            "psycopg-like DBAPI module"
+        )
+    return _AsyncDBAPI(value, ExecStatus)
+
+
+def _checking(
+    dialect: PGDialect_psycopg, setup: Callable[[Any], None] | None
+) -> Callable[[Any], None]:
+    """An ``on_connect`` that refuses an unverified connection, then runs SQLAlchemy's *setup*."""
+
+    def on_connect(dbapi_conn: Any) -> None:
+        _refuse_unverified(dialect.get_driver_connection(dbapi_conn))
+        if setup is not None:
+            setup(dbapi_conn)
+
+    return on_connect
+
+
+_PSYCOPG_DBAPI = _DBAPI(psycopg)
+
+
 class SafePGDialect(PGDialect_psycopg):
-    """The ``postgresql+safepg://`` dialect: SQLAlchemy's psycopg dialect, through safepg."""
+    """The ``postgresql+safepg://`` dialect: SQLAlchemy's psycopg dialect, through safepg.
+
+    Its DBAPI (``dialect.dbapi``) is psycopg's module with ``connect`` = `safepg.connect`;
+    with ``create_engine(..., module=M)``, M's ``connect`` opens connections, hardened and
+    checked the same way. Every new pooled connection, also one from a ``creator`` or a
+    ``do_connect`` hook, is refused unless safepg opened it or it is verified.
+    """
 
     driver = "safepg"
     supports_statement_cache = True
+
+    @classmethod
+    def import_dbapi(cls) -> Any:
+        return _PSYCOPG_DBAPI
+
+    @property
+    def dbapi(self) -> Any:
+        return self.__dict__.get("_safepg_dbapi")
+
+    @dbapi.setter
+    def dbapi(self, value: Any) -> None:
+        self.__dict__["_safepg_dbapi"] = _sync_dbapi(value)
 
     @classmethod
     def get_async_dialect_cls(cls, url: URL) -> type[SafePGAsyncDialect]:
         # create_async_engine("postgresql+safepg://") must not fall back to plain psycopg.
         return SafePGAsyncDialect
 
-    def connect(self, *cargs: Any, **cparams: Any) -> Any:
-        return connect(*cargs, **cparams)
+    def on_connect(self) -> Callable[[Any], None]:
+        return _checking(self, super().on_connect())  # type: ignore[no-untyped-call]
 
 
 class SafePGAsyncDialect(PGDialectAsync_psycopg):
-    """The ``postgresql+safepg_async://`` dialect, for `create_async_engine`."""
+    """The ``postgresql+safepg_async://`` dialect, for `create_async_engine`.
+
+    Its DBAPI is SQLAlchemy's psycopg adapter, connecting with `safepg.connect_async`; an
+    ``async_creator_fn`` passed to ``dialect.dbapi.connect`` with connection parameters opens
+    the connection with the hardened parameters. As for `SafePGDialect`, every new pooled
+    connection is refused unless safepg opened it or it is verified.
+    """
 
     driver = "safepg_async"
     supports_statement_cache = True
 
     @classmethod
+    def import_dbapi(cls) -> Any:
+        return _AsyncDBAPI(psycopg, ExecStatus)
+
+    @property
+    def dbapi(self) -> Any:
+        return self.__dict__.get("_safepg_dbapi")
+
+    @dbapi.setter
+    def dbapi(self, value: Any) -> None:
+        self.__dict__["_safepg_dbapi"] = _async_dbapi(value)
+
+    @classmethod
     def get_async_dialect_cls(cls, url: URL) -> type[SafePGAsyncDialect]:
         return SafePGAsyncDialect
 
-    def connect(self, *cargs: Any, **cparams: Any) -> Any:
-        cparams["async_creator_fn"] = connect_async
-        return super().connect(*cargs, **cparams)
+    def on_connect(self) -> Callable[[Any], None]:
+        return _checking(self, super().on_connect())  # type: ignore[no-untyped-call]
