@@ -45,6 +45,12 @@ RDS_HOST = "mydb.abc123xyz.us-east-1.rds.amazonaws.com"
         ("mydb.abc.us-gov-east-1.rds.amazonaws.com", "rds-govcloud"),
         ("myproxy.proxy-abc123.us-east-1.rds.amazonaws.com", "rds-proxy"),
         ("myproxy.proxy-abc.us-gov-west-1.rds.amazonaws.com", "rds-proxy"),
+        ("ro.endpoint.proxy-c9akciq32abc.us-east-1.rds.amazonaws.com", "rds-proxy"),
+        # Security review item 10: an instance *named* proxy-... is an ordinary RDS instance.
+        ("proxy-orders.c9akciq32abc.us-east-1.rds.amazonaws.com", "rds"),
+        ("proxy-orders.cluster-c9akciq32abc.us-east-1.rds.amazonaws.com", "rds"),
+        ("a.b.proxy-c9akciq32abc.us-east-1.rds.amazonaws.com", "rds"),
+        ("proxy-x.proxy-c9akciq32abc.us-gov-west-1.rds.amazonaws.com", "rds-proxy"),
         ("mydb.abc.rds.cn-north-1.amazonaws.com.cn", "rds-china"),
         ("mydb.postgres.database.azure.com", "azure"),
         ("mydb.postgres.database.chinacloudapi.cn", "azure"),
@@ -254,6 +260,15 @@ def test_override_writable_by_others_is_refused(
     overrides.chmod(0o777)
     with pytest.raises(ConfigurationError, match="can be written by other users"):
         safepg.connect(rds_through_test_ca)
+    # Security review item 1: a directory further up that others can write to (no sticky
+    # bit) lets them rename the override's folder and put their own in its place.
+    overrides.chmod(0o755)
+    overrides.parent.chmod(0o777)
+    try:
+        with pytest.raises(ConfigurationError, match=f"{overrides.parent} can be written"):
+            safepg.connect(rds_through_test_ca)
+    finally:
+        overrides.parent.chmod(0o755)
 
 
 @pytest.mark.parametrize("problem", ["expired", "garbage", "not-a-ca"])
@@ -384,6 +399,16 @@ def _other_key_same_name() -> bytes:
     return real.cert_pem + child.cert_pem
 
 
+def test_refresh_writes_relabelled_blocks_in_canonical_form(refresh: ModuleType) -> None:
+    """What a publisher labels X509 CERTIFICATE is checked like the rest and written plain."""
+    ca = CertificateAuthority("relabelled")
+    pem = ca.cert_pem.replace(b"CERTIFICATE-----", b"X509 CERTIFICATE-----")
+    written, certs = refresh.build("azure-postgres-roots.pem", [pem])
+    assert len(certs) == 1
+    assert written == ca.cert_pem.replace(b"\r\n", b"\n")
+    assert b"X509" not in written
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [
@@ -391,7 +416,8 @@ def _other_key_same_name() -> bytes:
         ("not-yet-valid", "not valid before"),
         ("not-a-ca", "is not a CA certificate"),
         ("corrupted", "does not parse"),
-        ("bad-base64", "not valid base64"),
+        ("bad-base64", "base64"),
+        ("trusted", "BEGIN TRUSTED CERTIFICATE.* is not a certificate block"),
         ("bad-signature", "signature does not verify"),
         ("missing-issuer", "is not in the file"),
         ("empty", "no PEM certificate"),
@@ -412,6 +438,9 @@ def test_refresh_refuses_bad_input(
         "bad-signature": _other_key_same_name(),
         "missing-issuer": CertificateAuthority("orphan", parent=CertificateAuthority()).cert_pem,
         "empty": b"nothing here\n",
+        "trusted": good.replace(b"BEGIN CERTIFICATE", b"BEGIN TRUSTED CERTIFICATE").replace(
+            b"END CERTIFICATE", b"END TRUSTED CERTIFICATE"
+        ),
     }[case]
     with pytest.raises(_bundles.BundleError, match=message):
         refresh.build("azure-postgres-roots.pem", [pem])

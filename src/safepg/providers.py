@@ -25,6 +25,7 @@ import atexit
 import contextlib
 import importlib.resources
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,10 +204,20 @@ def _is_rds(host: str) -> bool:
     return _under(host, "rds.amazonaws.com")
 
 
+# RDS Proxy endpoints: <proxy>.proxy-<id>.<region>.rds.amazonaws.com, and for extra endpoints
+# <endpoint>.endpoint.proxy-<id>.<region>.rds.amazonaws.com. An instance may be named
+# "proxy-orders" (proxy-orders.<id>.<region>.rds...), which is no proxy: only the label right
+# before the region counts.
+_PROXY_ID = re.compile(r"proxy-[a-z0-9]+")
+
+
 def _is_rds_proxy(host: str) -> bool:
-    return _is_rds(host) and any(
-        label.startswith("proxy-") for label in _labels_before(host, "rds.amazonaws.com")
-    )
+    if not _is_rds(host):
+        return False
+    labels = _labels_before(host, "rds.amazonaws.com")
+    if len(labels) == 4 and labels[1] != "endpoint":
+        return False
+    return len(labels) in (3, 4) and bool(labels[0]) and bool(_PROXY_ID.fullmatch(labels[-2]))
 
 
 def _is_govcloud(host: str) -> bool:
@@ -217,7 +228,7 @@ PROFILES: tuple[Profile, ...] = (
     Profile(
         "rds-proxy",
         "Amazon RDS Proxy",
-        ("*.proxy-*.rds.amazonaws.com",),
+        ("*.proxy-*.*.rds.amazonaws.com",),
         "os-store",
         None,
         "Proxies present ACM certificates from Amazon Trust Services' public roots (Amazon Root "
