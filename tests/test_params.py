@@ -399,3 +399,34 @@ def test_odd_ports_and_timeouts_are_refused_without_echo(conninfo: str) -> None:
         assert "Tr0ub4dor" not in text
         assert "ss@" not in text
     assert info.value.__context__ is None
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:@Tr0ub4dor/@db.example.com:5432/app",  # host would be Tr0ub4dor
+        "postgresql://app:@Tr0ub4dor:@db.example.com/app",
+        "postgresql://app:,Tr0ub4dor/@db.example.com/app",
+        "postgres://app:p@Tr0ub4dor@db.example.com/app",
+        "postgresql://db.example.com/app/Tr0ub4dor",
+    ],
+)
+def test_urls_that_spill_the_password_are_refused_without_echo(url: str) -> None:
+    """An unencoded '@' or '/' in a URL's password makes libpq take part of it as the host
+    (looked up in DNS, shown in messages) or the database: refused before libpq sees it."""
+    with pytest.raises(ConfigurationError, match="Percent-encode") as info:
+        safepg.connect(url, sslrootcert="system")
+    assert "Tr0ub4dor" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:p%40ss%2Fw%3Ard@db.example.com/app",
+        "postgresql://app:pa:ss@db.example.com:5432/app?application_name=a@b/c",
+        "postgresql:///app?host=db.example.com",
+        "postgresql://[::1]:5432/app",
+    ],
+)
+def test_well_formed_urls_pass(url: str) -> None:
+    assert "sslmode=verify-full" in safepg.secure_conninfo(url, sslrootcert="system")

@@ -145,6 +145,31 @@ def _raise_logged(param: str, value: str, new: str, origin: str, why: str) -> No
     logger.log(level, "%s=%s (from %s) raised to %s: %s", param, value, origin, new, why)
 
 
+_URL_SCHEMES = ("postgresql://", "postgres://")
+
+
+def _reject_mangled_url(conninfo: str) -> None:
+    """Refuse a URL whose password (or user name) holds an unencoded '@' or '/'.
+
+    libpq then reads part of the password as the host, port or database name, and would look
+    that "host" up in DNS and show it in messages. In a well-formed URL, the part before the
+    query is ``scheme://[user[:password]@]hosts[/dbname]``: at most one '@', before any '/',
+    and no '@' or '/' in the database name. The URL is never echoed.
+    """
+    if not conninfo.startswith(_URL_SCHEMES):
+        return
+    rest = conninfo.split("://", 1)[1].split("?", 1)[0]
+    userinfo, _, hostpath = rest.rpartition("@")
+    dbname = hostpath.partition("/")[2]
+    if "@" in userinfo or "/" in userinfo or "/" in dbname:
+        raise ConfigurationError(
+            "the URL is malformed: it holds an unencoded '@' or '/' in the user name or password "
+            "(or more than one '/' in the path), which makes libpq read part of the password as "
+            "the host, port or database name. It is not shown, as it may hold a password. "
+            "Percent-encode '@', ':' and '/' in the user name and password (%40, %3A, %2F)."
+        )
+
+
 def _reject_unsafe_text(conninfo: str, kwargs: Mapping[str, Any]) -> None:
     # libpq reads C strings: a NUL byte would silently cut a value short ("host=a\0b" -> "a").
     # Values are checked as psycopg will pass them: as str() (a Path, an int).
@@ -410,6 +435,7 @@ def build_plan(
     """
     allow_socket = as_bool("allow_unencrypted_unix_socket", allow_unencrypted_unix_socket)
     _reject_unsafe_text(conninfo, kwargs)
+    _reject_mangled_url(conninfo)
     parsed = _refused_or(lambda: dict(_parse(conninfo)))
     if isinstance(parsed, ConfigurationError):
         raise parsed
