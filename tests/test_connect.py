@@ -573,3 +573,19 @@ def test_other_failures_are_psycopg_errors_unchanged(server: PostgresServer) -> 
         safepg.connect(server.conninfo(password="wrong"))
     assert not isinstance(info.value, safepg.SafePGError)
     assert "password authentication failed" in str(info.value)
+
+
+def test_public_classes_are_shown_under_safepg(certs: CertificateShop) -> None:
+    """Tracebacks and SQLAlchemy's messages name safepg.X, not the private module."""
+    import pickle
+
+    for name in safepg.__all__:
+        obj = getattr(safepg, name)
+        if isinstance(obj, type):
+            assert obj.__module__ == "safepg", name
+    certs.present("other.example")
+    with pytest.raises(safepg.HostnameMismatchError) as info:
+        safepg.connect(certs.server.conninfo())
+    assert "safepg.HostnameMismatchError" in "".join(traceback.format_exception_only(info.value))
+    again = pickle.loads(pickle.dumps(info.value))  # noqa: S301 - our own object
+    assert type(again) is safepg.HostnameMismatchError

@@ -46,3 +46,11 @@ __all__ = [
     "resolve_trust",
     "secure_conninfo",
 ]
+
+# Public classes are shown as safepg.X (in tracebacks, reprs and SQLAlchemy's messages), where
+# they are documented, not under the private module that defines them. Pickle finds them there.
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type):
+        _obj.__module__ = __name__
+del _name, _obj
