@@ -245,6 +245,10 @@ def diagnose(
     mismatch = _MISMATCH.search(said)
     if mismatch or _NO_NAMES in line:
         host = mismatch["host"] if mismatch else pg_host
+        if host not in {t.host for t in plan.targets}:
+            # The certificate's name can hold a forged '" does not match host name "X"': the
+            # host named is always one of those dialled, never the server's text.
+            host = pg_host if pg_host in {t.host for t in plan.targets} else plan.targets[0].host
         target = _find_target(plan, host, addr)
         result = _run_probe(plan, target, addr, port, budget) if probe else None
         leaf = result.chain[0] if result and result.chain else None
@@ -259,11 +263,14 @@ def diagnose(
             if leaf and leaf.names
             else ""
         )
-        named = shown(str(host))  # from libpq's line, after the certificate's name
+        named = shown(str(host))  # one of the hosts dialled, never the certificate's text
+        # The certificate's name may hold line breaks and forged words: libpq's message is shown
+        # whole from its failure line on, line breaks escaped, so a forgery is visible as such.
+        whole = text[max(text.find(said), 0) :].strip()
         mismatch_err = HostnameMismatchError(
             f"The server at {shown(str(addr or host))}:{port} presented a certificate that does "
             f'not name "{named}": it holds {holds}.{listing}\n{trust}\n{_mismatch_fix(named)}\n'
-            f"{libpq}"
+            f"libpq said: {shown(redact(whole, plan.secrets))}"
         )
         mismatch_err.certificate_names = (
             leaf.names if leaf else ((mismatch["name"],) if mismatch else ())

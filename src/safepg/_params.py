@@ -14,7 +14,7 @@ import ntpath
 import os
 import re
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -280,6 +280,16 @@ _SOCKET_FIX = (
 )
 
 
+def _idna_ok(host: str) -> bool:
+    """*host* can be looked up: Python's resolver (the probe) and psycopg encode names with
+    IDNA, which refuses empty labels and labels over 63 characters with a UnicodeError."""
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False
+    return True
+
+
 def _socket_shown(host: str) -> str:
     """A socket path for a message, unless it may hold part of a password: an unencoded '@'
     in a URL's password can make the rest of it a host that starts with '@' (Linux's abstract
@@ -321,11 +331,12 @@ def _targets(resolved: Mapping[str, str], allow_socket: bool) -> tuple[Target, .
         else:
             targets.append(Target(host or "localhost", None, socket=False, port=port))
     for target in targets:
-        if not target.socket and not _HOST.fullmatch(target.host):
+        if not target.socket and not (_HOST.fullmatch(target.host) and _idna_ok(target.host)):
             # Never echoed: an unencoded '@' in a URL's password puts the rest of it here.
             raise ConfigurationError(
-                "a host name holds characters that no host name or IP address has (such as "
-                "'@', '/', '?', spaces or quotes); it is not shown, as it may hold part of a "
+                "a host name is not one: it holds characters no host name or IP address has "
+                "('@', '/', '?', spaces, quotes), an empty label or a label over 63 "
+                "characters; it is not shown, as it may hold part of a "
                 "password. In a URL, percent-encode '@', ':' and '/' in the user name and "
                 "password (%40, %3A, %2F)."
             )
@@ -406,7 +417,7 @@ def _dial_alias(resolved: dict[str, str], verify_as: str) -> None:
 _T = TypeVar("_T")
 
 
-def _refused_or(parse: Callable[[], _T]) -> _T | ConfigurationError:
+def _refused_or(parse: Callable[[], _T], keywords: Iterable[str] = ()) -> _T | ConfigurationError:
     """*parse*'s result, or the refusal to raise for libpq's parse error.
 
     The refusal is returned, to be raised outside the except clause: libpq's own error quotes
@@ -415,7 +426,7 @@ def _refused_or(parse: Callable[[], _T]) -> _T | ConfigurationError:
     try:
         return parse()
     except psycopg.ProgrammingError as ex:
-        message = redact_parse_error(str(ex))
+        message = redact_parse_error(str(ex), keywords)
     return ConfigurationError(f"invalid connection parameters: {message}")
 
 
@@ -443,7 +454,7 @@ def build_plan(
     params.update((k, str(v)) for k, v in kwargs.items() if v is not None)
     secrets = (params.get("password"), params.get("sslpassword"))
     # make_conninfo validates keywords given as kwargs (conninfo_to_dict does not).
-    viewed = _refused_or(lambda: _libpq_view(params, secrets))
+    viewed = _refused_or(lambda: _libpq_view(params, secrets), kwargs.keys())
     if isinstance(viewed, ConfigurationError):
         raise viewed
     resolved = viewed
@@ -501,7 +512,10 @@ def build_plan(
     final = dict(params)
     # Pin where to connect as checked above: libpq resolves service files and PG* variables
     # again when it connects, and they could differ by then (another thread, an LDAP service).
-    final.update({k: resolved[k] for k in ("host", "hostaddr", "port") if k in resolved})
+    # connect_timeout too: psycopg enforces it itself, from the conninfo and PGCONNECT_TIMEOUT
+    # only, and would wait its own 130 s for one set in a service file.
+    pinned = ("host", "hostaddr", "port", "connect_timeout")
+    final.update({k: resolved[k] for k in pinned if resolved.get(k)})
     final.update(
         # Encrypt, verify the chain against `trust`, and check the host name: nothing less.
         sslmode=REQUIRED_SSLMODE,

@@ -88,9 +88,11 @@ def _connect(address: str, port: int, end: float) -> socket.socket:
     getting the whole timeout.
     """
     last: OSError | None = None
-    for family, kind, proto, _name, where in socket.getaddrinfo(
-        address, port, type=socket.SOCK_STREAM
-    ):
+    try:
+        found = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)
+    except UnicodeError:  # a name IDNA cannot encode: unreachable, as for any bad name
+        raise OSError(f"cannot look up {address!r}") from None
+    for family, kind, proto, _name, where in found:
         sock = socket.socket(family, kind, proto)
         try:
             sock.settimeout(_left(end))

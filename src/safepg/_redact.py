@@ -24,14 +24,29 @@ def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
     return text
 
 
-def redact_parse_error(message: str) -> str:
-    """A libpq conninfo parse error, with every quoted fragment of the input removed.
+def redact_parse_error(message: str, keywords: Iterable[str] = ()) -> str:
+    """A libpq conninfo parse error, with nothing of the input in it.
 
     When parsing fails, nobody knows which fragment was the password, and libpq quotes the
-    fragment it choked on (``invalid percent-encoded token: "s3cr%t"``). Only an invalid keyword
-    is kept, since keywords are not secret.
+    fragment it choked on (``invalid percent-encoded token: "s3cr%t"``). A quote inside the
+    password breaks any pairing of quotes, so everything from the first quote on is dropped.
+    Only an invalid keyword that the caller passed as a keyword argument (*keywords*) is shown:
+    in a badly quoted conninfo string, the "keyword" libpq names may be part of the password.
     """
-    message = message.strip()
-    if message.startswith("invalid connection option"):
-        return message
-    return re.sub(r'"[^"]*"', '"…"', redact(message))
+    message = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    # libpq's own quoted characters are not input: keep them, so the message stays useful.
+    for literal in ('"]"', '"="', '"?"', '"/"'):
+        message = message.replace(literal, literal.replace('"', "'"))
+    head, quote, rest = message.partition('"')
+    if not quote:
+        return redact(message)
+    if head.startswith("invalid connection option"):
+        name = rest.partition('"')[0]
+        if name in set(keywords):
+            return f'{head}"{name}"'
+    if head.startswith("invalid connection option"):
+        return (
+            f"{head.rstrip()} (its name is not shown: with a badly quoted value it may be part "
+            "of a password; check the keywords and the quoting of the values)"
+        )
+    return f"{head.rstrip(': ')} (the text is not shown: it may hold part of a password)"
