@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 engines whose every connection goes through safepg (``safepg[sqlalchemy]``).
+"""SQLAlchemy 2 engines whose every connection goes through safepg (``safepg-tls[sqlalchemy]``).
 
 Three ways in, from least to most code change:
 
@@ -257,6 +257,19 @@ class _AsyncDBAPI(PsycopgAdaptDBAPI):
         return super().connect(*arg, **kw)  # type: ignore[no-untyped-call]
 
 
+# SQLAlchemy 2.1's adapter also takes psycopg's ExecStatus; 2.0's takes the module only.
+_ADAPTER_TAKES_EXEC_STATUS = (
+    "ExecStatus" in inspect.signature(PsycopgAdaptDBAPI.__init__).parameters
+)
+
+
+def _adapted(module: Any) -> _AsyncDBAPI:
+    """`_AsyncDBAPI` for a psycopg-like *module*, on SQLAlchemy 2.0 and 2.1 alike."""
+    if _ADAPTER_TAKES_EXEC_STATUS:
+        return _AsyncDBAPI(module, ExecStatus)
+    return _AsyncDBAPI(module)  # type: ignore[call-arg,unused-ignore]
+
+
 def _through_safepg_async(opener: Any) -> Callable[..., Awaitable[AsyncConnection[Any]]]:
     if opener == AsyncConnection.connect:
         return connect_async
@@ -294,13 +307,13 @@ def _async_dbapi(value: Any) -> Any:
     if value is None or isinstance(value, _AsyncDBAPI):
         return value
     if isinstance(value, PsycopgAdaptDBAPI):
-        return _AsyncDBAPI(value.psycopg, value.ExecStatus)
+        return _adapted(value.psycopg)
     if not callable(getattr(getattr(value, "AsyncConnection", None), "connect", None)):
         raise ConfigurationError(
             f"{value!r} has no AsyncConnection.connect(): postgresql+safepg_async needs a "
             "psycopg-like DBAPI module"
         )
-    return _AsyncDBAPI(value, ExecStatus)
+    return _adapted(value)
 
 
 def _checking(
@@ -366,7 +379,7 @@ class SafePGAsyncDialect(PGDialectAsync_psycopg):
 
     @classmethod
     def import_dbapi(cls) -> Any:
-        return _AsyncDBAPI(psycopg, ExecStatus)
+        return _adapted(psycopg)
 
     @property
     def dbapi(self) -> Any:
