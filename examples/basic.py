@@ -4,7 +4,7 @@ Run it against your own database::
 
     python examples/basic.py "postgresql://app:secret@db.example.com/app"
 
-With no argument it starts a throwaway TLS server (needs ``safepg[testing]`` and PostgreSQL's
+With no argument it starts a throwaway TLS server (needs ``safepg-tls[testing]`` and PostgreSQL's
 server binaries) so that it runs anywhere.
 """
 

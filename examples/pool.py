@@ -1,10 +1,10 @@
-"""A psycopg_pool pool whose every connection is verified by safepg (``safepg[pool]``).
+"""A psycopg_pool pool whose every connection is verified by safepg (``safepg-tls[pool]``).
 
 Run it against your own database::
 
     python examples/pool.py "host=db.example.com dbname=app user=app"
 
-With no argument it starts a throwaway TLS server (needs ``safepg[testing]`` and PostgreSQL's
+With no argument it starts a throwaway TLS server (needs ``safepg-tls[testing]`` and PostgreSQL's
 server binaries).
 """
 

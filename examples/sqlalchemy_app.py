@@ -1,10 +1,10 @@
-"""A SQLAlchemy 2 ORM app whose every connection is verified by safepg (``safepg[sqlalchemy]``).
+"""A SQLAlchemy 2 ORM app whose every connection is verified by safepg (``safepg-tls[sqlalchemy]``).
 
 Run it against your own database::
 
     DATABASE_URL="postgres://app:secret@db.example.com/app" python examples/sqlalchemy_app.py
 
-With no ``DATABASE_URL`` it starts a throwaway TLS server (needs ``safepg[testing]`` and
+With no ``DATABASE_URL`` it starts a throwaway TLS server (needs ``safepg-tls[testing]`` and
 PostgreSQL's server binaries).
 """
 

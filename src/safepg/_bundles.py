@@ -3,7 +3,7 @@
 A bundle passes when it holds at least one certificate, every block parses, every certificate is
 a CA (basicConstraints CA=TRUE), none is expired or not yet valid, and every signature verifies:
 a self-issued certificate against its own key, any other against an issuer in the same file.
-These checks need ``cryptography`` (``pip install safepg[bundles]``).
+These checks need ``cryptography`` (``pip install 'safepg-tls[bundles]'``).
 
 The file is read as OpenSSL reads it (`safepg._x509.read_pem`): CERTIFICATE and X509 CERTIFICATE
 blocks are certificates to check; any other block OpenSSL would load or skip (TRUSTED
@@ -71,7 +71,7 @@ def _load(pem: bytes) -> list[tuple[_x509.PemBlock, x509.Certificate]]:
         from cryptography import x509
     except ImportError:
         raise ConfigurationError(
-            "checking a CA bundle needs the cryptography package: pip install 'safepg[bundles]'"
+            "checking a CA bundle needs the cryptography package: pip install 'safepg-tls[bundles]'"
         ) from None
     try:
         blocks = _x509.read_pem(pem)

@@ -1,4 +1,4 @@
-"""psycopg_pool pools whose every connection is opened through safepg (``safepg[pool]``).
+"""psycopg_pool pools whose every connection is opened through safepg (``safepg-tls[pool]``).
 
 ::
 

@@ -1,4 +1,4 @@
-"""The pytest plugin (``safepg[pytest]``): a real TLS server for your tests, and strict mode.
+"""The pytest plugin (``safepg-tls[pytest]``): a real TLS server for your tests, and strict mode.
 
 Loaded through the ``pytest11`` entry point when safepg is installed. Fixtures:
 

@@ -1,6 +1,6 @@
 """Real PostgreSQL servers with TLS and throwaway certificates, for testing code that uses safepg.
 
-Needs the ``safepg[testing]`` extra and PostgreSQL's server binaries (see `find_bindir`)::
+Needs the ``safepg-tls[testing]`` extra and PostgreSQL's server binaries (see `find_bindir`)::
 
     from safepg.testing import PostgresServer
 

@@ -1,6 +1,6 @@
 """Throwaway certificate authorities and certificates for tests.
 
-Made with ``cryptography`` (the ``safepg[testing]`` extra). Keys are EC P-256: quick to make and
+Made with ``cryptography`` (the ``safepg-tls[testing]`` extra). Keys are EC P-256: quick to make and
 accepted by every PostgreSQL and libpq version safepg supports.
 """
 
@@ -20,7 +20,7 @@ try:
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 except ImportError as ex:  # pragma: no cover - depends on the install
     raise ImportError(
-        "safepg.testing needs the 'cryptography' package: pip install 'safepg[testing]'"
+        "safepg.testing needs the 'cryptography' package: pip install 'safepg-tls[testing]'"
     ) from ex
 
 __all__ = ["CertificateAuthority", "IssuedCertificate"]

