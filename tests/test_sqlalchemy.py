@@ -357,7 +357,7 @@ def test_a_module_that_weakens_the_session_is_refused(server: PostgresServer) ->
     eng.dispose()
 
 
-@pytest.mark.parametrize("how", ["creator", "do_connect", "async_creator"])
+@pytest.mark.parametrize("how", ["creator", "do_connect", "async_creator", "no-initialize"])
 def test_connections_made_around_safepg_are_refused(server: PostgresServer, how: str) -> None:
     conninfo = server.conninfo(sslmode="require")
     if how == "async_creator":
@@ -379,6 +379,10 @@ def test_connections_made_around_safepg_are_refused(server: PostgresServer, how:
         url = server.url(scheme="postgresql+safepg")
         if how == "creator":
             eng = sqlalchemy.create_engine(url, creator=lambda: psycopg.connect(conninfo))
+        elif how == "no-initialize":  # SQLAlchemy then skips the dialect's on_connect
+            eng = sqlalchemy.create_engine(
+                url, creator=lambda: psycopg.connect(conninfo), _initialize=False
+            )
         else:
             eng = sqlalchemy.create_engine(url)
             sqlalchemy.event.listen(eng, "do_connect", lambda *args: psycopg.connect(conninfo))

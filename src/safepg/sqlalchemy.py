@@ -316,17 +316,16 @@ def _async_dbapi(value: Any) -> Any:
     return _adapted(value)
 
 
-def _checking(
-    dialect: PGDialect_psycopg, setup: Callable[[Any], None] | None
-) -> Callable[[Any], None]:
-    """An ``on_connect`` that refuses an unverified connection, then runs SQLAlchemy's *setup*."""
+def _refuse_at_connect(dbapi_conn: Any, record: Any) -> None:
+    """The pool's first look at a new connection, before SQLAlchemy's own setup queries."""
+    _refuse_unverified(getattr(dbapi_conn, "driver_connection", dbapi_conn))
 
-    def on_connect(dbapi_conn: Any) -> None:
-        _refuse_unverified(dialect.get_driver_connection(dbapi_conn))
-        if setup is not None:
-            setup(dbapi_conn)
 
-    return on_connect
+def _watch_pool(engine: Engine) -> None:
+    # A pool listener, not the dialect's on_connect: SQLAlchemy skips that one with
+    # create_engine(..., _initialize=False). Inserted first, so that nothing is sent first.
+    if not sqlalchemy.event.contains(engine.pool, "connect", _refuse_at_connect):
+        sqlalchemy.event.listen(engine.pool, "connect", _refuse_at_connect, insert=True)
 
 
 _PSYCOPG_DBAPI = _DBAPI(psycopg)
@@ -361,8 +360,9 @@ class SafePGDialect(PGDialect_psycopg):
         # create_async_engine("postgresql+safepg://") must not fall back to plain psycopg.
         return SafePGAsyncDialect
 
-    def on_connect(self) -> Callable[[Any], None]:
-        return _checking(self, super().on_connect())  # type: ignore[no-untyped-call]
+    @classmethod
+    def engine_created(cls, engine: Engine) -> None:
+        _watch_pool(engine)
 
 
 class SafePGAsyncDialect(PGDialectAsync_psycopg):
@@ -393,5 +393,6 @@ class SafePGAsyncDialect(PGDialectAsync_psycopg):
     def get_async_dialect_cls(cls, url: URL) -> type[SafePGAsyncDialect]:
         return SafePGAsyncDialect
 
-    def on_connect(self) -> Callable[[Any], None]:
-        return _checking(self, super().on_connect())  # type: ignore[no-untyped-call]
+    @classmethod
+    def engine_created(cls, engine: Engine) -> None:
+        _watch_pool(engine)
