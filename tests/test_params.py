@@ -441,11 +441,16 @@ def test_well_formed_urls_pass(url: str) -> None:
     ],
 )
 def test_parse_errors_never_show_text_after_a_quote_in_the_password(conninfo: str) -> None:
-    """Review of round 2: a quote in the password broke the pairing of libpq's quotes."""
-    with pytest.raises(ConfigurationError) as info:
-        safepg.secure_conninfo(conninfo)
-    assert "SECRET" not in str(info.value)
-    assert "etPART" not in str(info.value)
+    """Review of round 2: a quote in the password broke the pairing of libpq's quotes.
+
+    (libpq 15 accepts the space in the second URL; 18 refuses it.)"""
+    message = ""
+    try:
+        safepg.secure_conninfo(conninfo, sslrootcert="system")
+    except ConfigurationError as ex:
+        message = str(ex)
+    assert "SECRET" not in message
+    assert "etPART" not in message
 
 
 def test_connect_timeout_from_a_service_file_is_what_psycopg_gets(
