@@ -178,6 +178,15 @@ _ODD_PORTS = st.sampled_from(["", "0", "65536", "99999", "abc", "54 32", "-1", "
 _TIMEOUTS = st.sampled_from(["", "0", "2", "-1", "inf", "nan", "1e9", "2.5", "x", "99999999999"])
 
 
+_URL_STRATEGIES = {
+    "user": st.sampled_from(["app", "a@b", "a:b", "app%40x"]),
+    "password": _SECRET,
+    "port": _ODD_PORTS,
+    "timeout": _TIMEOUTS,
+    "use_cli": st.booleans(),
+}
+
+
 @pytest.fixture(scope="module")
 def closed_port() -> int:
     """A port on 127.0.0.1 where nothing listens: connecting is refused at once."""
@@ -244,13 +253,7 @@ def _url_property(
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=_HEALTH, database=None)
-@given(
-    user=st.sampled_from(["app", "a@b", "a:b", "app%40x"]),
-    password=_SECRET,
-    port=_ODD_PORTS,
-    timeout=_TIMEOUTS,
-    use_cli=st.booleans(),
-)
+@given(**_URL_STRATEGIES)
 def test_urls_never_raise_foreign_errors_or_leak_secrets(
     closed_port: int, user: str, password: str, port: str, timeout: str, use_cli: bool
 ) -> None:
@@ -261,13 +264,7 @@ def test_urls_never_raise_foreign_errors_or_leak_secrets(
 
 @pytest.mark.slow
 @settings(max_examples=3_000, deadline=None, suppress_health_check=_HEALTH, database=None)
-@given(
-    user=st.sampled_from(["app", "a@b", "a:b", "app%40x"]),
-    password=_SECRET,
-    port=_ODD_PORTS,
-    timeout=_TIMEOUTS,
-    use_cli=st.booleans(),
-)
+@given(**_URL_STRATEGIES)
 def test_urls_never_raise_foreign_errors_or_leak_secrets_3000(
     closed_port: int, user: str, password: str, port: str, timeout: str, use_cli: bool
 ) -> None:
