@@ -245,8 +245,17 @@ def write_private_file(path: Path, data: bytes) -> None:
             os.unlink(tmp)
         raise
     now = os.lstat(path)
-    if now.st_ino != made.st_ino:  # pragma: no cover - impossible in a private directory
-        raise ConfigurationError(f"{path} was replaced by someone else while safepg wrote it")
+    if now.st_ino != made.st_ino:
+        # Another writer of this user's (a thread, a process) replaced it since: nobody else
+        # can in a private directory. Keep it only if it is private and holds the same bytes.
+        try:
+            again, stamp = _read(path)
+        except OSError:
+            again, stamp = b"", None
+        if again != data or stamp is None:
+            raise ConfigurationError(f"{path} was replaced while safepg wrote it")
+        _written[str(path)] = stamp
+        return
     _written[str(path)] = _file_stamp(now)
 
 
