@@ -550,10 +550,10 @@ def check_installed(project: Project, problems: Problems, *, demo: bool) -> None
 
         engine = sqlalchemy.create_engine("postgresql+safepg://app@db.example.com/app")
         async_engine = create_async_engine("postgresql+safepg_async://app@db.example.com/app")
-        drivers = (engine.dialect.driver, async_engine.dialect.driver)
+        dialects = [type(e.dialect).__name__ for e in (engine, async_engine)]
         engine.dispose()
-        if drivers != ("safepg", "safepg_async"):
-            problems.add(f"installed: SQLAlchemy's dialects for safepg URLs are {drivers}")
+        if dialects != ["SafePGDialect", "SafePGAsyncDialect"] or not async_engine.dialect.is_async:
+            problems.add(f"installed: SQLAlchemy's dialects for safepg URLs are {dialects}")
     except Exception as ex:
         problems.add(f"installed: SQLAlchemy cannot make an engine for postgresql+safepg: {ex!r}")
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
+import subprocess
+import sys
+import textwrap
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +18,7 @@ from urllib.parse import quote, urlencode
 import psycopg
 import pytest
 import sqlalchemy
-from sqlalchemy import String, select, text
+from sqlalchemy import String, make_url, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine
@@ -90,6 +94,23 @@ def test_bad_urls(url: str, message: str) -> None:
         sp.create_engine(url)
 
 
+def test_a_psycopg2_url_moves_to_psycopg_3_and_says_so_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(sp, "_psycopg2_logged", set())
+    caplog.set_level(logging.DEBUG, logger="safepg")
+    url = "postgresql+psycopg2://app:s3cret@db.example.com/app?sslmode=require"
+    for _ in range(2):
+        eng = sp.create_engine(url)
+        assert eng.dialect.driver == "psycopg"
+        eng.dispose()
+    moved = [r for r in caplog.records if "psycopg2" in r.getMessage()]
+    assert moved
+    assert [r.levelno for r in moved if r.levelno >= logging.INFO] == [logging.INFO]
+    assert "psycopg 3" in moved[0].getMessage()
+    assert not any("s3cret" in r.getMessage() for r in caplog.records)
+
+
 # -- sync --------------------------------------------------------------------------------------
 
 
@@ -157,6 +178,38 @@ def test_every_new_connection_is_verified(
     assert server.password not in str(info.value)
 
 
+@pytest.mark.parametrize("scheme", ["postgresql+safepg", "postgresql+safepg_async"])
+def test_wrapped_errors_name_the_public_class(
+    server: PostgresServer, certs: CertificateShop, scheme: str
+) -> None:
+    # SQLAlchemy's message shows the class as module.name: the documented safepg.X, not the
+    # private module that defines it.
+    certs.present("other.example")
+
+    async def connect_async() -> None:
+        eng = sa_create_async_engine(server.url(scheme=scheme))
+        try:
+            async with eng.connect():
+                pass  # pragma: no cover
+        finally:
+            await eng.dispose()
+
+    def connect() -> None:
+        if scheme.endswith("_async"):
+            asyncio.run(connect_async())
+            return
+        eng = sqlalchemy.create_engine(server.url(scheme=scheme))
+        try:
+            with eng.connect():
+                pass  # pragma: no cover
+        finally:
+            eng.dispose()
+
+    with pytest.raises(OperationalError) as info:
+        connect()
+    assert str(info.value).startswith("(safepg.HostnameMismatchError) "), str(info.value)[:200]
+
+
 # -- async -------------------------------------------------------------------------------------
 
 
@@ -210,6 +263,70 @@ def test_async_engine_fails_closed(server: PostgresServer, certs: CertificateSho
     with pytest.raises(OperationalError) as info:
         asyncio.run(main())
     assert isinstance(info.value.orig, HostnameMismatchError)
+
+
+@pytest.mark.parametrize("scheme", ["postgresql+safepg_async", "postgresql+safepg"])
+def test_async_dialect_keeps_the_sync_drivers_name(scheme: str) -> None:
+    # SQLAlchemy's convention: postgresql+psycopg_async is driver "psycopg", with is_async.
+    eng = sa_create_async_engine(f"{scheme}://app@db.example.com/app")
+    assert isinstance(eng.dialect, sp.SafePGAsyncDialect)
+    assert (eng.dialect.driver, eng.dialect.is_async) == ("safepg", True)
+    assert eng.url.get_driver_name() == scheme.partition("+")[2]
+    sync = sqlalchemy.create_engine("postgresql+safepg://app@db.example.com/app")
+    assert (sync.dialect.driver, sync.dialect.is_async) == ("safepg", False)
+
+
+FRESH_ASYNC = textwrap.dedent(
+    """
+    import asyncio, os
+
+    import psycopg
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    async def main(url):
+        for options in ({}, {"module": psycopg}):
+            eng = create_async_engine(url, **options)
+            try:
+                async with eng.connect() as conn:
+                    assert await conn.scalar(text("SELECT 1")) == 1
+            finally:
+                await eng.dispose()
+
+    asyncio.run(main(os.environ["SAFEPG_TEST_URL"]))
+    """
+)
+
+
+def test_async_dialect_in_a_fresh_process(server: PostgresServer) -> None:
+    # SQLAlchemy 2.0's async psycopg cursor needed a class attribute that only its own
+    # dialect's import_dbapi set: in a process that had made no postgresql+psycopg_async engine,
+    # postgresql+safepg_async failed its first statement. Other tests here make such engines.
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH_ASYNC],
+        env={**os.environ, "SAFEPG_TEST_URL": server.url(scheme="postgresql+safepg_async")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    output, returncode = proc.stdout + proc.stderr, proc.returncode
+    assert returncode == 0, output[-3000:]
+
+
+@pytest.mark.parametrize("scheme", ["postgresql+safepg", "postgresql+safepg_async"])
+def test_dialects_provide_sqlalchemys_test_provisioning(
+    monkeypatch: pytest.MonkeyPatch, scheme: str
+) -> None:
+    # SQLAlchemy's test plugin calls load_provisioning() on each dialect it tests with; its
+    # default would look for safepg.provision. tests/test_sqlalchemy_suite.py runs the suite.
+    monkeypatch.delitem(sys.modules, "safepg.sqlalchemy.provision", raising=False)
+    make_url(f"{scheme}://").get_dialect().load_provisioning()
+    assert "safepg.sqlalchemy.provision" in sys.modules
+    from sqlalchemy.testing import provision
+
+    assert "postgresql" in provision.create_db.fns
+    assert "postgresql" in provision.temp_table_keyword_args.fns
 
 
 # -- the dialects' DBAPI: hooks, module=, creators ---------------------------------------------

@@ -9,6 +9,9 @@ Three ways in, from least to most code change:
 
        engine = safepg.sqlalchemy.create_engine(os.environ["DATABASE_URL"], pool_pre_ping=True)
 
+   A ``postgresql+psycopg2://`` URL is accepted too (its query string holds libpq parameters as
+   well), but connects with psycopg 3, not psycopg2; this is logged at INFO, once.
+
 3. Keep your own ``create_engine`` call and hand it a creator::
 
        engine = sqlalchemy.create_engine(
@@ -30,11 +33,19 @@ hook's own connection), with `InsecureConnectionError`, unless safepg opened it 
 with ``sslmode=verify-full``.
 Errors reach you wrapped by SQLAlchemy, as ``sqlalchemy.exc.OperationalError``, with safepg's
 error (a `psycopg.OperationalError`) as ``.orig``.
+
+The async dialect's ``driver`` is ``safepg``, like the sync one's, with ``is_async``: SQLAlchemy's
+convention for its own async variants (``postgresql+psycopg_async`` is driver ``psycopg``).
+The dialects provide SQLAlchemy's test provisioning (`safepg.sqlalchemy.provision`, which is
+PostgreSQL's), so SQLAlchemy's test plugin, and its own suite, run against
+``postgresql+safepg://`` and ``postgresql+safepg_async://`` URLs, with ``pytest -n`` too.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import logging
 import types
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -51,11 +62,12 @@ from sqlalchemy.dialects.postgresql.psycopg import (
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
+from sqlalchemy.pool import Pool
 
-from . import _check
-from ._connect import connect, connect_async, open_verified, open_verified_async
-from ._errors import ConfigurationError, InsecureConnectionError
-from ._params import REQUIRED_SSLMODE
+from .. import _check
+from .._connect import connect, connect_async, open_verified, open_verified_async
+from .._errors import ConfigurationError, InsecureConnectionError
+from .._params import REQUIRED_SSLMODE
 
 __all__ = [
     "SafePGAsyncDialect",
@@ -67,8 +79,12 @@ __all__ = [
     "creator",
 ]
 
+logger = logging.getLogger("safepg")
+
 # Drivers whose URLs carry libpq's own parameters, which psycopg (and so safepg) understands.
 _LIBPQ_DRIVERS = ("", "psycopg", "psycopg_async", "psycopg2", "safepg", "safepg_async")
+# Whether the move of a postgresql+psycopg2:// URL to psycopg 3 was logged at INFO already.
+_psycopg2_logged: set[str] = set()
 
 
 def _normalize(url: str | URL) -> URL:
@@ -89,6 +105,15 @@ def _normalize(url: str | URL) -> URL:
             f"the URL names the driver {driver!r}, whose query options differ from libpq's. "
             "safepg connects through psycopg: use postgresql:// or postgresql+psycopg://, with "
             "libpq parameters (sslmode, sslrootcert, ...) in the query string."
+        )
+    if driver == "psycopg2":
+        # Once at INFO, then at DEBUG: an application may make many engines from one URL.
+        level = logging.DEBUG if _psycopg2_logged else logging.INFO
+        _psycopg2_logged.add(driver)
+        logger.log(
+            level,
+            "a postgresql+psycopg2:// URL: safepg connects with psycopg 3 instead (its libpq "
+            "parameters mean the same there); psycopg2 is not used",
         )
     return parsed.set(drivername="postgresql+psycopg")
 
@@ -267,6 +292,11 @@ def _adapted(module: Any) -> _AsyncDBAPI:
     """`_AsyncDBAPI` for a psycopg-like *module*, on SQLAlchemy 2.0 and 2.1 alike."""
     if _ADAPTER_TAKES_EXEC_STATUS:
         return _AsyncDBAPI(module, ExecStatus)
+    # SQLAlchemy 2.0's async cursor reads psycopg's ExecStatus from a class attribute that only
+    # its own dialect's import_dbapi sets: without this, in a process that never made a
+    # postgresql+psycopg_async engine, every statement failed ('NoneType' object has no
+    # attribute 'TUPLES_OK').
+    PGDialectAsync_psycopg.import_dbapi()  # type: ignore[no-untyped-call,unused-ignore]
     return _AsyncDBAPI(module)  # type: ignore[call-arg,unused-ignore]
 
 
@@ -321,17 +351,53 @@ def _refuse_at_connect(dbapi_conn: Any, record: Any) -> None:
     _refuse_unverified(getattr(dbapi_conn, "driver_connection", dbapi_conn))
 
 
-def _watch_pool(engine: Engine) -> None:
+def _watch_pool(pool: Pool) -> None:
     # A pool listener, not the dialect's on_connect: SQLAlchemy skips that one with
     # create_engine(..., _initialize=False). Inserted first, so that nothing is sent first.
-    if not sqlalchemy.event.contains(engine.pool, "connect", _refuse_at_connect):
-        sqlalchemy.event.listen(engine.pool, "connect", _refuse_at_connect, insert=True)
+    if not sqlalchemy.event.contains(pool, "connect", _refuse_at_connect):
+        sqlalchemy.event.listen(pool, "connect", _refuse_at_connect, insert=True)
 
 
 _PSYCOPG_DBAPI = _DBAPI(psycopg)
 
 
-class SafePGDialect(PGDialect_psycopg):
+def _load_provisioning() -> None:
+    """Import `safepg.sqlalchemy.provision`: SQLAlchemy's test provisioning, PostgreSQL's.
+
+    SQLAlchemy's default looks for ``provision`` in the package of the dialect's module, which
+    would be ``safepg.provision``.
+    """
+    importlib.import_module(f"{__name__}.provision")
+
+
+class _Safe:
+    """What both dialects add to SQLAlchemy's: a hardened DBAPI, a watched pool, provisioning."""
+
+    _harden_dbapi: Callable[[Any], Any]
+
+    @classmethod
+    def load_provisioning(cls) -> None:
+        _load_provisioning()
+
+    @property
+    def dbapi(self) -> Any:
+        return self.__dict__.get("_safepg_dbapi")
+
+    @dbapi.setter
+    def dbapi(self, value: Any) -> None:
+        self.__dict__["_safepg_dbapi"] = self._harden_dbapi(value)
+
+    @classmethod
+    def get_async_dialect_cls(cls, url: URL) -> type[SafePGAsyncDialect]:
+        # create_async_engine("postgresql+safepg://") must not fall back to plain psycopg.
+        return SafePGAsyncDialect
+
+    @classmethod
+    def engine_created(cls, engine: Engine) -> None:
+        _watch_pool(engine.pool)
+
+
+class SafePGDialect(_Safe, PGDialect_psycopg):
     """The ``postgresql+safepg://`` dialect: SQLAlchemy's psycopg dialect, through safepg.
 
     Its DBAPI (``dialect.dbapi``) is psycopg's module with ``connect`` = `safepg.connect`;
@@ -342,30 +408,14 @@ class SafePGDialect(PGDialect_psycopg):
 
     driver = "safepg"
     supports_statement_cache = True
+    _harden_dbapi = staticmethod(_sync_dbapi)
 
     @classmethod
     def import_dbapi(cls) -> Any:
         return _PSYCOPG_DBAPI
 
-    @property
-    def dbapi(self) -> Any:
-        return self.__dict__.get("_safepg_dbapi")
 
-    @dbapi.setter
-    def dbapi(self, value: Any) -> None:
-        self.__dict__["_safepg_dbapi"] = _sync_dbapi(value)
-
-    @classmethod
-    def get_async_dialect_cls(cls, url: URL) -> type[SafePGAsyncDialect]:
-        # create_async_engine("postgresql+safepg://") must not fall back to plain psycopg.
-        return SafePGAsyncDialect
-
-    @classmethod
-    def engine_created(cls, engine: Engine) -> None:
-        _watch_pool(engine)
-
-
-class SafePGAsyncDialect(PGDialectAsync_psycopg):
+class SafePGAsyncDialect(_Safe, PGDialectAsync_psycopg):
     """The ``postgresql+safepg_async://`` dialect, for `create_async_engine`.
 
     Its DBAPI is SQLAlchemy's psycopg adapter, connecting with `safepg.connect_async`; an
@@ -374,25 +424,15 @@ class SafePGAsyncDialect(PGDialectAsync_psycopg):
     connection is refused unless safepg opened it or it is verified.
     """
 
-    driver = "safepg_async"
+    # As SQLAlchemy's own async dialects do (postgresql+psycopg_async is driver "psycopg", with
+    # is_async = True), the async variant keeps the sync driver's name: "+safepg" in SQLAlchemy's
+    # test exclusions and in engine.driver means both. URLs still name it safepg_async.
+    driver = "safepg"
+    is_async = True
     supports_statement_cache = True
+
+    _harden_dbapi = staticmethod(_async_dbapi)
 
     @classmethod
     def import_dbapi(cls) -> Any:
         return _adapted(psycopg)
-
-    @property
-    def dbapi(self) -> Any:
-        return self.__dict__.get("_safepg_dbapi")
-
-    @dbapi.setter
-    def dbapi(self, value: Any) -> None:
-        self.__dict__["_safepg_dbapi"] = _async_dbapi(value)
-
-    @classmethod
-    def get_async_dialect_cls(cls, url: URL) -> type[SafePGAsyncDialect]:
-        return SafePGAsyncDialect
-
-    @classmethod
-    def engine_created(cls, engine: Engine) -> None:
-        _watch_pool(engine)
