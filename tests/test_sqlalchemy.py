@@ -510,6 +510,20 @@ def test_connections_made_around_safepg_are_refused(server: PostgresServer, how:
     assert "sslmode=require" in str(info.value.orig)
 
 
+def test_a_new_pool_at_a_dead_pools_address_is_still_watched() -> None:
+    # CI once let a creator's sslmode=require connection through: SQLAlchemy's event registry
+    # goes by id(pool), and a dead pool whose listener collection lingered (here: kept) made
+    # sqlalchemy.event.contains() say yes for a new pool at the same address.
+    lingering = {}
+    never_called: Any = psycopg.connect
+    for _ in range(20):
+        pool = sqlalchemy.pool.QueuePool(never_called)
+        sp._watch_pool(pool)  # what engine_created does
+        assert sp._refuse_at_connect in list(pool.dispatch.connect)
+        lingering[id(pool)] = pool.dispatch.connect
+        del pool  # freed now, by reference count; the next pool may get its address
+
+
 @pytest.mark.parametrize("scheme", ["postgresql+safepg", "postgresql+safepg_async"])
 def test_safepgs_own_creators_are_accepted(server: PostgresServer, scheme: str) -> None:
     if scheme == "postgresql+safepg":

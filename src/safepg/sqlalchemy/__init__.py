@@ -354,7 +354,9 @@ def _refuse_at_connect(dbapi_conn: Any, record: Any) -> None:
 def _watch_pool(pool: Pool) -> None:
     # A pool listener, not the dialect's on_connect: SQLAlchemy skips that one with
     # create_engine(..., _initialize=False). Inserted first, so that nothing is sent first.
-    if not sqlalchemy.event.contains(pool, "connect", _refuse_at_connect):
+    # Asked of the pool's own listeners: sqlalchemy.event.contains() goes by id(pool), and
+    # answers yes for a new pool that reuses a dead one's address while its listeners linger.
+    if _refuse_at_connect not in list(pool.dispatch.connect):
         sqlalchemy.event.listen(pool, "connect", _refuse_at_connect, insert=True)
 
 
