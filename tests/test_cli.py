@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import queue
+import shlex
+import signal
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from safepg._cli import main
 from safepg.testing import PostgresServer, ServerNotFoundError, find_bindir
+
+from .cli_json import validate
 
 
 def test_demo_in_process(capsys: pytest.CaptureFixture[str]) -> None:
@@ -36,6 +45,56 @@ def test_demo_as_module() -> None:
     assert "refused with HostnameMismatchError" in proc.stdout
     # The demo's own password never reaches the screen.
     assert "password=***" in proc.stdout
+
+
+def test_demo_keep_serves_until_ctrl_c() -> None:
+    """safepg demo --keep prints a URL, the CA and a ready check line; the check line works;
+    Ctrl-C (SIGINT) stops the server, removes its files and exits 0."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    run = functools.partial(subprocess.run, capture_output=True, text=True, env=env, timeout=60)
+    lines: queue.Queue[str] = queue.Queue()
+    shown: dict[str, str] = {}
+    with subprocess.Popen(
+        [sys.executable, "-m", "safepg", "demo", "--keep"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    ) as proc:
+
+        def read() -> None:
+            for line in proc.stdout or ():
+                lines.put(line)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        try:
+            while "inspect it" not in shown:  # the last line it prints before it waits
+                key, _, value = lines.get(timeout=120).strip().partition("  ")
+                shown[key] = value.strip()
+            url, ca = shown["url"], Path(shown["CA file"])
+            check = run([*shlex.split(shown["check it"]), "--json"])
+            assert check.returncode == 0, check.stderr
+            data = json.loads(check.stdout)
+            validate(data)
+            assert data["trust"]["path"] == str(ca)
+            inspect = run(shlex.split(shown["inspect it"]))
+            assert inspect.returncode == 0, inspect.stdout + inspect.stderr
+            # The URL names a password file; the password is in it, not on the screen.
+            password = (ca.parent / "pgpass").read_text().strip().rsplit(":", 1)[1]
+            assert password not in url
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+            reader.join(timeout=10)
+        err = proc.stderr.read() if proc.stderr else ""
+    out = "".join(lines.queue)
+    assert proc.returncode == 0, err
+    assert "Server stopped." in out
+    assert password not in out + err
+    assert not ca.parent.exists()  # its directory, data and password file are gone
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", data["port"]), timeout=2).close()
 
 
 def test_demo_without_server_binaries(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -8,14 +8,15 @@ import os
 import socket
 import subprocess
 import sys
-from typing import Any
 
 import pytest
 
-from safepg import _cli
 from safepg._cli import main
+from safepg._cli._output import Output
+from safepg._cli.inspect import host_port
 from safepg.testing import CertificateAuthority, PostgresServer
 
+from .cli_json import run_json
 from .conftest import CertificateShop
 
 NOW = dt.datetime.now(dt.timezone.utc)
@@ -27,15 +28,8 @@ CHECK_KEYS = {
 INSPECT_KEYS = {
     "schema", "ok", "exit_code", "host", "port", "address", "negotiation", "reachable", "tls",
     "certificates", "trust", "verified_by", "hostname", "rds_ca", "problems", "warnings", "advice",
+    "error",
 }  # fmt: skip
-
-
-def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, Any]]:
-    code = main([*argv, "--json"])
-    out = capsys.readouterr().out
-    data = json.loads(out)
-    assert data["exit_code"] == code
-    return code, data
 
 
 @pytest.fixture
@@ -93,52 +87,6 @@ def test_check_human(server: PostgresServer, capsys: pytest.CaptureFixture[str])
     assert "pg_stat_ssl joined with pg_stat_activity" in out
     assert "\033[" not in out  # not a terminal: no colour
     assert server.password not in out
-
-
-@pytest.mark.parametrize(
-    ("case", "code", "error"),
-    [
-        ("wrong-name", 3, "HostnameMismatchError"),
-        ("expired", 3, "CertificateExpiredError"),
-        ("untrusted", 3, "UntrustedCertificateError"),
-        ("ssl-off", 3, "SSLNotSupportedError"),
-        ("closed-port", 1, "OperationalError"),
-        ("socket", 2, "ConfigurationError"),
-    ],
-)
-def test_check_failures(
-    server: PostgresServer,
-    certs: CertificateShop,
-    rogue_ca: CertificateAuthority,
-    closed_port: int,
-    capsys: pytest.CaptureFixture[str],
-    case: str,
-    code: int,
-    error: str,
-) -> None:
-    target = server.conninfo()
-    ssl_off = False
-    if case == "wrong-name":
-        target = server.conninfo(host="db.example.com", hostaddr="127.0.0.1")
-    elif case == "expired":
-        certs.present("localhost", ip_addresses=["127.0.0.1"], not_after=NOW - dt.timedelta(days=2))
-    elif case == "untrusted":
-        certs.present("localhost", ip_addresses=["127.0.0.1"], ca=rogue_ca)
-    elif case == "ssl-off":
-        ssl_off = True
-    elif case == "closed-port":
-        target = server.conninfo(port=closed_port)
-    else:
-        target = server.conninfo(host=str(server.socket_dir))
-    if ssl_off:
-        with server.ssl_disabled():
-            got, data = run_json(capsys, "check", target)
-    else:
-        got, data = run_json(capsys, "check", target)
-    assert got == code
-    assert data["ok"] is False
-    assert data["error"]["class"] == error
-    assert server.password not in json.dumps(data)
 
 
 def test_check_honours_timeout(stalled_port: int, capsys: pytest.CaptureFixture[str]) -> None:
@@ -254,7 +202,7 @@ def test_inspect_bad_argument(capsys: pytest.CaptureFixture[str]) -> None:
     [("db", ("db", 5432)), ("db:6432", ("db", 6432)), ("[::1]:6432", ("::1", 6432))],
 )
 def test_host_port(value: str, expected: tuple[str, int]) -> None:
-    assert _cli._host_port(value) == expected
+    assert host_port(value) == expected
 
 
 # -- ca and env --------------------------------------------------------------------------------
@@ -350,6 +298,6 @@ def test_no_color_and_tty(server: PostgresServer, monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.delenv("NO_COLOR", raising=False)
     monkeypatch.setenv("TERM", "xterm")
-    assert _cli._Out(Tty()).good("x") == "\033[32mx\033[0m"  # type: ignore[arg-type]
+    assert Output("x", stream=Tty()).good("x") == "\033[32mx\033[0m"  # type: ignore[arg-type]
     monkeypatch.setenv("NO_COLOR", "1")
-    assert _cli._Out(Tty()).good("x") == "x"  # type: ignore[arg-type]
+    assert Output("x", stream=Tty()).good("x") == "x"  # type: ignore[arg-type]

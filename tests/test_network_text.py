@@ -206,7 +206,7 @@ def test_ssl_report_shows_the_servers_text_escaped() -> None:
         local_socket=False,
         host="db.example.com",
         hostaddr=None,
-        port="5432",
+        port=5432,
         sslmode="verify-full",
         protocol="TLSv1.3",
         cipher="TLS_AES_256_GCM_SHA384",

@@ -20,6 +20,7 @@ from ._trust import TrustSource
 __all__ = ["SSLReport", "check", "check_async"]
 
 _ACCEPTED_PROTOCOLS = ("TLSv1.2", "TLSv1.3")
+_DEFAULT_PORT = 5432
 # The server's pid comes from the server: through a pooler, libpq's backend PID is the pooler's
 # own (made-up) key, and in transaction pooling each query may run in another server process.
 _STAT_SSL_QUERY = (
@@ -45,7 +46,8 @@ class SSLReport:
         verified: encrypted, with sslmode=verify-full (the chain and the host name were checked).
         local_socket: the session runs over a Unix-domain socket (only with
             ``allow_unencrypted_unix_socket=True``): local, not encrypted.
-        host, hostaddr, port: where libpq connected; *host* is the name that was verified.
+        host, hostaddr, port: where libpq connected; *host* is the name that was verified,
+            *port* a number (for a Unix-domain socket, the one in the socket file's name).
         sslmode: the sslmode libpq used.
         protocol, cipher, bits, ssl_library: libpq's view of the TLS session.
         trust: the trust anchors safepg chose, or None for a connection safepg did not make.
@@ -62,7 +64,7 @@ class SSLReport:
     local_socket: bool
     host: str
     hostaddr: str | None
-    port: str
+    port: int
     sslmode: str
     protocol: str | None
     cipher: str | None
@@ -125,6 +127,17 @@ def _sslmode(pgconn: pq.abc.PGconn) -> str:
     return ""
 
 
+def _port(pgconn: pq.abc.PGconn) -> int:
+    # libpq reports the port as text; an empty one means its built-in default (psycopg's
+    # ConnectionInfo.port reads it the same way).
+    text = (pgconn.port or b"").decode()
+    if text.isdigit():
+        return int(text)
+    getter = getattr(pq.misc, "get_compiled_port", None)  # psycopg 3.2+
+    compiled = str(getter() or "") if getter is not None else ""
+    return int(compiled) if compiled.isdigit() else _DEFAULT_PORT
+
+
 def _client_report(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> SSLReport:
     pgconn = conn.pgconn
     plan = _plans.get(conn)
@@ -138,7 +151,7 @@ def _client_report(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any])
         local_socket=not encrypted and _is_socket(host),
         host=host,
         hostaddr=(pgconn.hostaddr or b"").decode() or None,
-        port=(pgconn.port or b"").decode(),
+        port=_port(pgconn),
         sslmode=sslmode,
         protocol=ssl_attribute(pgconn, "protocol"),
         cipher=ssl_attribute(pgconn, "cipher"),

@@ -309,12 +309,14 @@ def cached(plan: Plan) -> Plan | None:
     """*plan* with what was learned for its hosts, if every one is learned; no network I/O."""
     found = _applicable(plan)
     if found is None:
+        logger.debug("safepg: fast path not used: %s", _not_applicable(plan))
         return None
     index, keys = found
     memo = _memo.get(keys)
     if memo is not None:
         source, stat_key, direct = memo
         if _still_good(source, stat_key, plan.trust):
+            logger.debug("safepg: fast path: warm (in memory), trusting %s", source)
             return _narrowed(plan, source, direct)
         # Changed on disk: rebuild it from the full set below. pop, not del: another thread
         # may have dropped the entry while this one was looking at the file.
@@ -325,7 +327,14 @@ def cached(plan: Plan) -> Plan | None:
         if item is None:
             return None
         learned.append(item)
+    logger.debug("safepg: fast path: warm (disk cache) for %s", ", ".join(k.where() for k in keys))
     return _build(plan, keys, index, learned)
+
+
+def _not_applicable(plan: Plan) -> str:
+    if not plan.targets or any(t.socket for t in plan.targets):
+        return "a Unix-domain socket host"
+    return f"{plan.trust.path} holds one certificate (as small as it gets), or cannot be read"
 
 
 def worth_learning(plan: Plan) -> bool:
@@ -362,6 +371,13 @@ def _learn_host(
     else:
         anchors = tuple(c.sha256 for c in anchors_for(presented.chain, index))
         if anchors:
+            logger.debug(
+                "safepg: fast path learned %s: %d anchor(s) of the %d in %s verify its chain",
+                key.where(),
+                len(anchors),
+                len(index.by_fingerprint),
+                plan.trust,
+            )
             learned = _Learned(anchors, direct)
             _write_entry(key, learned)
             return learned
@@ -433,6 +449,12 @@ def set_direct(plan: Plan, direct: bool) -> None:
         return
     index, keys = found
     _memo.pop(keys, None)
+    logger.debug(
+        "safepg: learned that %s %s direct TLS%s",
+        ", ".join(k.where() for k in keys),
+        "takes" if direct else "does not take",
+        " (PostgreSQL 17+): warm connects use it" if direct else ": the SSLRequest is used",
+    )
     for key in keys:
         item = _read_entry(key, index)
         if item is not None and item.direct is not direct:

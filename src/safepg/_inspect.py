@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import re
+import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -120,6 +122,64 @@ def _candidates(first: TrustSource) -> list[TrustSource]:
     return [s for s in found if s.path != first.path]
 
 
+def _unreachable(address: str, port: int, timeout: float, started: float) -> tuple[bool, str]:
+    """Why a probe got no certificate: (whether the server was reached, the sentence).
+
+    Only on that failure path: a DNS lookup and a plain TCP connect, in the time left.
+    """
+    where = f"{shown(address)}:{port}"
+    left = timeout - (time.monotonic() - started)
+    if left <= 0.05 * timeout:
+        return False, f"{where} did not answer within {timeout:g} seconds"
+    try:
+        socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as ex:
+        why = getattr(ex, "strerror", None) or str(ex)
+        return (
+            False,
+            f'cannot reach {where}: the host name "{shown(address)}" does not resolve ({why})',
+        )
+    try:
+        socket.create_connection((address, port), timeout=max(left, 0.1)).close()
+    except TimeoutError:
+        return False, f"cannot reach {where}: no answer within {timeout:g} seconds"
+    except OSError as ex:
+        return False, f"cannot reach {where}: {(ex.strerror or str(ex)).lower()}"
+    return True, f"{where} accepts connections, but the TLS handshake failed"
+
+
+def _without_direct(
+    base: Inspection, trust: TrustSource, timeout: float, started: float
+) -> Inspection:
+    """Direct TLS failed: is it the server, or the network? The SSLRequest tells."""
+    address, port = base.address, base.port
+    left = max(timeout - (time.monotonic() - started), 0.5)
+    result = _probe.probe(address, port, trust.path, server_hostname=base.host, timeout=left)
+    if result is not None and result.tls:
+        return replace(
+            base,
+            reachable=True,
+            problems=(
+                "the server does not accept direct TLS, which needs PostgreSQL 17 or later (and "
+                "any pooler or proxy in front of it to pass it on); the SSLRequest works, so it "
+                "offers TLS that way",
+            ),
+            advice=(
+                "Leave sslnegotiation at its default (postgres), and run safepg inspect without "
+                "--direct to check its certificates.",
+            ),
+        )
+    if result is not None:
+        return replace(
+            base,
+            reachable=True,
+            problems=("the server does not offer TLS, directly or after the SSLRequest",),
+            advice=(FIX_NO_TLS,),
+        )
+    reachable, why = _unreachable(address, port, timeout, started)
+    return replace(base, reachable=reachable, problems=(why,))
+
+
 def inspect_server(
     host: str,
     port: int,
@@ -129,28 +189,30 @@ def inspect_server(
     timeout: float = 10.0,
     direct: bool = False,
 ) -> Inspection:
-    """Probe *host*:*port* (no login) and judge what it presents against *trust*."""
+    """Probe *host*:*port* (no login) and judge what it presents against *trust*.
+
+    With *direct*, the server must take TLS straight away (PostgreSQL 17+); if it does not,
+    the SSLRequest tells whether it offers TLS at all. A server that cannot be reached says
+    why: the name does not resolve, the connection is refused, or nothing answered in time.
+    """
+    started = time.monotonic()
     address = hostaddr or host
     base = Inspection(host, port, address, direct, reachable=False, tls=False, trust=trust)
     if direct:
         presented = _probe.presented_chain(
             address, port, server_hostname=host, timeout=timeout, direct=True
         )
-        if presented is None:
+        if presented is not None and presented.timed_out:
             return replace(
                 base,
-                reachable=False,
-                tls=False,
-                problems=("no TLS handshake: the server is unreachable or refuses direct TLS",),
+                problems=(f"{shown(address)}:{port} did not answer within {timeout:g} seconds",),
             )
+        if presented is None or not presented.tls:
+            return _without_direct(base, trust, timeout, started)
     result = _probe.probe(address, port, trust.path, server_hostname=host, timeout=timeout)
     if result is None:
-        return replace(
-            base,
-            reachable=False,
-            tls=False,
-            problems=(f"cannot reach {address}:{port}, or the TLS handshake failed",),
-        )
+        reachable, why = _unreachable(address, port, timeout, started)
+        return replace(base, reachable=reachable, problems=(why,))
     if not result.tls:
         return replace(
             base,

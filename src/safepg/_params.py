@@ -272,11 +272,13 @@ def _is_socket(host: str) -> bool:
     return host == "" or host.startswith(("/", "@"))
 
 
+# The opt-in, as the library takes it (the command line words it as its own option).
+SOCKET_OPT_IN = "pass allow_unencrypted_unix_socket=True"
 _SOCKET_FIX = (
     "libpq never uses TLS on a Unix-domain socket, so the session could be neither encrypted "
     "nor verified. Connect over TCP with the name in the server's certificate "
     "(host=db.example.com), or, for a server on this machine where a socket is what you want, "
-    "pass allow_unencrypted_unix_socket=True."
+    f"{SOCKET_OPT_IN}."
 )
 
 

@@ -19,6 +19,7 @@ no PEM certificate is an error that names it: safepg never falls back from it to
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import sys
@@ -33,6 +34,8 @@ from . import _cache, _x509, providers
 from ._errors import ConfigurationError
 
 __all__ = ["TrustOrigin", "TrustSource"]
+
+logger = logging.getLogger("safepg")
 
 TrustOrigin = Literal[
     "sslrootcert", "PGSSLROOTCERT", "libpq-default", "bundled", "os-store", "certifi", "combined"
@@ -104,7 +107,7 @@ def check_ca_file(path: str, named_by: str) -> None:
         raise ConfigurationError(
             f"CA file {path!r}, named by {named_by}, {problem}. safepg does not fall back to "
             "other trust anchors when you name a file: fix the path or the file, or remove the "
-            "setting to let safepg choose (see safepg.resolve_trust)."
+            "setting to let safepg choose."
         )
     _valid_files[path] = _stat_key(st)
 
@@ -318,14 +321,17 @@ def resolve(
                 "machine has none that safepg can find. Install your distribution's "
                 "ca-certificates package, or set SSL_CERT_FILE to a PEM bundle."
             )
+        logger.debug("safepg: trust anchors: %s, for sslrootcert=system (%s)", found, named_by)
         return TrustSource(found.path, f"{found.label}, for sslrootcert=system", "os-store")
     if rootcert:
         check_ca_file(rootcert, named_by)
         origin: TrustOrigin = "PGSSLROOTCERT" if from_env else "sslrootcert"
+        logger.debug("safepg: trust anchors: %s, named by %s", rootcert, named_by)
         return TrustSource(rootcert, f"sslrootcert from {named_by}", origin)
     default_root = libpq_default_root()
     if default_root is not None and os.path.exists(default_root):
         check_ca_file(str(default_root), "libpq's default location")
+        logger.debug("safepg: trust anchors: %s, libpq's default file (it exists)", default_root)
         return TrustSource(str(default_root), "libpq default root.crt", "libpq-default")
 
     sources: dict[str, TrustSource] = {}
@@ -334,13 +340,24 @@ def resolve(
         if profile is None or profile.bundle is None:
             src = _fallback()
             sources[src.path] = src
+            logger.debug(
+                "safepg: trust anchors for %s: %s (%s)",
+                host,
+                src,
+                f"{profile.name}: no CA bundled" if profile else "no provider set for this host",
+            )
             continue
         for path, override in providers.bundle_paths(profile.bundle):
             label = profile.bundle.label + (" (newer copy, checked)" if override else "")
             sources[path] = TrustSource(path, label, "bundled")
+            logger.debug(
+                "safepg: trust anchors for %s: %s (%s), %s", host, label, profile.name, path
+            )
             _warn_if_expiring(path, label)
     if not sources:
-        return _fallback()
+        fallback = _fallback()
+        logger.debug("safepg: trust anchors: %s (no host name to choose by)", fallback)
+        return fallback
     if len(sources) == 1:
         return next(iter(sources.values()))
     return _union(sorted(sources.values(), key=lambda s: s.path))

@@ -1,0 +1,234 @@
+"""``safepg check URL|CONNINFO``: connect through safepg and report how the session is protected."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from .._text import shown
+from ._output import (
+    EXIT_INSECURE,
+    EXIT_OK,
+    Output,
+    add_json,
+    add_timeout,
+    add_verbose,
+    cert_json,
+    iso,
+    port_number,
+    print_chain,
+    secrets_of,
+    trust_json,
+)
+
+if TYPE_CHECKING:
+    from .._check import SSLReport
+    from .._probe import CertificateInfo
+    from ._output import Subparsers
+
+SCHEMA = "safepg.check/1"
+_ACTIVITY_QUERY = (
+    "SELECT a.usename, a.datname, a.application_name, host(a.client_addr), a.backend_start, "
+    "s.ssl, s.version, s.cipher, s.bits, s.client_dn "
+    "FROM pg_catalog.pg_stat_activity a JOIN pg_catalog.pg_stat_ssl s USING (pid) "
+    "WHERE a.pid = pg_catalog.pg_backend_pid()"
+)
+_ACTIVITY_KEYS = (
+    "user",
+    "database",
+    "application_name",
+    "client_addr",
+    "backend_start",
+    "ssl",
+    "protocol",
+    "cipher",
+    "bits",
+    "client_dn",
+)
+SOCKET_OPTION = "--allow-unencrypted-unix-socket"
+
+
+def register(commands: Subparsers) -> None:
+    parser = commands.add_parser(
+        "check", help="connect through safepg and report how the session is protected"
+    )
+    parser.add_argument("target", metavar="URL|CONNINFO", help="postgresql:// URL or conninfo")
+    parser.add_argument(
+        SOCKET_OPTION,
+        dest="allow_socket",
+        action="store_true",
+        help="accept a Unix-domain socket host (local, never encrypted); reported as such",
+    )
+    add_json(parser)
+    add_timeout(parser)
+    add_verbose(parser)
+    parser.set_defaults(run=run)
+
+
+def _client(report: SSLReport | None) -> dict[str, Any]:
+    if report is None:  # no session: nothing was encrypted or verified
+        return {
+            "encrypted": False,
+            "verified": False,
+            "local_socket": False,
+            "sslmode": None,
+            "protocol": None,
+            "cipher": None,
+            "bits": None,
+            "ssl_library": None,
+        }
+    return {
+        "encrypted": report.encrypted,
+        "verified": report.verified,
+        "local_socket": report.local_socket,
+        "sslmode": report.sslmode,
+        "protocol": report.protocol,
+        "cipher": report.cipher,
+        "bits": report.bits,
+        "ssl_library": report.ssl_library,
+    }
+
+
+def _server(pid: int | None, row: tuple[Any, ...] | None) -> dict[str, Any]:
+    activity = dict(zip(_ACTIVITY_KEYS, row or (None,) * len(_ACTIVITY_KEYS), strict=True))
+    activity["backend_start"] = iso(activity["backend_start"])
+    return {"pid": pid, **activity}
+
+
+def _known(doc: dict[str, Any], args: argparse.Namespace, ex: BaseException) -> None:
+    """Fill *doc* with what is known of a connection that failed: where it went and which
+    trust anchors it used, from the error and from safepg's plan for the target."""
+    from .._errors import ConnectionSecurityError, SafePGError
+    from .._params import build_plan
+
+    try:
+        plan = build_plan(args.target, {}, allow_unencrypted_unix_socket=args.allow_socket)
+    except (SafePGError, psycopg.Error):
+        plan = None  # the input itself was refused: nothing is known
+    if plan is not None:
+        hosts = list(dict.fromkeys(t.host for t in plan.targets))
+        addrs = list(dict.fromkeys(t.hostaddr for t in plan.targets if t.hostaddr))
+        ports = list(dict.fromkeys(t.port for t in plan.targets))
+        doc["host"] = ",".join(hosts) or None
+        doc["hostaddr"] = ",".join(addrs) or None
+        doc["port"] = port_number(ports[0]) if len(ports) == 1 else None
+        doc["trust"] = trust_json(plan.trust)
+    # The failed attempt itself, when safepg's error names it.
+    if isinstance(ex, ConnectionSecurityError):
+        if ex.host:
+            doc["host"] = ex.host
+        if ex.port is not None:
+            doc["port"] = ex.port
+        if ex.trust is not None:
+            doc["trust"] = trust_json(ex.trust)
+
+
+def _cli_wording(message: str) -> str:
+    """The library's advice in command-line terms."""
+    from .._params import SOCKET_OPT_IN
+
+    return message.replace(SOCKET_OPT_IN, f"run again with {SOCKET_OPTION}")
+
+
+def run(args: argparse.Namespace, out: Output) -> int:
+    import safepg
+
+    from .. import _probe
+    from .._redact import redact
+
+    doc = out.start(
+        SCHEMA,
+        host=None,
+        hostaddr=None,
+        port=None,
+        client=_client(None),
+        trust=None,
+        certificates=[],
+        server=_server(None, None),
+    )
+    connect_timeout = str(max(2, math.ceil(args.timeout)))
+    report = None
+    try:
+        with safepg.connect(
+            args.target,
+            autocommit=True,
+            connect_timeout=connect_timeout,
+            allow_unencrypted_unix_socket=args.allow_socket,
+        ) as conn:
+            report = safepg.check(conn)
+            doc.update(
+                host=report.host,
+                hostaddr=report.hostaddr,
+                port=report.port,
+                client=_client(report),
+                trust=trust_json(report.trust),
+                server=_server(report.backend_pid, None),
+            )
+            row = conn.execute(_ACTIVITY_QUERY).fetchone()
+            doc["server"] = _server(report.backend_pid, tuple(row) if row else None)
+    except psycopg.Error as ex:
+        if report is None:
+            _known(doc, args, ex)
+        return out.fail(ex, _cli_wording(redact(str(ex), secrets_of(args.target))))
+    presented = None
+    if report.encrypted and report.trust is not None:
+        presented = _probe.probe(
+            report.hostaddr or report.host,
+            report.port,
+            report.trust.path,
+            server_hostname=report.host,
+            timeout=args.timeout,
+        )
+    chain = presented.chain if presented else ()
+    doc["certificates"] = [cert_json(c) for c in chain]
+    # A socket session is what the caller asked for with the option; anything else that is
+    # not verified could not have been opened (safepg.check would have raised).
+    good = report.verified or (report.local_socket and args.allow_socket)
+    code = EXIT_OK if good else EXIT_INSECURE
+    if not out.json:
+        _print(out, report, chain, doc["server"], good)
+    return out.finish(code)
+
+
+def _print(
+    out: Output,
+    report: SSLReport,
+    chain: tuple[CertificateInfo, ...],
+    server: dict[str, Any],
+    good: bool,
+) -> None:
+    summary = out.good(report.summary) if good else out.bad(report.summary)
+    out.line(f"{out.bold('safepg check')}: {summary}")
+    out.field(
+        "host",
+        f"{report.host}:{report.port}"
+        + (f" (address {report.hostaddr})" if report.hostaddr else ""),
+    )
+    out.field("sslmode", report.sslmode)
+    if report.encrypted:
+        out.field("protocol", report.protocol or "-")
+        out.field("cipher", f"{report.cipher or '-'} ({report.bits or '-'} bits)")
+        out.field("TLS library", report.ssl_library or "-")
+    if report.trust is not None:
+        out.field("trust anchors", report.trust.label)
+        out.field("trust file", report.trust.path)
+    if chain:
+        out.line("  certificates (read by a second handshake, as presented: unverified):")
+        print_chain(out, chain)
+    # The server's own text (verified server, but its values can hold anything): escaped.
+    out.line("  server side (pg_stat_ssl joined with pg_stat_activity, this session):")
+    out.field("pid", server["pid"], 6)
+    for key in ("user", "database", "application_name", "client_addr", "backend_start"):
+        if server.get(key):  # an empty application_name says nothing
+            out.field(key.replace("_", " "), shown(str(server[key])), 6)
+    if server.get("ssl"):
+        ssl_text = f"{server.get('protocol') or ''} {server.get('cipher') or ''}".strip()
+        bits = f" ({server['bits']} bits)" if server.get("bits") else ""
+        out.field("ssl", f"yes, {shown(ssl_text)}{bits}", 6)
+    else:
+        out.field("ssl", "no", 6)
+    if server.get("client_dn"):
+        out.field("client cert", shown(str(server["client_dn"])), 6)
