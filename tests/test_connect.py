@@ -230,7 +230,7 @@ def test_hostname_matrix(
     with pytest.raises(HostnameMismatchError) as info:
         safepg.connect(by_name(server, host))
     err = info.value
-    assert err.host == host
+    assert (err.host, err.port) == (host, server.port)
     assert f'does not name "{host}"' in str(err)
     assert str(server.ca_path) in str(err)
     if dns or ips:

@@ -99,7 +99,7 @@ def _admit(
         f"safepg refused the session: {problem}. Trust anchors: {plan.trust}."
     )
     err.host = (conn.pgconn.host or b"").decode("utf-8", "replace")
-    err.port = (conn.pgconn.port or b"").decode()
+    err.port = _check._port(conn.pgconn)
     err.trust = plan.trust
     return err
 

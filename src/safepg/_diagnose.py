@@ -150,6 +150,10 @@ def _mismatch_fix(host: str | None) -> str:
     return f"{hint}\n{FIX_MISMATCH}" if hint else FIX_MISMATCH
 
 
+def _number(port: str | None) -> int | None:
+    return int(port) if port and port.isascii() and port.isdigit() else None
+
+
 def _host_port(ex: psycopg.OperationalError) -> tuple[str | None, str | None]:
     pg = ex.pgconn
     if pg is None:
@@ -239,7 +243,7 @@ def diagnose(
             f"intercepting the connection, or ask the operator whether TLS is on.\n{trust}\n"
             f"{libpq}"
         )
-        violation.host, violation.port, violation.trust = host, port, plan.trust
+        violation.host, violation.port, violation.trust = host, _number(port), plan.trust
         return violation
 
     mismatch = _MISMATCH.search(said)
@@ -313,6 +317,6 @@ def diagnose(
             f"it.\n{FIX_NO_TLS}\n{libpq}"
         )
     err.host = host
-    err.port = port
+    err.port = _number(port)
     err.trust = plan.trust
     return err

@@ -49,7 +49,7 @@ class ConnectionSecurityError(SafePGError, psycopg.OperationalError):
     """
 
     host: str | None = None
-    port: str | None = None
+    port: int | None = None
     trust: TrustSource | None = None
 
 

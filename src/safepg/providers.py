@@ -94,8 +94,8 @@ def _china_region(host: str) -> str:
 
 
 _HOW_TO_USE = (
-    "Pass the file as sslrootcert=/path/to/file.pem (or PGSSLROOTCERT), or check it and make "
-    "safepg use it for every such host with 'safepg bundles install /path/to/file.pem'."
+    "Pass the file as sslrootcert=/path/to/file.pem (or set PGSSLROOTCERT); try it first with "
+    "safepg check 'postgresql://USER@HOST/DB?sslrootcert=/path/to/file.pem'."
 )
 
 
