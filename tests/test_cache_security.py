@@ -94,6 +94,7 @@ def test_swapped_anchors_file_is_not_used_by_the_fast_path(
     bundle = tmp_path / "bundle.pem"
     bundle.write_bytes(Path(certifi.where()).read_bytes() + server.ca.cert_pem)
     conninfo = server.conninfo(sslrootcert=str(bundle))
+    safepg.connect(conninfo).close()  # the first contact teaches the fast path
     with safepg.connect(conninfo) as conn:
         small = Path(safepg.check(conn).trust.path)  # type: ignore[union-attr]
     cache = shared / "safepg"
@@ -190,6 +191,7 @@ def test_memo_race_does_not_raise(server: PostgresServer, tmp_path: Path, shared
     bundle = tmp_path / "bundle.pem"
     bundle.write_bytes(Path(certifi.where()).read_bytes() + server.ca.cert_pem)
     conninfo = server.conninfo(sslrootcert=str(bundle))
+    safepg.connect(conninfo).close()  # the first contact teaches the fast path
     with safepg.connect(conninfo) as conn:
         small = Path(safepg.check(conn).trust.path)  # type: ignore[union-attr]
     plan = _params.build_plan(conninfo, {})

@@ -6,6 +6,7 @@ Performance is measured by benchmarks/connect_latency.py, never by timed tests h
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -57,6 +58,20 @@ def learned(conninfo: str) -> safepg.TrustSource:
     return report.trust
 
 
+def warm(conninfo: str) -> safepg.TrustSource:
+    """The trust a connect uses once the host is learned: the first contact teaches it."""
+    first = learned(conninfo)
+    assert "narrowed" not in first.label  # the first contact: the full set, and no probe
+    return learned(conninfo)
+
+
+def wait_for_probes() -> None:
+    """Join the background probes (hosts the session could not teach)."""
+    for thread in threading.enumerate():
+        if thread.name == "safepg-fast-path-probe":
+            thread.join(30)
+
+
 def cache_files(cache: Path, pattern: str) -> list[Path]:
     return sorted(cache.glob(pattern))
 
@@ -73,6 +88,7 @@ def test_warm_connect_uses_only_the_anchor_that_verifies(
     server: PostgresServer, big_bundle: Path, cache: Path
 ) -> None:
     conninfo = server.conninfo(sslrootcert=str(big_bundle))
+    assert learned(conninfo).path == str(big_bundle)  # first contact: the full set, no probe
     first = learned(conninfo)
     assert "narrowed to the 1 anchor(s) that verify" in first.label
     assert first.origin == "sslrootcert"
@@ -107,7 +123,7 @@ def test_intermediate_chain_keeps_the_path_to_the_root(
     bundle.write_bytes(
         Path(certifi.where()).read_bytes() + server.ca.cert_pem + intermediate.cert_pem
     )
-    trust = learned(server.conninfo(sslrootcert=str(bundle)))
+    trust = warm(server.conninfo(sslrootcert=str(bundle)))
     assert fingerprints(trust.path) == fingerprints(server.ca_path) | {
         _x509.parse_pem(intermediate.cert_pem)[0].sha256
     }
@@ -166,7 +182,7 @@ def test_rogue_ca_appended_to_the_small_file_is_detected_and_rebuilt(
     server: PostgresServer, big_bundle: Path, rogue_ca: CertificateAuthority, cache: Path
 ) -> None:
     conninfo = server.conninfo(sslrootcert=str(big_bundle))
-    small = Path(learned(conninfo).path)
+    small = Path(warm(conninfo).path)
     with small.open("ab") as f:
         f.write(rogue_ca.cert_pem)
     assert learned(conninfo).path == str(small)
@@ -190,13 +206,13 @@ def test_entry_naming_an_anchor_outside_the_set_is_ignored(
     entry["anchors"].append(rogue)
     entry_path.write_text(json.dumps(entry))
     _fastpath.clear_memory()
-    trust = learned(conninfo)  # ignored, learned again
+    trust = warm(conninfo)  # ignored: the full set once, then learned again
     assert rogue not in fingerprints(trust.path)
     assert json.loads(entry_path.read_text())["anchors"] == sorted(fingerprints(server.ca_path))
     for garbage in ("{", "[]", '{"version": 1, "anchors": 3}', ""):
         entry_path.write_text(garbage)
         _fastpath.clear_memory()
-        assert fingerprints(learned(conninfo).path) == fingerprints(server.ca_path)
+        assert fingerprints(warm(conninfo).path) == fingerprints(server.ca_path)
 
 
 def test_a_changed_trust_set_is_learned_afresh(
@@ -222,7 +238,7 @@ def test_rotation_to_another_root_of_the_set(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     conninfo = server.conninfo(sslrootcert=str(big_bundle))
-    before = learned(conninfo)
+    before = warm(conninfo)
     certs.present("localhost", ip_addresses=["127.0.0.1"], ca=second_ca)
     with caplog.at_level(logging.INFO, logger="safepg"):
         retried = learned(conninfo)  # the small file fails; one retry with the full set
@@ -243,7 +259,7 @@ def test_rotation_to_an_untrusted_root_still_fails_closed(
     rogue_ca: CertificateAuthority,
 ) -> None:
     conninfo = server.conninfo(sslrootcert=str(big_bundle))
-    learned(conninfo)
+    warm(conninfo)
     certs.present("localhost", ip_addresses=["127.0.0.1"], ca=rogue_ca)
     with pytest.raises(UntrustedCertificateError) as info:
         safepg.connect(conninfo)
@@ -267,19 +283,42 @@ def test_other_failures_are_not_retried(
 # -- probe limits and fallbacks ----------------------------------------------------------------
 
 
-def test_untrusted_server_falls_back_to_the_full_set_and_fails(
+def test_untrusted_server_teaches_nothing(
     server: PostgresServer,
     certs: CertificateShop,
     big_bundle: Path,
     rogue_ca: CertificateAuthority,
-    caplog: pytest.LogCaptureFixture,
+    cache: Path,
 ) -> None:
     certs.present("localhost", ip_addresses=["127.0.0.1"], ca=rogue_ca)
     conninfo = server.conninfo(sslrootcert=str(big_bundle))
-    with caplog.at_level(logging.DEBUG, logger="safepg"), pytest.raises(UntrustedCertificateError):
+    with pytest.raises(UntrustedCertificateError) as info:
         safepg.connect(conninfo)
+    assert info.value.trust is not None
+    assert info.value.trust.path == str(big_bundle)
+    wait_for_probes()
+    assert not cache_files(cache, "host-*.json")  # only a verified session teaches
+
+
+def test_a_chain_the_set_did_not_issue_is_not_learned_again_at_once(
+    server: PostgresServer,
+    rogue_ca: CertificateAuthority,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+) -> None:
+    conninfo = server.conninfo(sslrootcert=str(server.ca_path))
+    with safepg.connect(conninfo) as conn:
+        facts = _fastpath.session_facts(plan(conninfo), conn.pgconn)
+    assert facts[1] is not None
+    other = tmp_path / "other.pem"  # a set that did not issue the server's chain
+    other.write_bytes(rogue_ca.cert_pem + CertificateAuthority("another root").cert_pem)
+    p = dataclasses.replace(
+        plan(conninfo), trust=safepg.TrustSource(str(other), "other", "sslrootcert")
+    )
+    with caplog.at_level(logging.DEBUG, logger="safepg"):
+        _fastpath.learn_from_session(p, *facts, 150000)
     assert "no certificate in the trust set issued its chain" in caplog.text
-    assert not _fastpath.worth_learning(plan(conninfo))  # not probed again for a while
+    assert not _fastpath.worth_learning(p)  # not tried again for a while
 
 
 def plan(conninfo: str) -> _params.Plan:
@@ -287,13 +326,18 @@ def plan(conninfo: str) -> _params.Plan:
 
 
 def test_probe_honours_connect_timeout(big_bundle: Path, stalled_port: int) -> None:
+    # Probes are only made, in the background, for hosts a session could not teach.
     conninfo = f"host=localhost hostaddr=127.0.0.1 port={stalled_port} connect_timeout=2"
     p = plan(f"{conninfo} sslrootcert={big_bundle}")
+    found = _fastpath._applicable(p)
+    assert found is not None
+    index, keys = found
     done = threading.Event()
     result: list[object] = []
 
     def run() -> None:
-        result.append(_fastpath.learn(p, Deadline(p.timeout).probe_budget()))
+        budget = Deadline(p.timeout).probe_budget()
+        result.append(_fastpath._probe_host(p, p.targets[0], keys[0], index, budget))
         done.set()
 
     threading.Thread(target=run, daemon=True).start()
@@ -306,7 +350,7 @@ def test_probe_dials_hostaddr(
     server: PostgresServer, certs: CertificateShop, big_bundle: Path
 ) -> None:
     certs.present("db.fastpath.test")
-    trust = learned(
+    trust = warm(
         server.conninfo(host="db.fastpath.test", hostaddr="127.0.0.1", sslrootcert=str(big_bundle))
     )
     assert "db.fastpath.test" in trust.label
@@ -317,10 +361,38 @@ def test_multi_host_uses_the_union(server: PostgresServer, big_bundle: Path, cac
     conninfo = server.conninfo(
         host="localhost,127.0.0.1", port=f"{port},{port}", sslrootcert=str(big_bundle)
     )
+    # The session teaches the host it went to; the other is probed in the background.
+    assert learned(conninfo).path == str(big_bundle)
+    wait_for_probes()
     trust = learned(conninfo)
     assert f"localhost:{port}, 127.0.0.1:{port}" in trust.label
     assert fingerprints(trust.path) == fingerprints(server.ca_path)
     assert len(cache_files(cache, "host-*.json")) == 2
+
+
+def test_where_the_session_cannot_be_read_a_background_probe_teaches(
+    server: PostgresServer, big_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another TLS library than OpenSSL, or a libpq that cannot be found: no chain to read.
+    from safepg import _libpq
+
+    monkeypatch.setattr(_libpq, "presented_chain", lambda pgconn: None)
+    conninfo = server.conninfo(sslrootcert=str(big_bundle))
+    assert learned(conninfo).path == str(big_bundle)  # not held up by the probe
+    wait_for_probes()
+    assert fingerprints(learned(conninfo).path) == fingerprints(server.ca_path)
+
+
+def test_the_session_chain_is_what_the_server_presented(server: PostgresServer) -> None:
+    from safepg import _libpq, _probe
+
+    with safepg.connect(server.conninfo()) as conn:
+        chain = _libpq.presented_chain(conn.pgconn)
+    probed = _probe.presented_chain("127.0.0.1", server.port, server_hostname=None, timeout=5)
+    assert probed is not None
+    assert chain == list(probed.chain)
+    with psycopg.connect(server.conninfo(sslmode="disable")) as plain:
+        assert _libpq.presented_chain(plain.pgconn) is None  # no TLS: nothing to read
 
 
 def test_a_single_anchor_set_is_left_alone(server: PostgresServer, cache: Path) -> None:
@@ -357,6 +429,7 @@ def test_connect_async_learns_too(server: PostgresServer, big_bundle: Path) -> N
         async with conn:
             return (await safepg.check_async(conn)).trust
 
+    assert asyncio.run(main()) is not None  # the first contact teaches
     trust = asyncio.run(main())
     assert trust is not None
     assert "narrowed" in trust.label
@@ -373,7 +446,8 @@ def test_cold_threads_all_succeed(server: PostgresServer, big_bundle: Path, cach
 
     with ThreadPoolExecutor(16) as pool:
         paths = set(pool.map(one, range(32)))
-    assert len(paths) == 1
+    # Each is verified: with the full set (a first contact), or with the file learned.
+    assert paths - {str(big_bundle)} == {learned(conninfo).path}
     assert_consistent(cache, server)
 
 

@@ -22,8 +22,7 @@ from ._text import shown_lines
 from ._trust import TrustSource
 
 logger = logging.getLogger("safepg")
-# PostgreSQL 17 is the first server to accept TLS without the SSLRequest.
-_DIRECT_TLS_SERVER = 170000
+_DIRECT_TLS_SERVER = _fastpath._DIRECT_TLS_SERVER
 CT = TypeVar("CT", bound="Connection[Any]")
 ACT = TypeVar("ACT", bound="AsyncConnection[Any]")
 
@@ -154,18 +153,24 @@ def _retry(ex: psycopg.OperationalError, used: Plan, full: Plan, attempts: list[
     return True
 
 
-def _teaches(used: Plan, full: Plan, fast: Plan | None) -> bool:
-    """Whether a successful connect has something to teach the fast path (never when warm)."""
-    return (used is full and fast is not None) or used.direct_unknown
+def _teaches(used: Plan, full: Plan, fast: bool) -> bool:
+    """Whether a successful connect has something to teach the fast path (never when warm):
+    it verified with the full set (a first contact, or a rotation), or learned direct TLS."""
+    return (fast and used is full and _fastpath.may_learn(full)) or used.direct_unknown
 
 
 def _learn_after(
-    used: Plan, full: Plan, fast: Plan | None, server_version: int, budget: float
+    used: Plan,
+    full: Plan,
+    facts: tuple[int | None, list[bytes] | None],
+    version: int,
+    budget: float,
 ) -> None:
-    if used is full and fast is not None:
-        _fastpath.learn(full, budget)  # the full set was needed (a rotation): learn it again
-    if used.direct_unknown:
-        _fastpath.set_direct(full, server_version >= _DIRECT_TLS_SERVER)
+    """Learn from the session libpq just verified: no round trip, no probe (see `_fastpath`)."""
+    if used is full:
+        _fastpath.learn_from_session(full, *facts, version, budget)
+    elif used.direct_unknown:
+        _fastpath.set_direct(full, version >= _DIRECT_TLS_SERVER)
 
 
 def _start(
@@ -236,11 +241,8 @@ def open_verified(
     Probes, libpq's attempts and the diagnosis share one deadline (see `_deadline`).
     """
     plan, deadline = _start(conninfo, kwargs, allow_unencrypted_unix_socket, verify_as, direct_tls)
-    fast = None
-    if _fastpath.enabled(fast_path):
-        fast = _fastpath.cached(plan)
-        if fast is None and _fastpath.worth_learning(plan):
-            fast = _fastpath.learn(plan, deadline.probe_budget())
+    use_fast = _fastpath.enabled(fast_path)
+    fast = _fastpath.cached(plan) if use_fast else None
     attempts = [fast, plan] if fast else [plan]
     failed: tuple[psycopg.OperationalError, Plan] | None = None
     for used in attempts:
@@ -260,8 +262,9 @@ def open_verified(
         # Raised here, outside the except clause, so that libpq's error is only the scrubbed
         # cause and not also the implicit context.
         raise _failure(*failed, deadline.diagnosis_budget())
-    if _teaches(used, plan, fast):
-        _learn_after(used, plan, fast, conn.info.server_version, deadline.probe_budget())
+    if _teaches(used, plan, use_fast):
+        facts = _fastpath.session_facts(plan, conn.pgconn)
+        _learn_after(used, plan, facts, conn.info.server_version, deadline.probe_budget())
     refusal = _admit(conn, used)
     if refusal:
         conn.close()
@@ -285,11 +288,8 @@ async def open_verified_async(
         _start, conninfo, kwargs, allow_unencrypted_unix_socket, verify_as, direct_tls
     )
     plan, deadline = await asyncio.to_thread(start) if verify_as else start()
-    fast = None
-    if _fastpath.enabled(fast_path):
-        fast = _fastpath.cached(plan)
-        if fast is None and _fastpath.worth_learning(plan):
-            fast = await asyncio.to_thread(_fastpath.learn, plan, deadline.probe_budget())
+    use_fast = _fastpath.enabled(fast_path)
+    fast = _fastpath.cached(plan) if use_fast else None
     attempts = [fast, plan] if fast else [plan]
     failed: tuple[psycopg.OperationalError, Plan] | None = None
     for used in attempts:
@@ -307,9 +307,12 @@ async def open_verified_async(
         break
     if failed is not None:
         raise await asyncio.to_thread(_failure, *failed, deadline.diagnosis_budget())
-    if _teaches(used, plan, fast):  # a probe and file writes: off the event loop
+    if _teaches(used, plan, use_fast):
+        # The chain is read here, while nothing else uses the connection; parsing the trust
+        # set and writing the cache run in a thread, off the event loop.
+        facts = _fastpath.session_facts(plan, conn.pgconn)
         await asyncio.to_thread(
-            _learn_after, used, plan, fast, conn.info.server_version, deadline.probe_budget()
+            _learn_after, used, plan, facts, conn.info.server_version, deadline.probe_budget()
         )
     refusal = _admit(conn, used)
     if refusal:

@@ -37,6 +37,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from psycopg import pq
+
 from . import _cache, _x509
 from ._errors import ConfigurationError
 from ._params import Plan, Target, as_bool
@@ -50,6 +52,8 @@ _RETRY_AFTER = 60.0
 # A probe never waits forever (the connect path passes its own budget, see _deadline).
 _DEFAULT_TIMEOUT = 10.0
 _ENTRY_VERSION = 1
+# PostgreSQL 17 is the first server to accept TLS without the SSLRequest.
+_DIRECT_TLS_SERVER = 170000
 
 
 def enabled(option: object) -> bool:
@@ -338,7 +342,8 @@ def _not_applicable(plan: Plan) -> str:
 
 
 def worth_learning(plan: Plan) -> bool:
-    """Whether `learn` would probe: the fast path applies and no host failed to teach lately."""
+    """Whether a connect with the full set should teach the fast path: it applies, and no host
+    failed to teach lately."""
     found = _applicable(plan)
     if found is None:
         return False
@@ -346,30 +351,21 @@ def worth_learning(plan: Plan) -> bool:
     return all(_unlearnable.get(k, 0.0) <= now for k in found[1])
 
 
-def _learn_host(
-    plan: Plan, target: Target, key: _HostKey, index: _Index, timeout: float
-) -> _Learned | None:
-    from . import _probe  # ssl and socket, not at import time
+def may_learn(plan: Plan) -> bool:
+    """`worth_learning`, without parsing the trust set when it is not parsed yet (then
+    `learn_from_session` decides, off an event loop)."""
+    if not plan.targets or any(t.socket for t in plan.targets):
+        return False
+    return plan.trust.path not in _indexes or worth_learning(plan)
 
-    # Whether the host takes direct TLS is learned from the first connect (the server's
-    # version), not by a second probe: a cold connect costs one probe, whatever the server.
-    presented = _probe.presented_chain(
-        target.hostaddr or target.host,
-        int(target.port),
-        server_hostname=target.host if key.sni else None,
-        timeout=timeout,
-        direct=key.direct,
-    )
-    direct = True if key.direct and presented and presented.tls else None
-    why = None
-    if presented is None:
-        why = "the probe could not reach it or complete a handshake"
-    elif presented.timed_out:
-        why = "it did not answer the probe in time"
-    elif not presented.tls:
-        why = "it does not offer TLS"
-    else:
-        anchors = tuple(c.sha256 for c in anchors_for(presented.chain, index))
+
+def _from_chain(
+    plan: Plan, key: _HostKey, index: _Index, chain: Sequence[bytes] | None, direct: bool | None
+) -> _Learned | None:
+    """What *chain* (what the host presented) teaches: the anchors of the set that verify it."""
+    why = "it presented no certificate"
+    if chain:
+        anchors = tuple(c.sha256 for c in anchors_for(chain, index))
         if anchors:
             logger.debug(
                 "safepg: fast path learned %s: %d anchor(s) of the %d in %s verify its chain",
@@ -392,37 +388,124 @@ def _learn_host(
     return None
 
 
-def learn(plan: Plan, timeout: float = _DEFAULT_TIMEOUT) -> Plan | None:
-    """Probe the hosts not learned yet and return *plan* with the small trust file.
+def _probe_host(
+    plan: Plan, target: Target, key: _HostKey, index: _Index, timeout: float
+) -> _Learned | None:
+    """Learn *target* by a probe of its own (a TLS handshake that verifies nothing)."""
+    from . import _probe  # ssl and socket, not at import time
 
-    *timeout* bounds the probing as a whole (see `_deadline`), not each step.
+    presented = _probe.presented_chain(
+        target.hostaddr or target.host,
+        int(target.port),
+        server_hostname=target.host if key.sni else None,
+        timeout=timeout,
+        direct=key.direct,
+    )
+    if presented is None or presented.timed_out or not presented.tls:
+        why = (
+            "the probe could not reach it or complete a handshake"
+            if presented is None
+            else "it did not answer the probe in time"
+            if presented.timed_out
+            else "it does not offer TLS"
+        )
+        logger.debug("safepg: fast path not used for %s (%s)", key.where(), why)
+        _unlearnable[key] = time.monotonic() + _RETRY_AFTER
+        return None
+    return _from_chain(plan, key, index, presented.chain, None)
 
-    Returns None (use the full set) when the fast path does not apply or a probe taught nothing.
-    Threads learning the same hosts wait for one probe rather than each making their own.
+
+def session_facts(plan: Plan, pgconn: pq.abc.PGconn) -> tuple[int | None, list[bytes] | None]:
+    """Which of *plan*'s targets a live session went to, and the chain it presented (see
+    `_libpq.presented_chain`; None where it cannot be read). Cheap, and on the caller's
+    thread: the connection must not be in use elsewhere."""
+    from . import _libpq
+
+    here: int | None = 0
+    if len(plan.targets) != 1:
+        host = (pgconn.host or b"").decode("utf-8", "replace")
+        hostaddr = (pgconn.hostaddr or b"").decode("utf-8", "replace")
+        port = (pgconn.port or b"").decode("utf-8", "replace")
+        here = next(
+            (
+                i
+                for i, t in enumerate(plan.targets)
+                if t.host == host and t.port == port and t.hostaddr in (None, "", hostaddr)
+            ),
+            None,
+        )
+    return here, (_libpq.presented_chain(pgconn) if here is not None else None)
+
+
+def learn_from_session(
+    plan: Plan,
+    here: int | None,
+    chain: Sequence[bytes] | None,
+    server_version: int,
+    timeout: float = _DEFAULT_TIMEOUT,
+) -> None:
+    """Learn *plan*'s hosts from a session libpq just verified against the full set.
+
+    *here* and *chain* come from `session_facts`: the chain libpq verified, read from the live
+    session, with no network I/O and no second handshake. Whether the host takes direct TLS
+    comes from its server version. The other hosts of a multi-host plan, or every host where
+    the session cannot be read (another TLS library), are probed in a background thread, off
+    the caller's path; until every host is learned, connects use the full set.
     """
     found = _applicable(plan)
     if found is None:
-        return None
+        return
     index, keys = found
-    with _locks_guard:
-        lock = _locks.setdefault(keys, threading.Lock())
-    with lock:
-        done = cached(plan)
-        if done is not None:
-            return done
-        learned = []
-        end = time.monotonic() + timeout
-        for target, key in zip(plan.targets, keys, strict=True):
-            item = _read_entry(key, index)
-            if item is None:
+    now = time.monotonic()
+    if any(_unlearnable.get(k, 0.0) > now for k in keys):
+        return  # taught nothing a moment ago: the full set, without trying again yet
+    direct = server_version >= _DIRECT_TLS_SERVER if auto_direct(plan) else None
+    with _lock_for(keys):
+        learned: list[_Learned | None] = [_read_entry(k, index) for k in keys]
+        if here is not None and chain is not None:
+            learned[here] = _from_chain(plan, keys[here], index, chain, direct)
+            if learned[here] is not None and direct is not None:
+                _log_direct(keys[here : here + 1], direct)
+        missing = [i for i, item in enumerate(learned) if item is None]
+        if not missing:
+            _build(plan, keys, index, [item for item in learned if item is not None])
+            return
+    if here is not None and chain is None:
+        logger.debug("safepg: fast path: cannot read the session's chain here; probing instead")
+    elif here is not None and here in missing:
+        return  # the chain taught nothing: the full set stays
+    _probe_later(plan, index, keys, missing, timeout)
+
+
+_probing: set[_HostKey] = set()
+
+
+def _probe_later(
+    plan: Plan, index: _Index, keys: tuple[_HostKey, ...], which: list[int], timeout: float
+) -> None:
+    now = time.monotonic()
+    todo = [i for i in which if keys[i] not in _probing and _unlearnable.get(keys[i], 0.0) <= now]
+    if not todo:
+        return
+    _probing.update(keys[i] for i in todo)
+
+    def run() -> None:
+        try:
+            end = time.monotonic() + timeout
+            for i in todo:
                 left = end - time.monotonic()
-                if _unlearnable.get(key, 0.0) > time.monotonic() or left <= 0:
-                    return None
-                item = _learn_host(plan, target, key, index, left)
-                if item is None:
-                    return None
-            learned.append(item)
-        return _build(plan, keys, index, learned)
+                if left <= 0 or _probe_host(plan, plan.targets[i], keys[i], index, left) is None:
+                    return
+        finally:
+            _probing.difference_update(keys[i] for i in todo)
+
+    # Not a daemon: a short-lived process finishes its probe, and its cache entry, on exit.
+    threading.Thread(target=run, name="safepg-fast-path-probe").start()
+
+
+def _lock_for(keys: tuple[_HostKey, ...]) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault(keys, threading.Lock())
 
 
 def forget(plan: Plan) -> None:
@@ -449,16 +532,20 @@ def set_direct(plan: Plan, direct: bool) -> None:
         return
     index, keys = found
     _memo.pop(keys, None)
+    _log_direct(keys, direct)
+    for key in keys:
+        item = _read_entry(key, index)
+        if item is not None and item.direct is not direct:
+            _write_entry(key, _Learned(item.anchors, direct))
+
+
+def _log_direct(keys: Sequence[_HostKey], direct: bool) -> None:
     logger.debug(
         "safepg: learned that %s %s direct TLS%s",
         ", ".join(k.where() for k in keys),
         "takes" if direct else "does not take",
         " (PostgreSQL 17+): warm connects use it" if direct else ": the SSLRequest is used",
     )
-    for key in keys:
-        item = _read_entry(key, index)
-        if item is not None and item.direct is not direct:
-            _write_entry(key, _Learned(item.anchors, direct))
 
 
 def clear_memory(*, keep_indexes: bool = False) -> None:

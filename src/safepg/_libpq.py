@@ -1,9 +1,12 @@
-"""Reading libpq's TLS attributes (``PQsslAttribute``), which psycopg does not expose.
+"""Reading what psycopg does not expose of libpq's TLS session: ``PQsslAttribute``, and the
+certificate chain the server presented, through ``PQsslStruct(conn, "OpenSSL")``.
 
-The function is taken from the very libpq psycopg loaded: psycopg's ctypes handle for the
+The functions are taken from the very libpq psycopg loaded: psycopg's ctypes handle for the
 ``python`` implementation, and the copy shipped inside the psycopg-binary wheel for ``binary``.
 If that copy cannot be found unambiguously, or its version differs from psycopg's, nothing is
-called and the attributes are reported as unknown.
+called and the attributes are reported as unknown. OpenSSL's functions are looked up through
+the same handle, so they come from the libssl that this libpq is linked with, the one that made
+the session; with another TLS library, nothing is read.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import ctypes
 import functools
 import glob
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from psycopg import pq
 
@@ -35,7 +40,8 @@ def _binary_libpq() -> ctypes.CDLL | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _ssl_attribute_fn() -> _SslAttribute | None:
+def _libpq() -> ctypes.CDLL | None:
+    """psycopg's own libpq, or None when it cannot be told apart."""
     lib: ctypes.CDLL | None
     try:
         if pq.__impl__ == "python":
@@ -49,10 +55,19 @@ def _ssl_attribute_fn() -> _SslAttribute | None:
         if lib is None:
             return None
         lib.PQlibVersion.restype = ctypes.c_int
-        if lib.PQlibVersion() != pq.version():
-            return None
-        fn = lib.PQsslAttribute
+        return lib if lib.PQlibVersion() == pq.version() else None
     except (OSError, AttributeError):
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _ssl_attribute_fn() -> _SslAttribute | None:
+    lib = _libpq()
+    try:
+        fn = lib.PQsslAttribute if lib is not None else None
+    except AttributeError:
+        return None
+    if fn is None:
         return None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
     fn.restype = ctypes.c_char_p
@@ -74,3 +89,80 @@ def ssl_attribute(pgconn: pq.abc.PGconn, name: str) -> str | None:
         return None
     value = fn(ptr, name.encode())
     return value.decode("ascii", "replace") if value else None
+
+
+@dataclass(frozen=True)
+class _ChainFns:
+    ssl_struct: Any  # PQsslStruct(PGconn *, const char *) -> SSL *
+    peer_chain: Any  # SSL_get_peer_cert_chain(const SSL *) -> STACK_OF(X509) *
+    count: Any  # OPENSSL_sk_num(const OPENSSL_STACK *) -> int
+    value: Any  # OPENSSL_sk_value(const OPENSSL_STACK *, int) -> void *
+    i2d: Any  # i2d_X509(const X509 *, unsigned char **) -> int
+
+
+@functools.lru_cache(maxsize=1)
+def _chain_fns() -> _ChainFns | None:
+    lib = _libpq()
+    if lib is None:
+        return None
+    try:
+        # Through libpq's handle, dlsym searches libpq and then the libraries it was linked
+        # with: these are the libssl and libcrypto that made its sessions (OpenSSL 1.1+).
+        # lib[name]: a function object of our own, so psycopg's own (lib.name) keep their types.
+        fns = _ChainFns(
+            lib["PQsslStruct"], lib["SSL_get_peer_cert_chain"], lib["OPENSSL_sk_num"],
+            lib["OPENSSL_sk_value"], lib["i2d_X509"],
+        )  # fmt: skip
+    except AttributeError:
+        return None
+    fns.ssl_struct.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    fns.ssl_struct.restype = ctypes.c_void_p
+    fns.peer_chain.argtypes = [ctypes.c_void_p]
+    fns.peer_chain.restype = ctypes.c_void_p
+    fns.count.argtypes = [ctypes.c_void_p]
+    fns.count.restype = ctypes.c_int
+    fns.value.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    fns.value.restype = ctypes.c_void_p
+    fns.i2d.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
+    fns.i2d.restype = ctypes.c_int
+    return fns
+
+
+# A chain longer than this is not a server's (a leaf and a few intermediates).
+_MAX_CHAIN = 16
+_MAX_CERT = 64 * 1024
+
+
+def presented_chain(pgconn: pq.abc.PGconn) -> list[bytes] | None:
+    """The certificates the server presented in this live session, leaf first, as DER.
+
+    Read from libpq's OpenSSL object of the session: what libpq itself verified, with no
+    second handshake. None when that cannot be done here (another TLS library, a libpq that
+    cannot be found, no TLS in use); the caller then has nothing to learn from the session.
+    Must be called on the thread that owns the connection, while nothing else uses it.
+    """
+    fns = _chain_fns()
+    ptr = getattr(pgconn, "pgconn_ptr", None)
+    if fns is None or not ptr or pgconn.status != pq.ConnStatus.OK:
+        return None
+    if ssl_attribute(pgconn, "library") != "OpenSSL":
+        return None
+    ssl = fns.ssl_struct(ptr, b"OpenSSL")
+    stack = fns.peer_chain(ssl) if ssl else None
+    if not stack:
+        return None
+    count = fns.count(stack)
+    if not 0 < count <= _MAX_CHAIN:
+        return None
+    chain = []
+    for i in range(count):
+        x509 = fns.value(stack, i)
+        size = fns.i2d(x509, None) if x509 else 0
+        if not 0 < size <= _MAX_CERT:
+            return None
+        buf = ctypes.create_string_buffer(size)
+        out = ctypes.c_void_p(ctypes.addressof(buf))
+        if fns.i2d(x509, ctypes.byref(out)) != size:
+            return None
+        chain.append(buf.raw)
+    return chain
