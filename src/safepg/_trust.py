@@ -115,12 +115,7 @@ def check_ca_file(path: str, named_by: str) -> None:
 def _pem_problem(data: bytes) -> str | None:
     """What keeps OpenSSL from loading *data* as a CA file, read as it reads it, or None."""
     try:
-        blocks = _x509.read_pem(data)
-        certs = [
-            _x509.certificate(b)
-            for b in blocks
-            if b.label in _x509.CERTIFICATE_LABELS or b.label == _x509.TRUSTED_LABEL
-        ]
+        certs = [cert for _block, cert in _x509.read_certificates(data) if cert is not None]
     except _x509.PemError as ex:
         return f"cannot be read as OpenSSL reads it: {ex}"
     if not certs:
