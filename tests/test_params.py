@@ -93,6 +93,33 @@ def test_checked_host_is_pinned(
     assert (params["host"], params["hostaddr"]) == ("db.example.com", "127.0.0.1")
 
 
+def test_libpq_resolution_is_remembered_per_environment_without_secrets(
+    ca_file: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conninfo = "host=db.example.com password=pw-7Qx2v9 sslpassword=key-7Qx2v9"
+    assert final(conninfo, sslrootcert=ca_file)["port"] == "5432"
+    assert final(conninfo, sslrootcert=ca_file)["port"] == "5432"  # remembered
+    monkeypatch.setenv("PGPORT", "6543")  # another environment: resolved again
+    assert final(conninfo, sslrootcert=ca_file)["port"] == "6543"
+    monkeypatch.setenv("PGCONNECT_TIMEOUT", "7")
+    assert final(conninfo, sslrootcert=ca_file)["connect_timeout"] == "7"
+    remembered = repr(_params._VIEWS)
+    assert "db.example.com" in remembered
+    assert "7Qx2v9" not in remembered  # neither in the keys nor in what libpq resolved
+    for i in range(2 * _params._VIEWS_MAX):
+        final(f"host=db{i}.example.com", sslrootcert=ca_file)
+    assert len(_params._VIEWS) == _params._VIEWS_MAX  # bounded
+
+
+def test_a_changed_service_file_is_read_again(
+    ca_file: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_service(tmp_path, monkeypatch, "host=db.example.com\nport=6432")
+    assert final("service=svc", sslrootcert=ca_file)["port"] == "6432"
+    write_service(tmp_path, monkeypatch, "host=db.example.com\nport=7000")
+    assert final("service=svc", sslrootcert=ca_file)["port"] == "7000"
+
+
 def test_pgservice_variable_is_honoured(
     ca_file: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -32,6 +32,7 @@ import stat
 import tempfile
 from pathlib import Path
 
+from ._environ import getenv
 from ._errors import ConfigurationError
 
 logger = logging.getLogger("safepg")
@@ -53,7 +54,7 @@ _NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # a FIFO planted in place of a file mu
 
 def cache_location() -> Path:
     """Where the cache directory is (``SAFEPG_CACHE_DIR``, else platformdirs'), not creating it."""
-    override = os.environ.get("SAFEPG_CACHE_DIR")
+    override = getenv("SAFEPG_CACHE_DIR")
     if override:
         return Path(override)
     import platformdirs  # not at import time: import safepg stays cheap

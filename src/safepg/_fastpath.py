@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 from psycopg import pq
 
 from . import _cache, _x509
+from ._environ import getenv
 from ._errors import ConfigurationError
 from ._params import Plan, Target, as_bool
 from ._trust import TrustSource
@@ -64,7 +65,7 @@ def enabled(option: object) -> bool:
     """
     if option is not None:
         return as_bool("fast_path", option)
-    value = os.environ.get(ENV_SWITCH, "")
+    value = getenv(ENV_SWITCH) or ""
     return as_bool(ENV_SWITCH, value, where=" (environment)") if value.strip() else True
 
 
@@ -484,10 +485,13 @@ def _probe_later(
     plan: Plan, index: _Index, keys: tuple[_HostKey, ...], which: list[int], timeout: float
 ) -> None:
     now = time.monotonic()
-    todo = [i for i in which if keys[i] not in _probing and _unlearnable.get(keys[i], 0.0) <= now]
-    if not todo:
-        return
-    _probing.update(keys[i] for i in todo)
+    with _locks_guard:  # one probe per host at a time, whatever the threads
+        todo = [
+            i for i in which if keys[i] not in _probing and _unlearnable.get(keys[i], 0.0) <= now
+        ]
+        if not todo:
+            return
+        _probing.update(keys[i] for i in todo)
 
     def run() -> None:
         try:
@@ -497,10 +501,12 @@ def _probe_later(
                 if left <= 0 or _probe_host(plan, plan.targets[i], keys[i], index, left) is None:
                     return
         finally:
-            _probing.difference_update(keys[i] for i in todo)
+            with _locks_guard:
+                _probing.difference_update(keys[i] for i in todo)
 
-    # Not a daemon: a short-lived process finishes its probe, and its cache entry, on exit.
-    threading.Thread(target=run, name="safepg-fast-path-probe").start()
+    # A daemon: a process never waits at exit for a host that does not answer. One that exits
+    # first has not learned that host; its next connect uses the full set, as now.
+    threading.Thread(target=run, name="safepg-fast-path-probe", daemon=True).start()
 
 
 def _lock_for(keys: tuple[_HostKey, ...]) -> threading.Lock:

@@ -24,7 +24,8 @@ import psycopg
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from . import _trust
+from . import _environ, _trust
+from ._environ import getenv
 from ._errors import ConfigurationError
 from ._redact import redact, redact_parse_error
 from ._trust import TrustSource
@@ -251,20 +252,6 @@ def _libpq_env_names() -> tuple[str, ...]:
     return tuple(sorted(names | {"PGSERVICE", "PGSERVICEFILE", "PGSYSCONFDIR", "HOME"}))
 
 
-def _environment() -> tuple[object, ...]:
-    """The values of `_libpq_env_names`, now. On POSIX, read from os.environ's own bytes
-    mapping: about 20 times faster than os.environ.get, which encodes every name."""
-    raw = getattr(os.environ, "_data", None)
-    if isinstance(raw, dict) and os.name == "posix":
-        return tuple(raw.get(name) for name in _libpq_env_bytes())
-    return tuple(os.environ.get(name) for name in _libpq_env_names())
-
-
-@functools.lru_cache(maxsize=1)
-def _libpq_env_bytes() -> tuple[bytes, ...]:
-    return tuple(os.fsencode(name) for name in _libpq_env_names())
-
-
 def _resolved(params: Mapping[str, str], secrets: tuple[str | None, ...]) -> dict[str, str]:
     """`_libpq_view`, remembered per parameter set and environment, without the secrets.
 
@@ -272,11 +259,11 @@ def _resolved(params: Mapping[str, str], secrets: tuple[str | None, ...]) -> dic
     What it reads besides *params* is the environment (keyed here, name by name) and, for a
     service, the service files: with a service, nothing is remembered.
     """
-    if "service" in params or os.environ.get("PGSERVICE"):
+    if "service" in params or getenv("PGSERVICE"):
         return _libpq_view(params, secrets)
     key = (
         tuple(sorted((k, v) for k, v in params.items() if k not in _SECRET_OPTIONS)),
-        _environment(),
+        _environ.values(_libpq_env_names()),
     )
     with _VIEWS_LOCK:
         view = _VIEWS.get(key)
@@ -340,6 +327,10 @@ _SOCKET_FIX = (
 )
 
 
+# Host names that passed the checks below (only those: a refused one may hold a password).
+_GOOD_HOSTS: set[str] = set()
+
+
 def _idna_ok(host: str) -> bool:
     """*host* can be looked up: Python's resolver (the probe) and psycopg encode names with
     IDNA, which refuses empty labels and labels over 63 characters with a UnicodeError."""
@@ -391,7 +382,9 @@ def _targets(resolved: Mapping[str, str], allow_socket: bool) -> tuple[Target, .
         else:
             targets.append(Target(host or "localhost", None, socket=False, port=port))
     for target in targets:
-        if not target.socket and not (_HOST.fullmatch(target.host) and _idna_ok(target.host)):
+        if target.socket or target.host in _GOOD_HOSTS:
+            continue
+        if not (_HOST.fullmatch(target.host) and _idna_ok(target.host)):
             # Never echoed: an unencoded '@' in a URL's password puts the rest of it here.
             raise ConfigurationError(
                 "a host name is not one: it holds characters no host name or IP address has "
@@ -400,6 +393,9 @@ def _targets(resolved: Mapping[str, str], allow_socket: bool) -> tuple[Target, .
                 "password. In a URL, percent-encode '@', ':' and '/' in the user name and "
                 "password (%40, %3A, %2F)."
             )
+        if len(_GOOD_HOSTS) >= 256:
+            _GOOD_HOSTS.clear()
+        _GOOD_HOSTS.add(target.host)
     return tuple(targets)
 
 
@@ -519,7 +515,7 @@ def build_plan(
         raise viewed
     resolved = viewed
 
-    service = params.get("service") or os.environ.get("PGSERVICE")
+    service = params.get("service") or getenv("PGSERVICE")
     defaults: dict[str, str | None] = {}
 
     def origin(key: str, envvar: str) -> str:
@@ -536,7 +532,7 @@ def build_plan(
                 )
             if resolved.get(key) != defaults.get(key):
                 return f"service {service!r} in the service file"
-        if os.environ.get(envvar):
+        if getenv(envvar):
             return _env_origin(envvar)
         return _DEFAULT_ORIGIN
 
@@ -588,7 +584,7 @@ def build_plan(
     )
     chosen = (
         "sslnegotiation" in params
-        or bool(os.environ.get("PGSSLNEGOTIATION"))
+        or bool(getenv("PGSSLNEGOTIATION"))
         or resolved.get("sslnegotiation", "postgres") != "postgres"
     )
     return Plan(final, trust, targets, allow_socket, resolved, chosen)

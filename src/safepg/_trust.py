@@ -31,6 +31,7 @@ from typing import Literal
 import certifi
 
 from . import _cache, _x509, providers
+from ._environ import getenv
 from ._errors import ConfigurationError
 
 __all__ = ["TrustOrigin", "TrustSource"]
@@ -128,7 +129,7 @@ def libpq_default_root() -> Path | None:
     if os.name == "nt":
         appdata = os.environ.get("APPDATA")
         return Path(appdata, "postgresql", "root.crt") if appdata else None
-    home = os.environ.get("HOME")
+    home = getenv("HOME")
     if not home:
         # libpq falls back to the password database when HOME is unset; so do we.
         try:
@@ -219,8 +220,8 @@ def os_store() -> TrustSource | None:
     Raises:
         ConfigurationError: ``SSL_CERT_FILE`` names a bad file.
     """
-    env_file = os.environ.get("SSL_CERT_FILE") or None
-    env_dir = os.environ.get("SSL_CERT_DIR") or None
+    env_file = getenv("SSL_CERT_FILE") or None
+    env_dir = getenv("SSL_CERT_DIR") or None
     key = (env_file, env_dir)
     memo = _os_store_memo.get(key)
     if memo is not None and memo[0] is not None and _still_valid(memo[0], memo[1]):
