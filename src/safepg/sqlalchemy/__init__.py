@@ -192,7 +192,8 @@ def _keyword_only(fn: Callable[..., Any]) -> frozenset[str]:
 # psycopg's own connect options go to the opener untouched; safepg's (allow_unencrypted_unix_socket,
 # fast_path, ...) go to open_verified; everything else is a libpq parameter, hardened.
 _PSYCOPG_OPTIONS = _keyword_only(Connection.connect) | _keyword_only(AsyncConnection.connect)
-_SAFEPG_OPTIONS = _keyword_only(connect) - _PSYCOPG_OPTIONS
+# password is a libpq parameter, which safepg.connect names only to type its callables.
+_SAFEPG_OPTIONS = _keyword_only(connect) - _PSYCOPG_OPTIONS - {"password"}
 
 
 def _split(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
