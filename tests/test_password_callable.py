@@ -247,20 +247,23 @@ def test_connect_async_takes_sync_and_async_callables(
 def test_every_pooled_connection_gets_a_fresh_token(
     server: PostgresServer, rotating: Rotating
 ) -> None:
+    # One connection at a time: a Rotating token replaces the role's previous password.
     with ConnectionPool(
         conninfo(server, rotating.role),
         kwargs={"password": rotating},
-        min_size=2,
-        max_size=2,
+        min_size=1,
+        max_size=1,
         open=True,
     ) as pool:
         pool.wait()
-        assert len(rotating.tokens) == 2
-        with pool.connection() as conn:
-            assert current_user(conn) == rotating.role
-            conn.close()  # broken: the pool opens a replacement, with a new token
-        with pool.connection() as conn, pool.connection() as other:
-            assert current_user(conn) == current_user(other) == rotating.role
+        assert len(rotating.tokens) == 1
+        for replaced in (2, 3):
+            with pool.connection() as conn:
+                assert current_user(conn) == rotating.role
+                conn.close()  # broken: the pool opens a replacement, with a new token
+            with pool.connection() as conn:
+                assert current_user(conn) == rotating.role
+            assert len(rotating.tokens) == replaced
     assert len(set(rotating.tokens)) == 3
 
 
@@ -355,3 +358,20 @@ def test_sqlalchemy_never_shows_the_token(server: PostgresServer, role: str) -> 
     assert token not in all_text(info.value)
     assert token not in repr(engine)
     engine.dispose()
+
+
+def test_where_a_callable_is_not_called(server: PostgresServer) -> None:
+    def provider() -> str:
+        raise AssertionError("not to be called")  # pragma: no cover
+
+    # secure_conninfo makes a string for other clients: a callable cannot go into it.
+    with pytest.raises(ConfigurationError, match="password is a callable"):
+        safepg.secure_conninfo(server.conninfo(password=None), password=provider)  # type: ignore[arg-type]
+    trust = safepg.resolve_trust(server.conninfo(password=None), password=provider)  # type: ignore[arg-type]
+    assert trust.path == str(server.ca_path)
+
+
+def test_a_token_libpq_cannot_take_is_refused(server: PostgresServer) -> None:
+    with pytest.raises(ConfigurationError, match="NUL byte") as info:
+        safepg.connect(server.conninfo(password=None), password=lambda: "Secret\x00Token")
+    assert "Secret" not in str(info.value)

@@ -74,7 +74,8 @@ def resolve_trust(
     """Return the trust anchors safepg would use for these parameters: a PEM path and a label.
 
     The order: the caller's ``sslrootcert``; ``PGSSLROOTCERT``; ``~/.postgresql/root.crt``; a
-    bundled provider set chosen by host name (Amazon RDS); the OS trust store; certifi.
+    bundled provider set chosen by host name (Amazon RDS); the OS trust store; certifi. A
+    password callable is not called.
 
     Raises:
         ConfigurationError: as for `secure_conninfo`, or a CA file named by the caller is
@@ -82,7 +83,7 @@ def resolve_trust(
     """
     return build_plan(
         conninfo,
-        kwargs,
+        _password.split(kwargs)[0],
         allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
         verify_as=verify_as,
     ).trust

@@ -21,8 +21,8 @@ from typing import Any, Protocol, TypeAlias
 
 import psycopg
 
-from ._errors import ConfigurationError, TokenRejectedError
-from ._params import Plan
+from ._errors import ConfigurationError, SafePGError, TokenRejectedError
+from ._params import Plan, check_text
 
 __all__ = [
     "AsyncPasswordSource",
@@ -116,6 +116,7 @@ def _call(provider: Callable[..., Any], target: ConnectTarget) -> Any:
 
 def _checked(value: object, provider: object) -> str:
     if isinstance(value, str) and value:
+        check_text(f"the password from the callable {_name(provider)}", value)
         return value
     got = "an empty string" if value == "" else f"a {type(value).__name__}"
     raise ConfigurationError(
@@ -177,7 +178,7 @@ def rejected(err: BaseException, provider: Callable[..., Any] | None) -> BaseExc
     if provider is None or not isinstance(err, psycopg.OperationalError):
         return err
     message = str(err)
-    if isinstance(err, ConfigurationError) or not _REFUSED.search(message):
+    if isinstance(err, SafePGError) or not _REFUSED.search(message):
         return err
     hint = getattr(provider, "rejected_hint", None)
     if not isinstance(hint, str):
