@@ -25,7 +25,12 @@ import safepg
 import safepg.sqlalchemy as sp
 from safepg import ConfigurationError, ConnectTarget, TokenRejectedError
 from safepg.pool import AsyncConnectionPool, ConnectionPool
-from safepg.testing import PostgresServer
+from safepg.testing import CertificateAuthority, PostgresServer
+
+from .conftest import CertificateShop
+from .test_fastpath import big_bundle, second_ca
+
+__all__ = ["big_bundle", "second_ca"]  # fixtures, shared
 
 TESTS = str(Path(__file__).parent)
 
@@ -125,6 +130,21 @@ def test_a_fresh_token_for_every_connection(server: PostgresServer, rotating: Ro
     assert set(rotating.targets) == {
         ConnectTarget(server.host, server.port, rotating.role, server.dbname)
     }
+
+
+def test_a_retried_attempt_calls_the_callable_again(
+    server: PostgresServer,
+    certs: CertificateShop,
+    rotating: Rotating,
+    big_bundle: Path,
+    second_ca: CertificateAuthority,
+) -> None:
+    info = server.conninfo(user=rotating.role, password=None, sslrootcert=str(big_bundle))
+    safepg.connect(info, password=rotating).close()  # the fast path learns the anchor
+    certs.present("localhost", ip_addresses=["127.0.0.1"], ca=second_ca)  # a CA rotation
+    with safepg.connect(info, password=rotating) as conn:  # the small file fails: one retry
+        assert current_user(conn) == rotating.role
+    assert len(rotating.tokens) == 3  # one per physical attempt
 
 
 def test_a_callable_with_no_arguments(server: PostgresServer) -> None:
