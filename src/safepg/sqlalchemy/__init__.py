@@ -165,7 +165,8 @@ def create_engine(url: str | URL, **kw: Any) -> Engine:
     """`sqlalchemy.create_engine` with every connection opened by `safepg.connect`.
 
     Every engine and pool option is passed through; ``connect_args`` become safepg's
-    connection parameters.
+    connection parameters. A URL cannot hold a password callable (a cloud IAM token provider):
+    pass it as ``connect_args={"password": provider}``; it is called for every new connection.
     """
     normalized, extra = _engine_url_and_kwargs(url, kw)
     return sqlalchemy.create_engine(normalized, creator=creator(url, **extra), **kw)
