@@ -23,6 +23,10 @@ _ISOLATED_PREFIXES = (
     "SAFEPG_CACHE_DIR",
     "SAFEPG_FAST_PATH",
     "SAFEPG_BUNDLE_DIR",
+    # Cloud SDK credentials and settings (safepg.aws, safepg.azure, safepg.gcp).
+    "AWS_",
+    "AZURE_",
+    "GOOGLE_",
 )
 
 

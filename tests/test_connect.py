@@ -527,6 +527,7 @@ def test_passwords_never_appear(
         attempt(server.conninfo(host="", hostaddr="127.0.0.1"))
         attempt(server.conninfo(sslrootcert=str(tmp_path / "missing.pem")))
         attempt(server.conninfo(password="not-the-" + secret))
+        attempt(server.conninfo(password=None), password=lambda: "not-the-" + secret)
         attempt(
             server.conninfo(user=server.cert_user, sslcert=crt, sslkey=key, sslpassword=key_secret)
         )
@@ -537,7 +538,7 @@ def test_passwords_never_appear(
         attempt(server.url())
         with server.ssl_disabled():
             attempt(server.conninfo())
-    assert len(failures) == 11
+    assert len(failures) == 12
     for err in failures:
         text = _all_text(err)
         assert secret not in text

@@ -20,22 +20,29 @@ from ._errors import (
     ProtocolViolationError,
     SafePGError,
     SSLNotSupportedError,
+    TokenRejectedError,
     UntrustedCertificateError,
 )
+from ._password import AsyncPasswordSource, ConnectTarget, PasswordProvider, PasswordSource
 from ._trust import TrustSource
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AsyncPasswordSource",
     "CertificateExpiredError",
     "ConfigurationError",
+    "ConnectTarget",
     "ConnectionSecurityError",
     "HostnameMismatchError",
     "InsecureConnectionError",
+    "PasswordProvider",
+    "PasswordSource",
     "ProtocolViolationError",
     "SSLNotSupportedError",
     "SSLReport",
     "SafePGError",
+    "TokenRejectedError",
     "TrustSource",
     "UntrustedCertificateError",
     "__version__",

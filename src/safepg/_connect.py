@@ -14,10 +14,11 @@ from psycopg import AsyncConnection, AsyncCursor, Connection, Cursor
 from psycopg.abc import AdaptContext, ConnParam
 from psycopg.rows import AsyncRowFactory, Row, RowFactory, TupleRow
 
-from . import _check, _diagnose, _fastpath
+from . import _check, _diagnose, _fastpath, _password
 from ._deadline import Deadline
 from ._errors import ConfigurationError, InsecureConnectionError
 from ._params import Plan, as_optional_bool, build_plan
+from ._password import AsyncPasswordSource, ConnectTarget, PasswordSource
 from ._text import shown_lines
 from ._trust import TrustSource
 
@@ -72,7 +73,8 @@ def resolve_trust(
     """Return the trust anchors safepg would use for these parameters: a PEM path and a label.
 
     The order: the caller's ``sslrootcert``; ``PGSSLROOTCERT``; ``~/.postgresql/root.crt``; a
-    bundled provider set chosen by host name (Amazon RDS); the OS trust store; certifi.
+    bundled provider set chosen by host name (Amazon RDS); the OS trust store; certifi. A
+    password callable is not called.
 
     Raises:
         ConfigurationError: as for `secure_conninfo`, or a CA file named by the caller is
@@ -80,7 +82,7 @@ def resolve_trust(
     """
     return build_plan(
         conninfo,
-        kwargs,
+        _password.split(kwargs)[0],
         allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
         verify_as=verify_as,
     ).trust
@@ -122,6 +124,11 @@ def _with_direct_tls(plan: Plan, option: object) -> Plan:
         )
     params = {**plan.params, "sslnegotiation": "direct"}
     return dataclasses.replace(plan, params=params, direct_tls=True)
+
+
+def _with(kwargs: Mapping[str, Any], password: object) -> Mapping[str, Any]:
+    """libpq's keyword arguments with the *password* argument (a str or a callable) in them."""
+    return kwargs if password is None else {**kwargs, "password": password}
 
 
 def _retry(ex: psycopg.OperationalError, used: Plan, full: Plan, attempts: list[Plan]) -> bool:
@@ -179,14 +186,17 @@ def _start(
     allow_unencrypted_unix_socket: object,
     verify_as: str | None,
     direct_tls: object,
-) -> tuple[Plan, Deadline]:
+) -> tuple[Plan, Deadline, Callable[..., Any] | None, ConnectTarget | None]:
+    """The plan and deadline, and a password callable with the target to call it for."""
+    kwargs, provider = _password.split(kwargs)
     plan = build_plan(
         conninfo,
         kwargs,
         allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
         verify_as=verify_as,
     )
-    return _with_direct_tls(plan, direct_tls), Deadline(plan.timeout)
+    target = _password.target(plan) if provider is not None else None
+    return _with_direct_tls(plan, direct_tls), Deadline(plan.timeout), provider, target
 
 
 def _attempt_params(used: Plan, deadline: Deadline, retry: bool) -> dict[str, str] | None:
@@ -238,9 +248,12 @@ def open_verified(
     """Harden, connect with *opener* (a psycopg ``Connection.connect``), diagnose and check.
 
     *options* are psycopg's own (autocommit, row_factory, ...), passed to *opener* untouched.
-    Probes, libpq's attempts and the diagnosis share one deadline (see `_deadline`).
+    Probes, libpq's attempts and the diagnosis share one deadline (see `_deadline`). A
+    password callable is called for every attempt (a retry too): see `_password`.
     """
-    plan, deadline = _start(conninfo, kwargs, allow_unencrypted_unix_socket, verify_as, direct_tls)
+    plan, deadline, provider, target = _start(
+        conninfo, kwargs, allow_unencrypted_unix_socket, verify_as, direct_tls
+    )
     use_fast = _fastpath.enabled(fast_path)
     fast = _fastpath.cached(plan) if use_fast else None
     attempts = [fast, plan] if fast else [plan]
@@ -250,7 +263,10 @@ def open_verified(
         if params is None:
             break
         try:
-            conn = opener(**params, **options)
+            # The token goes into a temporary dict only: no local of this frame holds it.
+            conn = opener(**_password.with_password(params, provider, target), **options)
+        except ConfigurationError:  # the password callable's: not libpq's, nothing to retry
+            raise
         except psycopg.OperationalError as ex:
             failed = (ex, used)
             if _retry(ex, used, plan, attempts):
@@ -261,7 +277,7 @@ def open_verified(
     if failed is not None:
         # Raised here, outside the except clause, so that libpq's error is only the scrubbed
         # cause and not also the implicit context.
-        raise _failure(*failed, deadline.diagnosis_budget())
+        raise _password.rejected(_failure(*failed, deadline.diagnosis_budget()), provider)
     if _teaches(used, plan, use_fast):
         facts = _fastpath.session_facts(plan, conn.pgconn)
         _learn_after(used, plan, facts, conn.info.server_version, deadline.probe_budget())
@@ -287,7 +303,7 @@ async def open_verified_async(
     start = functools.partial(
         _start, conninfo, kwargs, allow_unencrypted_unix_socket, verify_as, direct_tls
     )
-    plan, deadline = await asyncio.to_thread(start) if verify_as else start()
+    plan, deadline, provider, target = await asyncio.to_thread(start) if verify_as else start()
     use_fast = _fastpath.enabled(fast_path)
     fast = _fastpath.cached(plan) if use_fast else None
     attempts = [fast, plan] if fast else [plan]
@@ -297,7 +313,12 @@ async def open_verified_async(
         if params is None:
             break
         try:
-            conn = await opener(**params, **options)
+            # As in open_verified, the token is in a temporary only.
+            conn = await opener(
+                **(await _password.with_password_async(params, provider, target)), **options
+            )
+        except ConfigurationError:
+            raise
         except psycopg.OperationalError as ex:
             failed = (ex, used)
             if _retry(ex, used, plan, attempts):
@@ -306,7 +327,8 @@ async def open_verified_async(
         failed = None
         break
     if failed is not None:
-        raise await asyncio.to_thread(_failure, *failed, deadline.diagnosis_budget())
+        err = await asyncio.to_thread(_failure, *failed, deadline.diagnosis_budget())
+        raise _password.rejected(err, provider)
     if _teaches(used, plan, use_fast):
         # The chain is read here, while nothing else uses the connection; parsing the trust
         # set and writing the cache run in a thread, off the event loop.
@@ -330,6 +352,7 @@ def connect(
     context: AdaptContext | None = None,
     row_factory: RowFactory[Row],
     cursor_factory: type[Cursor[Row]] | None = None,
+    password: str | PasswordSource | None = None,
     allow_unencrypted_unix_socket: bool = False,
     fast_path: bool | None = None,
     verify_as: str | None = None,
@@ -347,6 +370,7 @@ def connect(
     context: AdaptContext | None = None,
     row_factory: None = None,
     cursor_factory: type[Cursor[TupleRow]] | None = None,
+    password: str | PasswordSource | None = None,
     allow_unencrypted_unix_socket: bool = False,
     fast_path: bool | None = None,
     verify_as: str | None = None,
@@ -363,6 +387,7 @@ def connect(
     context: AdaptContext | None = None,
     row_factory: RowFactory[Any] | None = None,
     cursor_factory: type[Cursor[Any]] | None = None,
+    password: str | PasswordSource | None = None,
     allow_unencrypted_unix_socket: bool = False,
     fast_path: bool | None = None,
     verify_as: str | None = None,
@@ -377,6 +402,13 @@ def connect(
     Args:
         conninfo: a libpq conninfo string or a ``postgresql://`` URL.
         autocommit, prepare_threshold, context, row_factory, cursor_factory: as for psycopg.
+        password: the password, or a callable that returns it (a cloud IAM token: see
+            `safepg.aws`, `safepg.azure`, `safepg.gcp`). A callable is called for every new
+            physical connection, right before libpq gets the parameters, with a
+            `ConnectTarget` when it takes one argument (a `PasswordProvider`) or with none.
+            safepg keeps no token. A retry (a CA rotation, direct TLS refused) calls it again.
+            With a callable, a Unix-domain socket host is refused: tokens go over verified
+            TLS only.
         allow_unencrypted_unix_socket: accept a Unix-domain socket host (local, never
             encrypted); `check` then reports "local socket, not encrypted". Off by default.
         fast_path: give libpq only the trust anchors learned to verify each host (a probe
@@ -401,13 +433,15 @@ def connect(
         HostnameMismatchError, UntrustedCertificateError, CertificateExpiredError,
         SSLNotSupportedError: the server could not be verified.
         InsecureConnectionError: the session came up below policy (defence in depth).
+        TokenRejectedError: the server refused the password a callable gave, with what to
+            check.
         psycopg.OperationalError: any other failure (authentication, refused, timeout), as
             psycopg raises it.
     """
     return open_verified(
         Connection.connect,
         conninfo,
-        kwargs,
+        _with(kwargs, password),
         allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
         fast_path=fast_path,
         verify_as=verify_as,
@@ -429,6 +463,7 @@ async def connect_async(
     context: AdaptContext | None = None,
     row_factory: AsyncRowFactory[Row],
     cursor_factory: type[AsyncCursor[Row]] | None = None,
+    password: str | AsyncPasswordSource | None = None,
     allow_unencrypted_unix_socket: bool = False,
     fast_path: bool | None = None,
     verify_as: str | None = None,
@@ -446,6 +481,7 @@ async def connect_async(
     context: AdaptContext | None = None,
     row_factory: None = None,
     cursor_factory: type[AsyncCursor[TupleRow]] | None = None,
+    password: str | AsyncPasswordSource | None = None,
     allow_unencrypted_unix_socket: bool = False,
     fast_path: bool | None = None,
     verify_as: str | None = None,
@@ -462,6 +498,7 @@ async def connect_async(
     context: AdaptContext | None = None,
     row_factory: AsyncRowFactory[Any] | None = None,
     cursor_factory: type[AsyncCursor[Any]] | None = None,
+    password: str | AsyncPasswordSource | None = None,
     allow_unencrypted_unix_socket: bool = False,
     fast_path: bool | None = None,
     verify_as: str | None = None,
@@ -470,12 +507,14 @@ async def connect_async(
 ) -> AsyncConnection[Any]:
     """`connect` for asyncio: like `psycopg.AsyncConnection.connect`, always verified.
 
-    Returns a real `psycopg.AsyncConnection`. Arguments and errors are those of `connect`.
+    Returns a real `psycopg.AsyncConnection`. Arguments and errors are those of `connect`;
+    *password* may also be a coroutine function (awaited), and a plain callable runs in a
+    thread, off the event loop.
     """
     return await open_verified_async(
         AsyncConnection.connect,
         conninfo,
-        kwargs,
+        _with(kwargs, password),
         allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
         fast_path=fast_path,
         verify_as=verify_as,

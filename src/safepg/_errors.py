@@ -23,6 +23,7 @@ __all__ = [
     "ProtocolViolationError",
     "SSLNotSupportedError",
     "SafePGError",
+    "TokenRejectedError",
     "UntrustedCertificateError",
 ]
 
@@ -86,3 +87,11 @@ class ProtocolViolationError(ConnectionSecurityError):
 
 class InsecureConnectionError(ConnectionSecurityError):
     """The established session is not encrypted and verified as safepg's policy requires."""
+
+
+class TokenRejectedError(SafePGError, psycopg.OperationalError):
+    """The server refused the password that a password callable gave (a cloud IAM token).
+
+    The message is the server's, followed by what to check (the provider's own advice when it
+    has some, such as granting ``rds_iam``). It never includes the token.
+    """

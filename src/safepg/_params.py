@@ -176,18 +176,33 @@ def _reject_mangled_url(conninfo: str) -> None:
 def _reject_unsafe_text(conninfo: str, kwargs: Mapping[str, Any]) -> None:
     # libpq reads C strings: a NUL byte would silently cut a value short ("host=a\0b" -> "a").
     # Values are checked as psycopg will pass them: as str() (a Path, an int).
+    for name, value in kwargs.items():
+        if callable(value):  # a password callable is resolved by safepg.connect, not here
+            raise ConfigurationError(
+                f"{name} is a callable, which only safepg.connect and connect_async (and the "
+                "pools and engines built on them) call; here, pass the value itself."
+            )
     items = [("conninfo", conninfo)] + [(k, str(v)) for k, v in kwargs.items() if v is not None]
     for name, value in items:
-        if len(value) > MAX_VALUE_LENGTH:
-            raise ConfigurationError(
-                f"{name} is {len(value)} characters long; safepg accepts at most "
-                f"{MAX_VALUE_LENGTH}. No real connection parameter is this long (PostgreSQL "
-                "refuses startup packets over 10,000 bytes): check where the value came from."
-            )
-        if "\x00" in value:
-            raise ConfigurationError(f"{name} contains a NUL byte, which libpq cannot take")
-        if not _is_utf8(value):
-            raise ConfigurationError(f"{name} is not valid UTF-8 text")
+        check_text(name, value)
+
+
+def check_text(name: str, value: str) -> None:
+    """Refuse a value libpq would cut short or mangle; the message never shows the value.
+
+    Raises:
+        ConfigurationError: *value* is too long, holds a NUL byte, or is not valid UTF-8.
+    """
+    if len(value) > MAX_VALUE_LENGTH:
+        raise ConfigurationError(
+            f"{name} is {len(value)} characters long; safepg accepts at most "
+            f"{MAX_VALUE_LENGTH}. No real connection parameter is this long (PostgreSQL "
+            "refuses startup packets over 10,000 bytes): check where the value came from."
+        )
+    if "\x00" in value:
+        raise ConfigurationError(f"{name} contains a NUL byte, which libpq cannot take")
+    if not _is_utf8(value):
+        raise ConfigurationError(f"{name} is not valid UTF-8 text")
 
 
 def _is_utf8(value: str) -> bool:

@@ -11,7 +11,9 @@
 These are psycopg_pool's own classes, with one change: the connection class they open
 connections with goes through safepg's hardening, diagnosis and post-connect check. That
 covers every connection, including the ones the pool opens later to replace broken or expired
-ones. Every psycopg_pool argument works as documented there.
+ones. Every psycopg_pool argument works as documented there. A password callable (a cloud IAM
+token provider, see `safepg.connect`) passed as ``kwargs={"password": provider}`` is called for
+every connection the pool opens, so no connection is opened with an expired token.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ __all__ = [
     "Bundle",
     "Profile",
     "TrustKind",
+    "aws_region",
     "bundle_paths",
     "override_dir",
     "profile_for_host",
@@ -86,6 +87,20 @@ def _labels_before(host: str, suffix: str) -> list[str]:
 
 def _rds_region(host: str) -> str:
     return _labels_before(host, "rds.amazonaws.com")[-1]
+
+
+def aws_region(host: str) -> str | None:
+    """The AWS region in an RDS, Aurora or RDS Proxy endpoint name, or None for other hosts.
+
+    ``db.abc123.eu-central-1.rds.amazonaws.com`` gives ``eu-central-1``; the China regions'
+    ``*.rds.cn-north-1.amazonaws.com.cn`` give theirs.
+    """
+    if _under(host, "rds.amazonaws.com"):
+        return _rds_region(host) or None
+    if _under(host, "amazonaws.com.cn"):
+        labels = _labels_before(host, "amazonaws.com.cn")
+        return labels[-1] if labels[-1].startswith("cn-") else None
+    return None
 
 
 def _china_region(host: str) -> str:

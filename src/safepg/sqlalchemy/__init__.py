@@ -165,7 +165,8 @@ def create_engine(url: str | URL, **kw: Any) -> Engine:
     """`sqlalchemy.create_engine` with every connection opened by `safepg.connect`.
 
     Every engine and pool option is passed through; ``connect_args`` become safepg's
-    connection parameters.
+    connection parameters. A URL cannot hold a password callable (a cloud IAM token provider):
+    pass it as ``connect_args={"password": provider}``; it is called for every new connection.
     """
     normalized, extra = _engine_url_and_kwargs(url, kw)
     return sqlalchemy.create_engine(normalized, creator=creator(url, **extra), **kw)
@@ -192,7 +193,8 @@ def _keyword_only(fn: Callable[..., Any]) -> frozenset[str]:
 # psycopg's own connect options go to the opener untouched; safepg's (allow_unencrypted_unix_socket,
 # fast_path, ...) go to open_verified; everything else is a libpq parameter, hardened.
 _PSYCOPG_OPTIONS = _keyword_only(Connection.connect) | _keyword_only(AsyncConnection.connect)
-_SAFEPG_OPTIONS = _keyword_only(connect) - _PSYCOPG_OPTIONS
+# password is a libpq parameter, which safepg.connect names only to type its callables.
+_SAFEPG_OPTIONS = _keyword_only(connect) - _PSYCOPG_OPTIONS - {"password"}
 
 
 def _split(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

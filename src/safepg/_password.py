@@ -1,0 +1,193 @@
+"""Passwords given as callables: a token fetched for every new physical connection.
+
+Managed PostgreSQL authenticates with short-lived tokens (Amazon RDS IAM, Microsoft Entra ID,
+Google Cloud SQL IAM). ``password=`` may be a callable; safepg calls it right before libpq gets
+the parameters, for each attempt, so a pool never reuses a frozen, expired token. The token is
+sent only over a verify-full session: a callable with a Unix-domain socket host is refused.
+
+Nothing here keeps the token: it lives in a temporary dict handed to libpq (psycopg's
+connection then holds it, as it holds any password), never in a frame local of the connect
+loop (frame locals end up in error reports), a log line, a repr or an error message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeAlias
+
+import psycopg
+
+from ._errors import ConfigurationError, SafePGError, TokenRejectedError
+from ._params import Plan, check_text
+
+__all__ = [
+    "AsyncPasswordSource",
+    "ConnectTarget",
+    "PasswordProvider",
+    "PasswordSource",
+]
+
+
+@dataclass(frozen=True)
+class ConnectTarget:
+    """What a password callable is asked for: the connection being made.
+
+    Attributes:
+        host: the host name libpq verifies (with ``verify_as``, that name). With several
+            hosts, the first one: a token bound to one host (RDS IAM) fits that host only.
+        port: the port.
+        user: the user name libpq will log in as (conninfo, ``PGUSER`` or the OS user).
+        dbname: the database name.
+    """
+
+    host: str
+    port: int
+    user: str
+    dbname: str
+
+
+class PasswordProvider(Protocol):
+    """A callable that returns the password (a token) for the connection being made."""
+
+    def __call__(self, target: ConnectTarget, /) -> str: ...
+
+
+# What password= takes besides a string: a provider, or a callable with no arguments.
+PasswordSource: TypeAlias = PasswordProvider | Callable[[], str]
+# connect_async also takes coroutine functions.
+AsyncPasswordSource: TypeAlias = (
+    PasswordSource | Callable[[ConnectTarget], Awaitable[str]] | Callable[[], Awaitable[str]]
+)
+
+# What the server says when it refuses a password: libpq's "password authentication failed
+# for user", and "PAM authentication failed" (the method RDS IAM uses).
+_REFUSED = re.compile(r"(password|PAM) authentication failed")
+
+
+def split(kwargs: Mapping[str, Any]) -> tuple[Mapping[str, Any], Callable[..., Any] | None]:
+    """*kwargs* without a callable password, and that callable (or None)."""
+    password = kwargs.get("password")
+    if not callable(password):
+        return kwargs, None
+    return {k: v for k, v in kwargs.items() if k != "password"}, password
+
+
+def target(plan: Plan) -> ConnectTarget:
+    """The target a password callable is called with; refuses what is not verify-full.
+
+    Raises:
+        ConfigurationError: a host is a Unix-domain socket (never encrypted), so a token
+            would travel without TLS; raised before the callable is called.
+    """
+    if any(t.socket for t in plan.targets):
+        raise ConfigurationError(
+            "password is a callable (a token provider), and a host is a Unix-domain socket, "
+            "which libpq never encrypts: safepg sends tokens only over verified TLS. Connect "
+            "to a TCP host name, or give a plain password for the socket."
+        )
+    first = plan.targets[0]
+    user = plan.resolved.get("user") or plan.params.get("user") or ""
+    dbname = plan.resolved.get("dbname") or plan.params.get("dbname") or user
+    return ConnectTarget(first.host, int(first.port), user, dbname)
+
+
+def _name(provider: object) -> str:
+    # The type only: a repr could hold a secret (a lambda's closure does not show, an object's
+    # repr might).
+    return getattr(provider, "__qualname__", None) or type(provider).__qualname__
+
+
+def _call(provider: Callable[..., Any], target: ConnectTarget) -> Any:
+    """Call *provider* with *target* when it takes one argument, else with none."""
+    try:
+        signature = inspect.signature(provider)
+    except (TypeError, ValueError):  # builtins without a signature: assume the protocol
+        return provider(target)
+    try:
+        signature.bind(target)
+    except TypeError:
+        return provider()
+    return provider(target)
+
+
+def _checked(value: object, provider: object) -> str:
+    if isinstance(value, str) and value:
+        check_text(f"the password from the callable {_name(provider)}", value)
+        return value
+    got = "an empty string" if value == "" else f"a {type(value).__name__}"
+    raise ConfigurationError(
+        f"the password callable {_name(provider)} returned {got}; it must return the password "
+        "(the token) as a non-empty str."
+    )
+
+
+def _is_async(provider: Callable[..., Any]) -> bool:
+    call = getattr(provider, "__call__", None)  # noqa: B004 - an object's async __call__
+    return inspect.iscoroutinefunction(provider) or inspect.iscoroutinefunction(call)
+
+
+def with_password(
+    params: Mapping[str, str], provider: Callable[..., Any] | None, target: ConnectTarget | None
+) -> Mapping[str, str]:
+    """*params* with ``password`` from *provider* (called now), or *params* when None.
+
+    Raises:
+        ConfigurationError: the callable returned no str, or is a coroutine function.
+    """
+    if provider is None or target is None:
+        return params
+    if _is_async(provider):
+        raise ConfigurationError(
+            f"the password callable {_name(provider)} is async: use safepg.connect_async "
+            "(or safepg.pool.AsyncConnectionPool), or give a plain function."
+        )
+    value = _call(provider, target)
+    if inspect.isawaitable(value):
+        if inspect.iscoroutine(value):
+            value.close()  # never awaited: close it, without a "never awaited" warning
+        raise ConfigurationError(
+            f"the password callable {_name(provider)} returned an awaitable: use "
+            "safepg.connect_async, or return the token as a str."
+        )
+    return {**params, "password": _checked(value, provider)}
+
+
+async def with_password_async(
+    params: Mapping[str, str], provider: Callable[..., Any] | None, target: ConnectTarget | None
+) -> Mapping[str, str]:
+    """`with_password` for asyncio: a coroutine function is awaited; a plain function runs in
+    a thread, since a cloud SDK may do network I/O to find its credentials."""
+    if provider is None or target is None:
+        return params
+    if _is_async(provider):
+        value = await _call(provider, target)
+    else:
+        value = await asyncio.to_thread(_call, provider, target)
+        if inspect.isawaitable(value):
+            value = await value
+    return {**params, "password": _checked(value, provider)}
+
+
+def rejected(err: BaseException, provider: Callable[..., Any] | None) -> BaseException:
+    """*err*, or a `TokenRejectedError` that says what to check when the server refused the
+    token a callable gave. The token is not in libpq's message, and not in the hint."""
+    if provider is None or not isinstance(err, psycopg.OperationalError):
+        return err
+    message = str(err)
+    if isinstance(err, SafePGError) or not _REFUSED.search(message):
+        return err
+    hint = getattr(provider, "rejected_hint", None)
+    if not isinstance(hint, str):
+        hint = (
+            f"The password came from the callable {_name(provider)}: check that it returns a "
+            "token for this host, port and user, that the token has not expired, and that the "
+            "role may log in with it."
+        )
+    new = TokenRejectedError(f"{message.rstrip()}\n{hint}")
+    new.__cause__ = err
+    new.__suppress_context__ = True
+    return new

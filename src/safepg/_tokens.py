@@ -1,0 +1,53 @@
+"""A small cache of short-lived tokens, for the cloud password providers.
+
+A token is reused only until its expiry minus a margin, by the provider's own clock (which
+tests replace), so that it is still valid when the server checks it, even after a slow
+handshake or some clock skew.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Hashable
+
+from ._errors import ConfigurationError
+
+
+def margin_seconds(margin: float, lifetime: float | None = None) -> float:
+    """*margin* checked: not negative, and (for a known lifetime) less than it.
+
+    Raises:
+        ConfigurationError: the margin leaves no time to use a token.
+    """
+    if not margin >= 0 or (lifetime is not None and margin >= lifetime):
+        limit = f" and less than the token lifetime ({lifetime:g} s)" if lifetime else ""
+        raise ConfigurationError(f"margin must be 0 or more seconds{limit}; got {margin!r}.")
+    return float(margin)
+
+
+class TokenCache:
+    """Tokens by key, each with the time (by *clock*) after which it is not reused."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._tokens: dict[Hashable, tuple[str, float]] = {}
+
+    def __repr__(self) -> str:
+        return f"<TokenCache of {len(self._tokens)} token(s)>"  # never the tokens
+
+    def get(self, key: Hashable, fetch: Callable[[], tuple[str, float]]) -> str:
+        """The cached token for *key*, or a new one from *fetch*: (token, reuse until)."""
+        # Held while fetching: concurrent connects (a pool filling up) share one new token.
+        with self._lock:
+            held = self._tokens.get(key)
+            if held is not None and self._clock() < held[1]:
+                return held[0]
+            token, until = fetch()
+            self._tokens[key] = (token, until)
+            return token
+
+    def clear(self) -> None:
+        """Forget every token."""
+        with self._lock:
+            self._tokens.clear()

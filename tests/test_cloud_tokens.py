@@ -1,0 +1,299 @@
+"""safepg.aws, safepg.azure, safepg.gcp: tokens made offline, reused within their lifetime.
+
+AWS tokens are real: botocore signs them locally with static test credentials (no network).
+Azure and Google credentials are passed in (the SDKs' own credential interface), with a clock,
+so that expiry is tested without waiting. The end-to-end tests give a real role the token as
+its password, so the whole token reaches the server through libpq.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, NamedTuple
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+import safepg
+import safepg.aws
+import safepg.azure
+import safepg.gcp
+from safepg import ConfigurationError, ConnectTarget, TokenRejectedError
+from safepg.providers import aws_region
+from safepg.testing import PostgresServer
+
+from .test_password_callable import all_text, conninfo, current_user, role, set_password
+
+__all__ = ["role"]  # the fixture, shared
+
+RDS_HOST = "mydb.abc123xyz.eu-central-1.rds.amazonaws.com"
+AKID = "AKIDEXAMPLE1234567890"
+SECRET_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# -- AWS ---------------------------------------------------------------------------------------
+
+botocore_session = pytest.importorskip("botocore.session")
+
+
+@pytest.fixture
+def aws_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No AWS configuration at all, and no instance metadata lookups (no network)."""
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture
+def session(aws_offline: None) -> Any:
+    sess = botocore_session.Session()
+    sess.set_credentials(AKID, SECRET_KEY)
+    return sess
+
+
+def query(token: str) -> dict[str, str]:
+    parts = urlsplit("https://" + token)
+    return {k: v[0] for k, v in parse_qs(parts.query).items()} | {"netloc": parts.netloc}
+
+
+def test_aws_token_shape(session: Any) -> None:
+    auth = safepg.aws.IAMAuth(session=session)
+    token = auth(ConnectTarget(RDS_HOST, 5432, "app_iam", "app"))
+    assert token.startswith(f"{RDS_HOST}:5432/?")
+    q = query(token)
+    assert q["Action"] == "connect"
+    assert q["DBUser"] == "app_iam"
+    assert q["X-Amz-Algorithm"] == "AWS4-HMAC-SHA256"
+    assert q["X-Amz-Expires"] == "900"
+    assert q["X-Amz-Credential"].startswith(f"{AKID}/")
+    assert q["X-Amz-Credential"].endswith("/eu-central-1/rds-db/aws4_request")
+    assert SECRET_KEY not in token
+    # The same through iam_token, with an explicit region and port.
+    other = safepg.aws.iam_token("db.internal", 6432, "bob", "us-west-2", session=session)
+    assert other.startswith("db.internal:6432/?")
+    assert query(other)["X-Amz-Credential"].endswith("/us-west-2/rds-db/aws4_request")
+
+
+def test_aws_tokens_are_reused_within_their_lifetime(session: Any) -> None:
+    clock = Clock()
+    auth = safepg.aws.IAMAuth(session=session, clock=clock, margin=300)
+    target = ConnectTarget(RDS_HOST, 5432, "app_iam", "app")
+    first = auth(target)
+    # New credentials from now on: a token signed again shows them.
+    session.get_credentials().access_key = "AKIDROTATED000000000"
+    clock.now += 599
+    assert auth(target) == first
+    # Another user, port or region is another token.
+    assert query(auth(ConnectTarget(RDS_HOST, 5432, "bob", "app")))["DBUser"] == "bob"
+    assert auth(ConnectTarget(RDS_HOST, 5433, "app_iam", "app")).startswith(f"{RDS_HOST}:5433/")
+    clock.now += 1  # 15 minutes minus the margin: expired for safepg, replaced
+    renewed = auth(target)
+    assert renewed != first
+    assert query(renewed)["X-Amz-Credential"].startswith("AKIDROTATED000000000/")
+    assert auth(target) == renewed
+
+
+def test_aws_region_and_overrides(session: Any) -> None:
+    assert aws_region(RDS_HOST) == "eu-central-1"
+    assert aws_region("x.proxy-abc.us-east-1.rds.amazonaws.com") == "us-east-1"
+    assert aws_region("db.abc.rds.cn-north-1.amazonaws.com.cn") == "cn-north-1"
+    assert aws_region("db.example.com") is None
+    auth = safepg.aws.IAMAuth("ap-south-1", port=5432, user="iam", session=session)
+    token = auth(ConnectTarget("127.0.0.1", 15432, "someone", "app"))
+    assert token.startswith("127.0.0.1:5432/?")
+    assert query(token)["DBUser"] == "iam"
+    assert "/ap-south-1/" in query(token)["X-Amz-Credential"]
+    with pytest.raises(ConfigurationError, match="no AWS region"):
+        safepg.aws.IAMAuth(session=session)(ConnectTarget("db.example.com", 5432, "u", "d"))
+    with pytest.raises(ConfigurationError, match="not both"):
+        safepg.aws.IAMAuth(session=session, profile="x")
+    with pytest.raises(ConfigurationError, match="margin"):
+        safepg.aws.IAMAuth(margin=900)
+    assert SECRET_KEY not in repr(auth)
+    assert AKID not in repr(auth)
+
+
+def test_aws_without_credentials_says_what_to_do(
+    aws_offline: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    auth = safepg.aws.IAMAuth()
+    with pytest.raises(ConfigurationError, match="Unable to locate credentials") as info:
+        auth(ConnectTarget(RDS_HOST, 5432, "app_iam", "app"))
+    assert "aws sts get-caller-identity" in str(info.value)
+    # The environment's credentials, as the AWS CLI would use them.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", AKID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    token = safepg.aws.IAMAuth()(ConnectTarget(RDS_HOST, 5432, "app_iam", "app"))
+    assert query(token)["X-Amz-Credential"].startswith(f"{AKID}/")
+
+
+def test_aws_token_reaches_the_server(server: PostgresServer, role: str, session: Any) -> None:
+    auth = safepg.aws.IAMAuth("eu-central-1", session=session)
+    tokens: list[str] = []
+
+    def as_role_password(target: ConnectTarget) -> str:
+        # The server here checks a password, not IAM: make the token the role's password.
+        token = auth(target)
+        set_password(server, role, token)
+        tokens.append(token)
+        return token
+
+    with safepg.connect(conninfo(server, role), password=as_role_password) as conn:
+        assert current_user(conn) == role
+    assert tokens[0].startswith(f"{server.host}:{server.port}/?")
+    assert query(tokens[0])["DBUser"] == role
+
+
+def test_aws_rejected_token_hints_at_rds_iam(
+    server: PostgresServer, role: str, session: Any
+) -> None:
+    auth = safepg.aws.IAMAuth("eu-central-1", session=session)
+    set_password(server, role, "not-a-token-" + secrets.token_hex(8))
+    with pytest.raises(TokenRejectedError, match="rds_iam") as info:
+        safepg.connect(conninfo(server, role), password=auth)
+    token = auth(ConnectTarget(server.host, server.port, role, server.dbname))  # the cached one
+    assert token not in all_text(info.value)
+    assert query(token)["X-Amz-Signature"] not in all_text(info.value)
+
+
+# -- Azure -------------------------------------------------------------------------------------
+
+
+class AccessToken(NamedTuple):  # azure.core.credentials.AccessToken's shape
+    token: str
+    expires_on: int
+
+
+class FakeAzureCredential:
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.scopes: list[str] = []
+
+    def get_token(self, *scopes: str) -> AccessToken:
+        self.scopes.extend(scopes)
+        return AccessToken(
+            f"entra-{len(self.scopes)}-" + secrets.token_hex(8), int(self.clock() + 3600)
+        )
+
+
+def test_azure_tokens_are_reused_until_expiry_minus_margin() -> None:
+    clock = Clock(1_700_000_000)
+    credential = FakeAzureCredential(clock)
+    auth = safepg.azure.EntraAuth(credential, margin=300, clock=clock)
+    target = ConnectTarget("srv.postgres.database.azure.com", 5432, "app@contoso.com", "app")
+    first = auth(target)
+    assert first.startswith("entra-1-")
+    assert credential.scopes == ["https://ossrdbms-aad.database.windows.net/.default"]
+    clock.now += 3299
+    assert auth(target) == first
+    clock.now += 1
+    assert auth(target).startswith("entra-2-")
+    assert "entra" not in repr(auth)
+
+
+def test_azure_credential_errors_say_what_to_do() -> None:
+    azure_exceptions = pytest.importorskip("azure.core.exceptions")
+
+    class NoCredential:
+        def get_token(self, *scopes: str) -> AccessToken:
+            raise azure_exceptions.ClientAuthenticationError("DefaultAzureCredential failed")
+
+    with pytest.raises(ConfigurationError, match="az login"):
+        safepg.azure.EntraAuth(NoCredential())(ConnectTarget("h", 5432, "u", "d"))
+
+
+def test_azure_token_reaches_the_server(server: PostgresServer, role: str) -> None:
+    auth = safepg.azure.EntraAuth(FakeAzureCredential(Clock()), clock=Clock())
+    set_password(server, role, auth(ConnectTarget("any", 1, "any", "any")))  # the cached token
+    with safepg.connect(conninfo(server, role), password=auth) as conn:
+        assert current_user(conn) == role
+    set_password(server, role, "changed-" + secrets.token_hex(8))
+    with pytest.raises(TokenRejectedError, match="Entra"):
+        safepg.connect(conninfo(server, role), password=auth)
+
+
+# -- Google Cloud ------------------------------------------------------------------------------
+
+
+class FakeGoogleCredentials:
+    """google.auth.credentials.Credentials' interface: token, expiry, valid, refresh."""
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self.token: str | None = None
+        self.expiry: datetime.datetime | None = None
+        self.refreshed = 0
+
+    @property
+    def valid(self) -> bool:
+        return self.token is not None and (self.expiry is None or self.clock() < self.expiry)
+
+    def refresh(self, request: object) -> None:
+        self.refreshed += 1
+        self.token = f"ya29.fake-{self.refreshed}-" + secrets.token_hex(8)
+        self.expiry = self.clock() + datetime.timedelta(hours=1)
+
+
+class UTCClock:
+    def __init__(self) -> None:
+        self.now = datetime.datetime(2026, 1, 1, 12, 0, 0)
+
+    def __call__(self) -> datetime.datetime:
+        return self.now
+
+
+def test_gcp_tokens_are_refreshed_before_expiry() -> None:
+    clock = UTCClock()
+    creds = FakeGoogleCredentials(clock)
+    auth = safepg.gcp.IAMAuth(creds, request=object(), margin=300, clock=clock)
+    target = ConnectTarget("10.0.0.1", 5432, "sa@project.iam", "app")
+    first = auth(target)
+    assert first.startswith("ya29.fake-1-")
+    clock.now += datetime.timedelta(minutes=54, seconds=59)
+    assert auth(target) == first
+    clock.now += datetime.timedelta(seconds=1)
+    assert auth(target).startswith("ya29.fake-2-")
+    assert creds.refreshed == 2
+    assert "ya29" not in repr(auth)
+
+
+def test_gcp_refresh_errors_say_what_to_do() -> None:
+    oauth2 = pytest.importorskip("google.oauth2.credentials")
+    # Real google-auth credentials that cannot refresh (no refresh token): no network used.
+    creds = oauth2.Credentials(token=None)
+    with pytest.raises(ConfigurationError, match="gcloud auth application-default login"):
+        safepg.gcp.IAMAuth(creds, request=object())(ConnectTarget("h", 5432, "u", "d"))
+
+
+def test_gcp_token_reaches_the_server(server: PostgresServer, role: str) -> None:
+    clock = UTCClock()
+    auth = safepg.gcp.IAMAuth(FakeGoogleCredentials(clock), request=object(), clock=clock)
+    set_password(server, role, auth(ConnectTarget("any", 1, "any", "any")))
+    with safepg.connect(conninfo(server, role), password=auth) as conn:
+        assert current_user(conn) == role
+
+
+# -- lazy imports ------------------------------------------------------------------------------
+
+
+def test_sdks_are_imported_only_when_used() -> None:
+    code = (
+        "import sys, safepg, safepg.aws, safepg.azure, safepg.gcp\n"
+        "loaded = [m for m in ('botocore', 'azure', 'google') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(safepg.__file__).parents[1])}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
