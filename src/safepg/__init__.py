@@ -22,6 +22,7 @@ from ._errors import (
     SSLNotSupportedError,
     UntrustedCertificateError,
 )
+from ._sslcontext import ssl_context
 from ._trust import TrustSource
 
 __version__ = "0.1.0.dev0"
@@ -45,6 +46,7 @@ __all__ = [
     "connect_async",
     "resolve_trust",
     "secure_conninfo",
+    "ssl_context",
 ]
 
 # Public classes are shown as safepg.X (in tracebacks, reprs and SQLAlchemy's messages), where
