@@ -493,12 +493,34 @@ def test_direct_tls_learned_and_used_against_postgresql_18() -> None:
                 conn = await safepg.asyncpg.connect(pg18.url())
                 try:
                     assert await conn.fetchval("SELECT 1") == 1
-                    ssl_object = conn._transport.get_extra_info("ssl_object")
-                    versions.append(str(ssl_object.selected_alpn_protocol()))
+                    assert conn._transport.get_extra_info("ssl_object") is not None
+                    versions.append(conn._params.ssl_negotiation.name)
                 finally:
                     await conn.close()
             return versions[0], versions[1]
 
-        _cold, warm = run(main())
+        cold, warm = run(main())
         assert safepg.asyncpg._direct[((pg18.host, str(pg18.port)),)] is True
-        assert warm == "postgresql"
+        assert (cold, warm) == ("postgres", "direct")
+
+
+def test_example(server: PostgresServer) -> None:
+    import subprocess
+    import sys
+
+    example = Path(__file__).parent.parent / "examples" / "asyncpg_app.py"
+    proc = subprocess.run(
+        [sys.executable, str(example), server.url()],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "verified TLSv1." in proc.stdout
+    assert "verified pool: sum = 55" in proc.stdout
+    wrong = server.url().replace(f"@{server.host}:", "@db.example.com:")
+    proc = subprocess.run(
+        [sys.executable, str(example), wrong], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode in (1, 2)
