@@ -157,6 +157,27 @@ def test_socket_opt_in(server: PostgresServer) -> None:
     run(main())
 
 
+def test_session_check_refuses_a_socket_without_the_opt_in(server: PostgresServer) -> None:
+    """Defence in depth: the post-connect check itself refuses an unencrypted session."""
+    from safepg import _params
+
+    async def main() -> str | None:
+        conn = await safepg.asyncpg.connect(
+            host=str(server.socket_dir),
+            port=server.port,
+            user="postgres",
+            database="postgres",
+            allow_unencrypted_unix_socket=True,
+        )
+        try:
+            plan = _params.build_plan(server.conninfo(), {})  # no opt-in
+            return safepg.asyncpg._session_problem(conn, plan)
+        finally:
+            await conn.close()
+
+    assert run(main()) == "the session is not encrypted"
+
+
 def test_unknown_dsn_option_is_refused(server: PostgresServer) -> None:
     with pytest.raises(ConfigurationError, match="hostaddr"):
         run(safepg.asyncpg.connect(server.url() + "&hostaddr=127.0.0.1"))
