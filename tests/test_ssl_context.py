@@ -79,6 +79,12 @@ def test_rds_host_gets_the_bundled_roots() -> None:
     assert len(ctx.get_ca_certs()) > 50  # every region's roots
 
 
+def test_rds_proxy_gets_public_roots_without_patching_certifi() -> None:
+    """asyncpg #952: RDS Proxy's ACM certificates chain to Amazon's public roots."""
+    source = _sslcontext.trust_for("app.proxy-abc123.us-east-1.rds.amazonaws.com", None)
+    assert source.origin in ("os-store", "certifi")
+
+
 def test_no_host_falls_back_to_the_os_store_or_certifi() -> None:
     source = _sslcontext.trust_for(None, None)
     assert source.origin in ("os-store", "certifi")

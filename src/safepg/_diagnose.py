@@ -1,4 +1,5 @@
-"""Turning libpq's connection failures into safepg's error classes, with advice.
+"""Turning libpq's connection failures (and Python ssl's, for asyncpg) into safepg's error
+classes, with advice.
 
 libpq reports TLS failures as text. The tests check the phrases matched here against both
 psycopg-binary's libpq (18) and the system's (15 on Debian 12).

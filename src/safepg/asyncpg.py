@@ -16,6 +16,7 @@ never the DSN. Every new session is checked: TLS 1.2 or later, the peer certific
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import socket
@@ -259,7 +260,7 @@ async def connect(
     key = tuple((t.host, t.port) for t in plan.targets)
     direct = _direct_tls(plan, direct_option, key)
     if caller_ctx is not None:
-        ctx, plan = caller_ctx, _replace_trust(plan, _CALLER_CONTEXT)
+        ctx, plan = caller_ctx, dataclasses.replace(plan, trust=_CALLER_CONTEXT)
     else:
         tls13 = plan.params.get("ssl_min_protocol_version") == "TLSv1.3"
         cert = plan.params.get("sslcert")
@@ -312,12 +313,6 @@ async def connect(
         err.host, err.port, err.trust = target.host, int(target.port), plan.trust
         raise err
     return conn
-
-
-def _replace_trust(plan: Plan, trust: TrustSource) -> Plan:
-    import dataclasses
-
-    return dataclasses.replace(plan, trust=trust)
 
 
 def create_pool(
