@@ -24,6 +24,7 @@ from ._errors import (
     UntrustedCertificateError,
 )
 from ._password import AsyncPasswordSource, ConnectTarget, PasswordProvider, PasswordSource
+from ._sslcontext import ssl_context
 from ._trust import TrustSource
 
 __version__ = "0.1.0.dev0"
@@ -52,6 +53,7 @@ __all__ = [
     "connect_async",
     "resolve_trust",
     "secure_conninfo",
+    "ssl_context",
 ]
 
 # Public classes are shown as safepg.X (in tracebacks, reprs and SQLAlchemy's messages), where

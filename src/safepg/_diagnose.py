@@ -1,4 +1,5 @@
-"""Turning libpq's connection failures into safepg's error classes, with advice.
+"""Turning libpq's connection failures (and Python ssl's, for asyncpg) into safepg's error
+classes, with advice.
 
 libpq reports TLS failures as text. The tests check the phrases matched here against both
 psycopg-binary's libpq (18) and the system's (15 on Debian 12).
@@ -236,13 +237,7 @@ def diagnose(
             if _ERROR_INSTEAD_OF_TLS in line
             else "sent unencrypted bytes after agreeing to TLS (CVE-2021-23222)"
         )
-        violation = ProtocolViolationError(
-            f"The server at {host}:{port} {what}. Nothing it sent was authenticated, so safepg "
-            "shows none of it and sends nothing: anyone on the network path could have written "
-            "it. A real PostgreSQL server with TLS does not do this; check for something "
-            f"intercepting the connection, or ask the operator whether TLS is on.\n{trust}\n"
-            f"{libpq}"
-        )
+        violation = _violation(str(host), str(port), what, trust, libpq)
         violation.host, violation.port, violation.trust = host, _number(port), plan.trust
         return violation
 
@@ -320,3 +315,95 @@ def diagnose(
     err.port = _number(port)
     err.trust = plan.trust
     return err
+
+
+def from_python_tls(
+    ex: BaseException,
+    plan: Plan,
+    target: Target,
+    *,
+    probe: bool = True,
+    budget: float = _DEFAULT_PROBE_TIMEOUT,
+) -> ConnectionSecurityError | None:
+    """The safepg error for a failure of a driver that does TLS with Python's ``ssl`` (asyncpg),
+    or None when it is not a TLS problem. *target* is the host that failed.
+
+    Certificate failures come as `ssl.SSLCertVerificationError`; a server that declines TLS, or
+    answers the SSLRequest with anything but ``S``, as asyncpg's `ConnectionError`.
+    """
+    import ssl  # only on a failure path
+
+    host, port = target.host, target.port
+    trust = f"Trust anchors: {plan.trust.label} ({plan.trust.path})."
+    err: ConnectionSecurityError
+    if isinstance(ex, ssl.SSLCertVerificationError):
+        result = _run_probe(plan, target, None, port, budget) if probe else None
+        leaf = result.chain[0] if result and result.chain else None
+        presented = f"\nThe server presented (unverified): {leaf.describe()}." if leaf else ""
+        said = f"Python's ssl said: {shown(str(ex.verify_message or ex))}"
+        if ex.verify_code in _MISMATCH_CODES:
+            names = leaf.names if leaf else ()
+            listing = f" It holds: {', '.join(map(shown, names))}." if names else ""
+            mismatch = HostnameMismatchError(
+                f"The server at {shown(host)}:{port} presented a certificate that does not name "
+                f'"{shown(host)}".{listing}{presented}\n{trust}\n{_mismatch_fix(host)}\n{said}'
+            )
+            mismatch.certificate_names = names
+            err = mismatch
+        elif ex.verify_code in _EXPIRY_CODES:
+            dates = _out_of_date(result.chain) if result else ""
+            err = CertificateExpiredError(
+                f"The certificate of the server at {host}:{port} is outside its validity period "
+                f"({ex.verify_message}{dates}).{presented}\n{trust}\n{FIX_EXPIRED}\n{said}"
+            )
+        else:
+            issuer = (
+                f' The issuer "{shown(leaf.issuer)}" is not among them (as presented, unverified).'
+                if leaf and ex.verify_code in _NO_TRUSTED_ISSUER_CODES
+                else ""
+            )
+            err = UntrustedCertificateError(
+                f"The certificate of the server at {host}:{port} does not chain to a trusted "
+                f"root ({ex.verify_message}).{presented}\n{trust}{issuer}\n"
+                f"{_untrusted_fix(host)}\n{said}"
+            )
+    elif isinstance(ex, ConnectionError) and _ERROR_INSTEAD_OF_TLS in str(ex):
+        err = _violation(host, port, "answered the TLS request with an error message", trust)
+    elif isinstance(ex, ConnectionError) and "rejected SSL upgrade" in str(ex):
+        # asyncpg says this for an 'N' and for 'S' followed at once by plaintext: ask again,
+        # reading the one answer byte only, to tell a server without TLS from an injection.
+        result = _run_probe(plan, target, None, port, budget) if probe else None
+        if result is not None and not result.tls:
+            err = SSLNotSupportedError(
+                f"The server at {host}:{port} does not offer TLS, and safepg never connects "
+                f"without it.\n{FIX_NO_TLS}"
+            )
+        else:
+            err = _violation(
+                host,
+                port,
+                "answered the TLS request with something other than TLS (perhaps "
+                "plaintext injected after agreeing to it, CVE-2021-23222)",
+                trust,
+            )
+    else:
+        return None
+    err.host, err.port, err.trust = host, _number(port), plan.trust
+    return err
+
+
+# X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH: Python's ssl checks host
+# names through OpenSSL.
+_MISMATCH_CODES = (62, 64)
+
+
+def _violation(
+    host: str, port: str, what: str, trust: str, said: str | None = None
+) -> ProtocolViolationError:
+    return ProtocolViolationError(
+        f"The server at {host}:{port} {what}. Nothing it sent was authenticated, so safepg "
+        "shows none of it and sends nothing: anyone on the network path could have written "
+        "it. A real PostgreSQL server with TLS does not do this; check for something "
+        f"intercepting the connection, or ask the operator whether TLS is on.\n{trust}"
+        + (f"\n{said}" if said else "")
+    )

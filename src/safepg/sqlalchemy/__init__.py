@@ -73,6 +73,7 @@ __all__ = [
     "SafePGAsyncDialect",
     "SafePGDialect",
     "async_creator",
+    "asyncpg_creator",
     "connect_args",
     "create_async_engine",
     "create_engine",
@@ -104,7 +105,8 @@ def _normalize(url: str | URL) -> URL:
         raise ConfigurationError(
             f"the URL names the driver {driver!r}, whose query options differ from libpq's. "
             "safepg connects through psycopg: use postgresql:// or postgresql+psycopg://, with "
-            "libpq parameters (sslmode, sslrootcert, ...) in the query string."
+            "libpq parameters (sslmode, sslrootcert, ...) in the query string. For "
+            "postgresql+asyncpg://, use safepg.sqlalchemy.create_async_engine."
         )
     if driver == "psycopg2":
         # Once at INFO, then at DEBUG: an application may make many engines from one URL.
@@ -173,13 +175,100 @@ def create_engine(url: str | URL, **kw: Any) -> Engine:
 
 
 def create_async_engine(url: str | URL, **kw: Any) -> AsyncEngine:
-    """`sqlalchemy.ext.asyncio.create_async_engine`, opening connections by `connect_async`."""
+    """`sqlalchemy.ext.asyncio.create_async_engine`, opening connections by `connect_async`.
+
+    A ``postgresql+asyncpg://`` URL keeps asyncpg: its connections are opened by
+    `safepg.asyncpg.connect` (see `asyncpg_creator`), and need ``safepg-tls[asyncpg]``.
+    """
+    if _is_asyncpg(url):
+        parsed = make_url(url)
+        creator_fn = asyncpg_creator(parsed, **dict(kw.pop("connect_args", None) or {}))
+        return _create_async_engine(parsed.set(query={}), async_creator=creator_fn, **kw)
     normalized, extra = _engine_url_and_kwargs(url, kw)
     return _create_async_engine(
         normalized.set(drivername="postgresql+psycopg_async"),
         async_creator=async_creator(url, **extra),
         **kw,
     )
+
+
+# -- asyncpg -----------------------------------------------------------------------------------
+
+# A postgresql+asyncpg:// URL's query options that safepg.asyncpg.connect takes, as strings;
+# sslmode and ssl weaker than verify-full are raised there. Anything else is refused.
+_ASYNCPG_URL_OPTIONS = {
+    "sslmode": str, "ssl": str, "sslrootcert": str, "sslcert": str, "sslkey": str,
+    "target_session_attrs": str, "passfile": str, "timeout": float, "command_timeout": float,
+    "statement_cache_size": int, "connect_timeout": str, "application_name": str,
+    "direct_tls": str,
+}  # fmt: skip
+
+
+def _is_asyncpg(url: str | URL) -> bool:
+    try:
+        return make_url(url).drivername in ("postgresql+asyncpg", "postgres+asyncpg")
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        return False  # _normalize says what is wrong with it
+
+
+def asyncpg_creator(url: str | URL, **kwargs: Any) -> Callable[[], Awaitable[Any]]:
+    """An ``async_creator`` for a ``postgresql+asyncpg://`` engine: each call is a new
+    `safepg.asyncpg.connect`, with the URL's parts as SQLAlchemy's asyncpg dialect reads them
+    (``?host=a:5432&host=b:5433`` too).
+
+    *kwargs* are `safepg.asyncpg.connect`'s and override the URL's. Query options other than
+    sslmode, ssl, sslrootcert, sslcert, sslkey, target_session_attrs, passfile, timeout,
+    command_timeout, statement_cache_size, connect_timeout, application_name and direct_tls
+    are refused: they would go to the server as settings, or mean something else to asyncpg.
+
+    Raises:
+        ConfigurationError: not a postgresql+asyncpg URL, or an option safepg does not take.
+    """
+    from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
+
+    import safepg.asyncpg  # the asyncpg extra, only when used
+
+    parsed = make_url(url)
+    if not _is_asyncpg(parsed):
+        raise ConfigurationError("asyncpg_creator takes a postgresql+asyncpg:// URL")
+    _, opts = PGDialect_asyncpg().create_connect_args(parsed)  # type: ignore[no-untyped-call]
+    params: dict[str, Any] = {}
+    for key, value in opts.items():
+        if key in ("user", "password", "host", "port", "database"):
+            params[key] = value
+            continue
+        kind = _ASYNCPG_URL_OPTIONS.get(key)
+        if kind is None:
+            raise ConfigurationError(
+                f"the URL's query option {key!r} is not one safepg passes to asyncpg; it takes "
+                f"{', '.join(sorted(_ASYNCPG_URL_OPTIONS))}. Give other asyncpg arguments as "
+                "connect_args."
+            )
+        if not isinstance(value, str):
+            raise ConfigurationError(f"the URL gives {key} more than once")
+        try:
+            params[key] = kind(value)
+        except ValueError:
+            raise ConfigurationError(f"the URL's {key} must be a number") from None
+    if "connect_timeout" in params:  # libpq's name; asyncpg calls it timeout
+        params.setdefault("timeout", float(_seconds(params.pop("connect_timeout"))))
+    if "application_name" in params:
+        settings = {"application_name": params.pop("application_name")}
+        params["server_settings"] = {**settings, **(kwargs.pop("server_settings", None) or {})}
+    params.update(kwargs)
+    # Refused now, when the engine is made, rather than on its first connection.
+    safepg.asyncpg.check_arguments(None, params)
+
+    async def create() -> Any:
+        return await safepg.asyncpg.connect(**params)
+
+    return create
+
+
+def _seconds(value: str) -> int:
+    if not (value.isascii() and value.isdigit()):
+        raise ConfigurationError("the URL's connect_timeout must be a whole number of seconds")
+    return int(value)
 
 
 # -- the dialects' DBAPI -----------------------------------------------------------------------

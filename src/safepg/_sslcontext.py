@@ -1,0 +1,157 @@
+"""`ssl_context`: a verify-full `ssl.SSLContext` with safepg's trust anchors, for other drivers.
+
+asyncpg, aiohttp-style clients and anything else that takes an ``ssl.SSLContext`` get the trust
+anchors `safepg.connect` would use (see `_trust`), and TLS settings that admit nothing less than
+verify-full.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+from os import PathLike
+
+from . import _trust
+from ._errors import ConfigurationError
+from ._params import _HOST, _idna_ok, _is_socket
+from ._trust import TrustSource
+
+__all__ = ["ssl_context"]
+
+logger = logging.getLogger("safepg")
+
+# (trust file path, its inode/size/mtime, TLS 1.3 only) -> a context made from it. Only the
+# connect paths of safepg use these; callers of ssl_context always get a context of their own,
+# since an SSLContext is mutable and a shared one could be weakened by whoever holds it.
+_contexts: dict[tuple[str, tuple[int, int, int], bool], ssl.SSLContext] = {}
+
+
+def trust_for(host: str | None, sslrootcert: str | PathLike[str] | None) -> TrustSource:
+    """The trust anchors for *host*, resolved as `safepg.connect` resolves them.
+
+    Raises:
+        ConfigurationError: *host* is not a TCP host name, or a CA file named is unusable.
+    """
+    hosts = []
+    if host is not None:
+        if not isinstance(host, str) or _is_socket(host):
+            raise ConfigurationError(
+                "ssl_context(host=...) takes the DNS name or IP address the server's "
+                "certificate holds; a Unix-domain socket has no TLS, and no host name to verify."
+            )
+        if not (_HOST.fullmatch(host) and _idna_ok(host)):
+            raise ConfigurationError(
+                "ssl_context(host=...) is not a host name: it holds characters no host name or "
+                "IP address has, an empty label or a label over 63 characters."
+            )
+        hosts.append(host)
+    if sslrootcert is not None:
+        rootcert: str | None = os.fspath(sslrootcert)
+        return _trust.resolve(rootcert or None, "the sslrootcert argument", hosts)
+    env = os.environ.get("PGSSLROOTCERT") or None
+    return _trust.resolve(
+        env, "the PGSSLROOTCERT environment variable", hosts, from_env=env is not None
+    )
+
+
+def new_context(trust: TrustSource, *, tls13: bool = False) -> ssl.SSLContext:
+    """A new client context that verifies the chain against *trust* and the host name.
+
+    Raises:
+        ConfigurationError: OpenSSL cannot load *trust*'s file.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    # verify-full: the chain must lead to the trust anchors, and the certificate must name the
+    # host dialled. PROTOCOL_TLS_CLIENT sets both already; said here so nobody wonders.
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.check_hostname = True
+    # TLS 1.0 and 1.1 are deprecated (RFC 8996), as for libpq (ssl_min_protocol_version).
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if tls13 else ssl.TLSVersion.TLSv1_2
+    if ssl.HAS_ALPN:
+        # PostgreSQL 17+ takes direct TLS only with this ALPN; libpq 17+ always sends it.
+        ctx.set_alpn_protocols(["postgresql"])
+    try:
+        ctx.load_verify_locations(cafile=trust.path)
+    except (OSError, ssl.SSLError) as ex:
+        raise ConfigurationError(
+            f"OpenSSL could not load the trust anchors {trust}: {ex}. Fix the file, or name "
+            "another with sslrootcert."
+        ) from None
+    return ctx
+
+
+def cached_context(trust: TrustSource, *, tls13: bool = False) -> ssl.SSLContext:
+    """`new_context`, made once per version of *trust*'s file: loading a bundle of 100-150
+    roots costs milliseconds. A file changed on disk (new inode, size or mtime) gets a new one.
+    For safepg's own connect paths only: the context is shared, never handed to callers."""
+    try:
+        key = (trust.path, _trust._stat_key(os.stat(trust.path)), tls13)
+    except OSError:
+        return new_context(trust, tls13=tls13)
+    ctx = _contexts.get(key)
+    if ctx is None:
+        ctx = _contexts[key] = new_context(trust, tls13=tls13)
+    return ctx
+
+
+def load_client_cert(
+    ctx: ssl.SSLContext,
+    sslcert: str | PathLike[str] | None,
+    sslkey: str | PathLike[str] | None,
+    sslpassword: str | None,
+) -> None:
+    """Load a client certificate into *ctx* (a context of the caller's own).
+
+    Raises:
+        ConfigurationError: *sslkey* without *sslcert*, or the files cannot be loaded.
+    """
+    if sslcert is None:
+        if sslkey is not None:
+            raise ConfigurationError("sslkey was given without sslcert; give both, or neither")
+        return
+    try:
+        ctx.load_cert_chain(sslcert, sslkey, sslpassword)
+    except (OSError, ssl.SSLError) as ex:
+        # The password is not in OpenSSL's text; the paths are the caller's own.
+        reason = ex.strerror if isinstance(ex, OSError) and ex.strerror else str(ex)
+        raise ConfigurationError(
+            f"could not load the client certificate {os.fspath(sslcert)!r}"
+            + (f" with the key {os.fspath(sslkey)!r}" if sslkey is not None else "")
+            + f": {reason}. Check the paths, that the key matches the certificate, and "
+            "sslpassword if the key is encrypted."
+        ) from None
+
+
+def ssl_context(
+    host: str | None = None,
+    *,
+    sslrootcert: str | PathLike[str] | None = None,
+    sslcert: str | PathLike[str] | None = None,
+    sslkey: str | PathLike[str] | None = None,
+    sslpassword: str | None = None,
+) -> ssl.SSLContext:
+    """Return a new `ssl.SSLContext` that verifies a PostgreSQL server as verify-full does.
+
+    For drivers and tools that take an ``ssl.SSLContext`` (asyncpg, pg8000, aiopg through
+    psycopg2, your own sockets). The context checks the host name and the chain, requires TLS
+    1.2 or later, and trusts the anchors `safepg.connect` would use for *host*: *sslrootcert*
+    (``"system"`` is the OS store), else ``PGSSLROOTCERT``, else ``~/.postgresql/root.crt``,
+    else a bundled provider set chosen by the host name (Amazon RDS, Azure, Supabase), else the
+    OS store, else certifi. Each call returns a new context, which you may change; safepg's
+    own connects share cached ones.
+
+    Args:
+        host: the server's host name, which chooses a provider's CA set. None: no provider.
+        sslrootcert: a PEM file of trust anchors, or ``"system"``.
+        sslcert, sslkey, sslpassword: a client certificate, its key and the key's password.
+
+    Raises:
+        ConfigurationError: *host* is not a TCP host name; a CA or client certificate file is
+            missing, empty, unreadable or not PEM.
+    """
+    trust = trust_for(host, sslrootcert)
+    ctx = new_context(trust)
+    load_client_cert(ctx, sslcert, sslkey, sslpassword)
+    logger.debug("safepg: ssl_context for %s trusts %s", host or "any host", trust)
+    return ctx

@@ -1,0 +1,375 @@
+"""asyncpg's ``connect`` and ``create_pool``, always with a verified TLS session.
+
+``pip install 'safepg-tls[asyncpg]'``::
+
+    import safepg.asyncpg
+
+    conn = await safepg.asyncpg.connect("postgresql://app@mydb.abc123.eu-west-1.rds.amazonaws.com/app")
+    pool = await safepg.asyncpg.create_pool(dsn, min_size=2)
+
+They take asyncpg's arguments and return asyncpg's own objects. The DSN and the keywords are read
+by libpq's rules, as for `safepg.connect` (service files, ``PGHOST``, ``PGSSLMODE``, ...); asyncpg
+then gets explicit hosts and ports and ``ssl=`` a verify-full context (see `safepg.ssl_context`),
+never the DSN. Every new session is checked: TLS 1.2 or later, the peer certificate verified.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import logging
+import socket
+import ssl
+from collections.abc import Mapping
+from typing import Any
+
+try:
+    import asyncpg
+except ImportError as _ex:  # pragma: no cover - the extra is missing
+    raise ImportError("safepg.asyncpg needs asyncpg: pip install 'safepg-tls[asyncpg]'") from _ex
+
+from . import _diagnose, _sslcontext
+from ._deadline import Deadline
+from ._errors import ConfigurationError, InsecureConnectionError
+from ._params import Plan, _raise_logged, as_optional_bool, build_plan
+from ._trust import TrustSource
+
+__all__ = ["connect", "create_pool"]
+
+logger = logging.getLogger("safepg")
+
+# asyncpg's keywords that say where to connect and whom to trust, as libpq names them: safepg
+# reads these (with the DSN) by libpq's rules, and hands asyncpg the result.
+_AS_LIBPQ = {
+    "host": "host",
+    "port": "port",
+    "user": "user",
+    "database": "dbname",
+    "passfile": "passfile",
+    "sslrootcert": "sslrootcert",
+    "sslcert": "sslcert",
+    "sslkey": "sslkey",
+    "target_session_attrs": "target_session_attrs",
+    "krbsrvname": "krbsrvname",
+    "service": "service",
+}
+# Options of the DSN (or service file) that asyncpg gets from safepg; the others are refused.
+_ASYNCPG_OPTIONS = {
+    "user": "user",
+    "password": "password",
+    "dbname": "database",
+    "passfile": "passfile",
+    "target_session_attrs": "target_session_attrs",
+    "krbsrvname": "krbsrvname",
+    "service": "service",
+}
+# Options safepg itself acts on (where to connect, TLS) or that do not apply to asyncpg.
+_HANDLED = {
+    "host", "port", "connect_timeout", "application_name", "sslmode", "sslrootcert", "sslcert",
+    "sslkey", "sslpassword", "ssl_min_protocol_version", "sslnegotiation", "gssencmode",
+}  # fmt: skip
+# ssl= strings that verify less than verify-full (asyncpg's own modes).
+_WEAK_MODES = ("disable", "allow", "prefer", "require", "verify-ca")
+_CALLER_CONTEXT = TrustSource(
+    "(your ssl.SSLContext)", "the ssl.SSLContext you passed", "sslrootcert"
+)
+# asyncpg.create_pool's own arguments; the rest are connect()'s.
+_POOL_OPTIONS = (
+    "init_size", "min_size", "max_size", "max_queries", "max_inactive_connection_lifetime",
+    "setup", "init", "reset", "loop", "connection_class", "record_class",
+)  # fmt: skip
+_HAS_DIRECT_TLS = "direct_tls" in inspect.signature(asyncpg.connect).parameters
+_DIRECT_TLS_SERVER = 17
+# The hosts (and ports) of a connection -> whether they take direct TLS (PostgreSQL 17+).
+_direct: dict[tuple[tuple[str, str], ...], bool] = {}
+
+
+def _libpq_form(value: object) -> str:
+    """asyncpg takes hosts and ports as lists too; libpq as a comma-separated string."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _caller_context(ssl_arg: object, sslmode: object) -> ssl.SSLContext | None:
+    """The caller's own verifying ssl.SSLContext, or None after raising a weaker setting.
+
+    A context that does not verify the chain and the host name is refused rather than replaced:
+    it may carry a client certificate or anchors safepg cannot see.
+    """
+    for name, value in (("ssl", ssl_arg), ("sslmode", sslmode)):
+        if value is None or value is True or value == "verify-full":
+            continue
+        if isinstance(value, ssl.SSLContext) and name == "ssl":
+            if value.verify_mode != ssl.CERT_REQUIRED or not value.check_hostname:
+                raise ConfigurationError(
+                    "the ssl.SSLContext passed as ssl= does not verify the server (it needs "
+                    "verify_mode=CERT_REQUIRED and check_hostname=True). Drop ssl= to let "
+                    "safepg verify with the right trust anchors, or pass "
+                    "safepg.ssl_context(host, sslrootcert=...)."
+                )
+            return value
+        if value is False or value in _WEAK_MODES:
+            _raise_logged(
+                name,
+                str(value),
+                "verify-full",
+                f"the keyword argument {name}",
+                "only verify-full checks that the server holds a certificate for the host dialled",
+            )
+            continue
+        raise ConfigurationError(
+            f"{name}= must be an ssl.SSLContext that verifies, True, or an sslmode such as "
+            f"verify-full, not {type(value).__name__} {str(value)[:40]!r}"
+        )
+    return None
+
+
+def _asyncpg_kwargs(plan: Plan, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What asyncpg gets besides ssl=: explicit hosts and ports, and the DSN's options.
+
+    Raises:
+        ConfigurationError: an option asyncpg cannot honour as libpq would.
+    """
+    if any(t.hostaddr for t in plan.targets):
+        raise ConfigurationError(
+            "asyncpg has no hostaddr: give the name in the server's certificate as host, and "
+            "let DNS (or /etc/hosts) resolve it."
+        )
+    params = plan.params
+    unknown = sorted(set(params) - set(_ASYNCPG_OPTIONS) - _HANDLED)
+    if unknown:
+        raise ConfigurationError(
+            f"safepg.asyncpg cannot pass {', '.join(unknown)} to asyncpg as libpq would use "
+            f"it. It takes these options in a DSN: "
+            f"{', '.join(sorted(set(_ASYNCPG_OPTIONS) | _HANDLED))}; give asyncpg's own "
+            "keyword arguments (server_settings=..., timeout=...) for the rest."
+        )
+    out: dict[str, Any] = {
+        name: params[key]
+        for key, name in _ASYNCPG_OPTIONS.items()
+        if key in params and kwargs.get(name) is None
+    }
+    out.update(
+        host=[t.host for t in plan.targets],
+        port=[int(t.port) for t in plan.targets],
+    )
+    if "connect_timeout" in plan.resolved and "timeout" not in kwargs and plan.timeout:
+        out["timeout"] = plan.timeout
+    if "application_name" in params:
+        settings = dict(kwargs.get("server_settings") or {})
+        settings.setdefault("application_name", params["application_name"])
+        out["server_settings"] = settings
+    return out
+
+
+def _direct_tls(plan: Plan, option: object, key: tuple[tuple[str, str], ...]) -> bool | None:
+    """asyncpg's direct_tls for this connect: the caller's choice, a sslnegotiation=direct in
+    the DSN, or what was learned for these hosts; None when this asyncpg lacks it."""
+    chosen = as_optional_bool("direct_tls", option)
+    if plan.resolved.get("sslnegotiation", "postgres") not in ("postgres", "direct"):
+        raise ConfigurationError("sslnegotiation must be postgres or direct")
+    if plan.resolved.get("sslnegotiation") == "direct":
+        if chosen is False:
+            raise ConfigurationError("direct_tls=False and sslnegotiation=direct disagree")
+        chosen = True
+    if not _HAS_DIRECT_TLS:
+        if chosen:
+            raise ConfigurationError("direct TLS needs asyncpg 0.30 or later")
+        return None
+    return chosen if chosen is not None else _direct.get(key, False)
+
+
+def _session_problem(conn: asyncpg.Connection, plan: Plan) -> str | None:
+    """Why the new session is below policy, or None. No round trip."""
+    transport = conn._transport  # asyncpg's own transport for this connection
+    ssl_object = transport.get_extra_info("ssl_object") if transport else None
+    if ssl_object is None:
+        sock = transport.get_extra_info("socket") if transport else None
+        if plan.allow_unix_socket and sock is not None and sock.family == socket.AF_UNIX:
+            return None
+        return "the session is not encrypted"
+    if ssl_object.version() not in ("TLSv1.2", "TLSv1.3"):
+        return f"it uses {ssl_object.version()}, below TLS 1.2"
+    context = ssl_object.context
+    if context.verify_mode != ssl.CERT_REQUIRED or not context.check_hostname:
+        return "the server's certificate was not verified"
+    if not ssl_object.getpeercert():
+        return "the server presented no verified certificate"
+    return None
+
+
+async def _open(
+    plan: Plan, ctx: ssl.SSLContext, direct: bool | None, kwargs: dict[str, Any]
+) -> asyncpg.Connection:
+    options = {**kwargs, "ssl": ctx}
+    if direct is not None:
+        options["direct_tls"] = direct
+    return await asyncpg.connect(None, **options)
+
+
+async def connect(
+    dsn: str | None = None,
+    *,
+    allow_unencrypted_unix_socket: bool = False,
+    **kwargs: Any,
+) -> asyncpg.Connection:
+    """Connect like `asyncpg.connect`, always with a verified TLS session.
+
+    Takes asyncpg's arguments and returns asyncpg's connection. The DSN and the keywords host,
+    port, user, database, passfile, sslrootcert, sslcert and sslkey are read by libpq's rules
+    (service file, ``PG*`` variables), hardened as `safepg.connect` hardens them, and handed to
+    asyncpg as explicit keywords, with ``ssl=`` a verify-full context from `safepg.ssl_context`'s
+    trust anchors. ``ssl=`` or ``sslmode`` weaker than verify-full (``False``, ``"require"``,
+    ...) is raised, and logged. Your own ``ssl.SSLContext`` is used only if it verifies the
+    chain and the host name; one that does not is refused. ``direct_tls`` (asyncpg 0.30+) is
+    learned per host: after a first connect to PostgreSQL 17+, later ones use it.
+
+    Args:
+        dsn: a ``postgresql://`` URL (or a libpq conninfo string).
+        allow_unencrypted_unix_socket: accept a Unix-domain socket host, never encrypted.
+        **kwargs: asyncpg's keyword arguments; also sslmode, sslrootcert, sslcert, sslkey,
+            sslpassword.
+
+    Raises:
+        ConfigurationError: bad input, a socket host, an option asyncpg cannot honour, an
+            ssl.SSLContext that does not verify; before any network I/O.
+        HostnameMismatchError, UntrustedCertificateError, CertificateExpiredError,
+        SSLNotSupportedError, ProtocolViolationError: the server could not be verified.
+        InsecureConnectionError: the session is below policy (defence in depth).
+    """
+    kwargs = dict(kwargs)
+    if kwargs.get("servicefile") is not None:
+        raise ConfigurationError(
+            "servicefile= is asyncpg's alone: safepg reads service files as libpq does. Set "
+            "PGSERVICEFILE instead."
+        )
+    caller_ctx = _caller_context(kwargs.pop("ssl", None), kwargs.pop("sslmode", None))
+    direct_option = kwargs.pop("direct_tls", None)
+    sslpassword = kwargs.pop("sslpassword", None)
+    libpq_kwargs = {
+        libpq: _libpq_form(kwargs.pop(name))
+        for name, libpq in _AS_LIBPQ.items()
+        if kwargs.get(name) is not None
+    }
+    plan = build_plan(
+        dsn or "", libpq_kwargs, allow_unencrypted_unix_socket=allow_unencrypted_unix_socket
+    )
+    options = {**kwargs, **_asyncpg_kwargs(plan, kwargs)}
+    key = tuple((t.host, t.port) for t in plan.targets)
+    direct = _direct_tls(plan, direct_option, key)
+    if caller_ctx is not None:
+        ctx, plan = caller_ctx, dataclasses.replace(plan, trust=_CALLER_CONTEXT)
+    else:
+        tls13 = plan.params.get("ssl_min_protocol_version") == "TLSv1.3"
+        cert = plan.params.get("sslcert")
+        if cert:
+            ctx = _sslcontext.new_context(plan.trust, tls13=tls13)
+            _sslcontext.load_client_cert(
+                ctx, cert, plan.params.get("sslkey"), sslpassword or plan.params.get("sslpassword")
+            )
+        else:
+            ctx = _sslcontext.cached_context(plan.trust, tls13=tls13)
+    deadline = Deadline(plan.timeout)
+    try:
+        try:
+            conn = await _open(plan, ctx, direct, options)
+        except (
+            ssl.SSLCertVerificationError,
+            asyncpg.PostgresError,
+            TimeoutError,
+            asyncio.TimeoutError,
+        ):
+            raise  # the certificate, the server's answer, a stall: not direct TLS's doing
+        except (OSError, ssl.SSLError):
+            if not (direct and direct_option is None and _direct.get(key)):
+                raise
+            # Learned direct TLS, and the handshake failed: a pooler in front, an older server.
+            logger.info("safepg: %s refused direct TLS; using the SSLRequest from now on", key)
+            _direct[key] = False
+            direct = False
+            conn = await _open(plan, ctx, direct, options)
+    except (OSError, ssl.SSLError) as ex:
+        target = plan.targets[-1]  # asyncpg tries the hosts in turn and raises the last error
+        probe = caller_ctx is None
+        err = await asyncio.to_thread(
+            _diagnose.from_python_tls, ex, plan, target, probe=probe,
+            budget=deadline.diagnosis_budget(),
+        )  # fmt: skip
+        if err is None:
+            raise
+        # The cause without its frames, whose locals hold the password.
+        raise err from ex.with_traceback(None)
+    if direct is not None and direct_option is None and key not in _direct:
+        _direct[key] = conn.get_server_version().major >= _DIRECT_TLS_SERVER
+    problem = _session_problem(conn, plan)
+    if problem is not None:
+        conn.terminate()
+        err = InsecureConnectionError(
+            f"safepg refused the session: {problem}. Trust anchors: {plan.trust}."
+        )
+        target = plan.targets[-1]
+        err.host, err.port, err.trust = target.host, int(target.port), plan.trust
+        raise err
+    return conn
+
+
+def create_pool(
+    dsn: str | None = None,
+    *,
+    allow_unencrypted_unix_socket: bool = False,
+    **kwargs: Any,
+) -> asyncpg.Pool:
+    """Create a pool like `asyncpg.create_pool`, whose every connection goes through `connect`.
+
+    Takes asyncpg's arguments (min_size, max_size, setup, init, ...) and returns asyncpg's
+    pool; each connection it opens, now or later, is hardened and checked as by `connect`.
+    The arguments are checked at once, before any connection is opened.
+
+    Raises:
+        ConfigurationError: as for `connect`; or a ``connect=`` of your own, which would bypass
+            safepg.
+    """
+    if kwargs.get("connect") is not None:
+        raise ConfigurationError(
+            "create_pool(connect=...) would open connections without safepg; wrap your "
+            "function around safepg.asyncpg.connect and call asyncpg.create_pool yourself"
+        )
+    kwargs.pop("connect", None)
+    pool_only = {k: kwargs.pop(k) for k in _POOL_OPTIONS if k in kwargs}
+    check_arguments(dsn, kwargs, allow_unencrypted_unix_socket=allow_unencrypted_unix_socket)
+
+    async def _connect(dsn_arg: str | None, **options: Any) -> asyncpg.Connection:
+        options.pop("loop", None)
+        return await connect(
+            dsn_arg, allow_unencrypted_unix_socket=allow_unencrypted_unix_socket, **options
+        )
+
+    return asyncpg.create_pool(dsn, connect=_connect, **pool_only, **kwargs)
+
+
+def check_arguments(
+    dsn: str | None, kwargs: Mapping[str, Any], *, allow_unencrypted_unix_socket: bool = False
+) -> None:
+    """Refuse what `connect` would refuse before any I/O, without connecting: for pools and
+    engines, when they are made rather than on their first connection.
+
+    Raises:
+        ConfigurationError: as `connect` would.
+    """
+    rest = dict(kwargs)
+    allow_socket = (
+        as_optional_bool(
+            "allow_unencrypted_unix_socket", rest.pop("allow_unencrypted_unix_socket", None)
+        )
+        or allow_unencrypted_unix_socket
+    )
+    _caller_context(rest.pop("ssl", None), rest.pop("sslmode", None))
+    libpq_kwargs = {
+        libpq: _libpq_form(rest[name])
+        for name, libpq in _AS_LIBPQ.items()
+        if rest.get(name) is not None and isinstance(rest[name], (str, int, list, tuple))
+    }
+    plan = build_plan(dsn or "", libpq_kwargs, allow_unencrypted_unix_socket=allow_socket)
+    _asyncpg_kwargs(plan, rest)
