@@ -94,7 +94,8 @@ def test_downgrade_is_raised_and_logged(
     # ... safepg does not, and says why it raised sslmode.
     with caplog.at_level(logging.INFO, logger="safepg"):
         _refused(safepg.HostnameMismatchError, conninfo, **kwargs)
-    assert "verify-full" in caplog.text
+    assert f"sslmode={mode} (from " in caplog.text
+    assert "raised to verify-full" in caplog.text
 
 
 def test_wrong_host_name(server: PostgresServer) -> None:
