@@ -70,7 +70,8 @@ def connections(server: PostgresServer) -> Iterator[Any]:
     call_command("migrate", database="default", verbosity=0)
     yield connections
     connections.close_all()
-    connections["pooled"].close_pool()
+    pooled: Any = connections["pooled"]
+    pooled.close_pool()
 
 
 def test_migrate_write_and_read(connections: Any) -> None:
@@ -144,6 +145,7 @@ def test_dbshell_gets_safepg_environment(server: PostgresServer, connections: An
 
     conn = all_connections["weak"]  # OPTIONS["sslmode"] is "require"
     args, env = conn.client.settings_to_cmd_args_env(conn.settings_dict, [])
+    assert env is not None
     assert env["PGSSLMODE"] == "verify-full"
     assert env["PGSSLROOTCERT"] == str(server.ca_path)
     assert env["PGGSSENCMODE"] == "disable"

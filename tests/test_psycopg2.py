@@ -16,6 +16,7 @@ import pytest
 
 import safepg
 import safepg.psycopg2
+from safepg._params import build_plan
 from safepg.testing import CertificateAuthority, PostgresServer
 
 from .conftest import CertificateShop
@@ -153,6 +154,25 @@ def test_unix_socket_is_refused_unless_allowed(server: PostgresServer) -> None:
     conn = safepg.psycopg2.connect(conninfo, allow_unencrypted_unix_socket=True)
     assert not conn.info.ssl_in_use
     conn.close()
+
+
+@pytest.mark.parametrize(
+    ("sslmode", "problem"),
+    [("disable", "not encrypted"), ("require", "libpq used sslmode=require")],
+)
+def test_session_check_refuses_what_libpq_let_through(
+    server: PostgresServer, sslmode: str, problem: str
+) -> None:
+    """The post-connect check, on real sessions below policy (safepg's own never are)."""
+    plan = build_plan(server.conninfo(), {})
+    conn = psycopg2.connect(server.conninfo(sslmode=sslmode))
+    try:
+        assert problem in (safepg.psycopg2._session_problem(conn, plan) or "")
+    finally:
+        conn.close()
+    with safepg.psycopg2.connect(server.conninfo()) as verified:
+        assert safepg.psycopg2._session_problem(verified, plan) is None
+    verified.close()
 
 
 def test_bad_input_is_a_configuration_error(server: PostgresServer) -> None:

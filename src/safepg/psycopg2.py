@@ -189,12 +189,10 @@ def connect(
         raise as_psycopg2_error(err)
     problem = _session_problem(conn, plan)
     if problem is not None:
-        conn.close()
         refusal = InsecureConnectionError(
             f"safepg refused the session: {problem}. Trust anchors: {plan.trust}."
         )
-        refusal.host = conn.info.host
-        refusal.port = conn.info.port
-        refusal.trust = plan.trust
+        refusal.host, refusal.port, refusal.trust = conn.info.host, conn.info.port, plan.trust
+        conn.close()
         raise refusal
     return conn
