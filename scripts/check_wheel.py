@@ -10,12 +10,14 @@
 
     scripts/check_wheel.py installed
         Run by the interpreter of a fresh venv where the wheel is installed (with the extras
-        binary, sqlalchemy and pytest), from outside the source tree (python -I): safepg comes
+        binary, sqlalchemy, pytest, django and psycopg2), from outside the source tree (python
+        -I): safepg comes
         from that venv, holds every file of src/safepg, its CA files load in OpenSSL, every
         entry point loads (pytest11 safepg; sqlalchemy.dialects postgresql.safepg and
         postgresql.safepg_async, through SQLAlchemy's registry too; pytest autoloads the
-        plugin), `safepg --version` names the source's version, and `python -m safepg demo`
-        succeeds (it needs PostgreSQL's server binaries).
+        plugin), Django loads the backend "safepg.django" (and, with the demo, connects with
+        it), safepg.psycopg2 imports, `safepg --version` names the source's version, and
+        `python -m safepg demo` succeeds (it needs PostgreSQL's server binaries).
 
 Both compare with the source tree given by --project (default: this script's repository). The
 package's files are those under src/safepg that git does not ignore (hatchling's rule), or,
@@ -465,6 +467,34 @@ def _tail(text: str, lines: int = 15) -> str:
     return "\n    ".join(text.strip().splitlines()[-lines:])
 
 
+_DJANGO_CHECK = """
+import sys
+from django.conf import settings
+from django.db.utils import load_backend
+from django.db.backends.postgresql.base import DatabaseWrapper
+
+backend = load_backend("safepg.django")
+assert issubclass(backend.DatabaseWrapper, DatabaseWrapper), backend
+if sys.argv[1:] == ["connect"]:
+    import django
+    from safepg.testing import PostgresServer
+
+    with PostgresServer() as server:
+        db = {"ENGINE": "safepg.django", "NAME": server.dbname, "USER": server.user,
+              "PASSWORD": server.password, "HOST": server.host, "PORT": str(server.port),
+              "OPTIONS": {"sslrootcert": str(server.ca_path)}}
+        settings.configure(DATABASES={"default": db})
+        django.setup()
+        from django.db import connection
+
+        with connection.cursor() as cur:
+            cur.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            assert cur.fetchone() == (True,)
+        connection.close()
+print("django backend OK")
+"""
+
+
 def check_installed(project: Project, problems: Problems, *, demo: bool) -> None:
     import importlib.metadata as md
     import ssl
@@ -557,6 +587,18 @@ def check_installed(project: Project, problems: Problems, *, demo: bool) -> None
     except Exception as ex:
         problems.add(f"installed: SQLAlchemy cannot make an engine for postgresql+safepg: {ex!r}")
 
+    # Django finds the backend by its ENGINE name, and it connects (extra django), to a
+    # throwaway server when the demo runs; safepg.psycopg2 imports (extra psycopg2).
+    proc = _run([sys.executable, "-c", _DJANGO_CHECK, "connect" if demo else ""], tmp, 300)
+    if proc.returncode != 0 or "django backend OK" not in proc.stdout:
+        problems.add(
+            f"installed: the Django backend failed:\n    {_tail(proc.stdout + proc.stderr)}"
+        )
+    try:
+        importlib.import_module(f"{PACKAGE}.psycopg2")
+    except Exception as ex:
+        problems.add(f"installed: {PACKAGE}.psycopg2 does not import: {ex!r}")
+
     # pytest loads the plugin by itself.
     proc = _run([sys.executable, "-m", "pytest", "--help"], cwd=tmp, timeout=120)
     if proc.returncode != 0 or "--safepg-strict" not in proc.stdout:
@@ -623,7 +665,9 @@ def main(argv: list[str] | None = None) -> int:
         project = load_project(root, with_pyproject=False)
         check_installed(project, problems, demo=not args.no_demo)
         checked = f"the wheel installed in {sys.prefix}"
-        what = "entry points load, CA files load, --version" + ("" if args.no_demo else ", demo")
+        what = "entry points load, CA files load, Django's backend, --version" + (
+            "" if args.no_demo else ", demo"
+        )
 
     for line in problems.lines:
         print(f"check_wheel: {line}", file=sys.stderr)

@@ -113,9 +113,15 @@ def session_problem(pgconn: pq.abc.PGconn, allow_socket: bool) -> str | None:
     The TLS version needs no check here: safepg sets ssl_min_protocol_version, and libpq
     refuses the handshake below it. `check` looks at the version again.
     """
-    if pgconn.ssl_in_use:
+    host = (pgconn.host or b"").decode("utf-8", "replace")
+    return tls_problem(bool(pgconn.ssl_in_use), host, allow_socket)
+
+
+def tls_problem(ssl_in_use: bool, host: str, allow_socket: bool) -> str | None:
+    """`session_problem` from libpq's state as any driver reports it (psycopg2 too)."""
+    if ssl_in_use:
         return None
-    if allow_socket and _is_socket((pgconn.host or b"").decode("utf-8", "replace")):
+    if allow_socket and _is_socket(host):
         return None
     return "the session is not encrypted (libpq reports no TLS in use)"
 

@@ -25,6 +25,7 @@ from ._trust import TrustSource
 logger = logging.getLogger("safepg")
 _DIRECT_TLS_SERVER = _fastpath._DIRECT_TLS_SERVER
 CT = TypeVar("CT", bound="Connection[Any]")
+E = TypeVar("E", bound=Exception)
 ACT = TypeVar("ACT", bound="AsyncConnection[Any]")
 
 __all__ = ["connect", "connect_async", "resolve_trust", "secure_conninfo"]
@@ -210,26 +211,32 @@ def _attempt_params(used: Plan, deadline: Deadline, retry: bool) -> dict[str, st
     return used.params if limit is None else {**used.params, "connect_timeout": str(limit)}
 
 
-def _scrubbed(ex: psycopg.OperationalError) -> psycopg.OperationalError:
+def _scrubbed(ex: E) -> E:
     """libpq's error without what could leak the password: psycopg keeps a snapshot of the
     failed connection (``ex.pgconn``) whose repr and ``info`` hold the password and
     sslpassword, and its traceback's frames hold the conninfo. The message stays."""
-    if getattr(ex, "_pgconn", None) is not None:
+    if isinstance(ex, psycopg.Error) and getattr(ex, "_pgconn", None) is not None:
         ex._pgconn = None  # psycopg drops it too when pickling an error
     return ex.with_traceback(None)
 
 
-def _failure(ex: psycopg.OperationalError, used: Plan, budget: float) -> BaseException:
+def _failure(
+    ex: Exception,
+    used: Plan,
+    budget: float,
+    cause: Callable[[str], Exception] = psycopg.OperationalError,
+) -> BaseException:
     """The error to raise for libpq's failure *ex*: safepg's diagnosis, with libpq's error as
     its cause, or libpq's own error when it is not a TLS problem; both scrubbed.
 
     A TLS failure's message quotes the server's certificate, so the cause is a copy of libpq's
-    error with that text escaped: a printed traceback shows it too."""
+    error with that text escaped (made by *cause*, the driver's OperationalError): a printed
+    traceback shows it too."""
     err = _diagnose.diagnose(ex, used, budget=budget)
     scrubbed = _scrubbed(ex)
     if err is None:
         return scrubbed
-    err.__cause__ = psycopg.OperationalError(shown_lines(str(scrubbed)))
+    err.__cause__ = cause(shown_lines(str(scrubbed)))
     err.__suppress_context__ = True
     return err
 

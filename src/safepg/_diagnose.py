@@ -155,15 +155,16 @@ def _number(port: str | None) -> int | None:
     return int(port) if port and port.isascii() and port.isdigit() else None
 
 
-def _host_port(ex: psycopg.OperationalError) -> tuple[str | None, str | None]:
-    pg = ex.pgconn
+def _host_port(ex: Exception) -> tuple[str | None, str | None]:
+    # psycopg keeps the failed connection (host and port); psycopg2 keeps only libpq's text.
+    pg = getattr(ex, "pgconn", None)
     if pg is None:
         return None, None
     host = pg.host.decode("utf-8", "replace") if pg.host else None
     return host, (pg.port or b"").decode("utf-8", "replace") or None
 
 
-def rejected_chain(ex: psycopg.OperationalError) -> bool:
+def rejected_chain(ex: Exception) -> bool:
     """libpq could not verify the chain, or read the CA file: the only failures the fast path
     retries with the full trust set (never authentication, refusals or timeouts)."""
     return _failure_line(str(ex), (_VERIFY_FAILED, "root certificate")) is not None
@@ -183,13 +184,14 @@ def handshake_failed(ex: psycopg.OperationalError) -> bool:
 
 
 def diagnose(
-    ex: psycopg.OperationalError,
+    ex: Exception,
     plan: Plan,
     *,
     probe: bool = True,
     budget: float = _DEFAULT_PROBE_TIMEOUT,
 ) -> SafePGError | None:
-    """The safepg error for libpq's failure *ex*, or None when it is not a TLS problem.
+    """The safepg error for libpq's failure *ex* (psycopg's or psycopg2's OperationalError),
+    or None when it is not a TLS problem.
 
     Args:
         probe: on a certificate failure, connect once more with Python's ``ssl`` to read the

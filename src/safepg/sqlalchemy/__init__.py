@@ -10,7 +10,8 @@ Three ways in, from least to most code change:
        engine = safepg.sqlalchemy.create_engine(os.environ["DATABASE_URL"], pool_pre_ping=True)
 
    A ``postgresql+psycopg2://`` URL is accepted too (its query string holds libpq parameters as
-   well), but connects with psycopg 3, not psycopg2; this is logged at INFO, once.
+   well), but connects with psycopg 3, not psycopg2; this is logged at INFO, once. To keep
+   psycopg2, use `psycopg2_creator` (way 3).
 
 3. Keep your own ``create_engine`` call and hand it a creator::
 
@@ -19,6 +20,9 @@ Three ways in, from least to most code change:
        )
        engine = create_async_engine(
            "postgresql+psycopg_async://", async_creator=safepg.sqlalchemy.async_creator(url)
+       )
+       engine = sqlalchemy.create_engine(  # psycopg2 connections, through safepg.psycopg2
+           "postgresql+psycopg2://", creator=safepg.sqlalchemy.psycopg2_creator(url)
        )
 
 Each new pooled connection is hardened, verified and checked as `safepg.connect` does it.
@@ -78,6 +82,7 @@ __all__ = [
     "create_async_engine",
     "create_engine",
     "creator",
+    "psycopg2_creator",
 ]
 
 logger = logging.getLogger("safepg")
@@ -88,8 +93,9 @@ _LIBPQ_DRIVERS = ("", "psycopg", "psycopg_async", "psycopg2", "safepg", "safepg_
 _psycopg2_logged: set[str] = set()
 
 
-def _normalize(url: str | URL) -> URL:
-    """*url* as a ``postgresql+psycopg`` URL, from any libpq-style PostgreSQL URL."""
+def _normalize(url: str | URL, *, for_psycopg2: bool = False) -> URL:
+    """*url* as a ``postgresql+psycopg`` URL, from any libpq-style PostgreSQL URL (whose libpq
+    parameters *for_psycopg2*, `psycopg2_creator`, uses with psycopg2)."""
     try:
         parsed = make_url(url)
     except (sqlalchemy.exc.ArgumentError, ValueError):
@@ -108,14 +114,15 @@ def _normalize(url: str | URL) -> URL:
             "libpq parameters (sslmode, sslrootcert, ...) in the query string. For "
             "postgresql+asyncpg://, use safepg.sqlalchemy.create_async_engine."
         )
-    if driver == "psycopg2":
+    if driver == "psycopg2" and not for_psycopg2:
         # Once at INFO, then at DEBUG: an application may make many engines from one URL.
         level = logging.DEBUG if _psycopg2_logged else logging.INFO
         _psycopg2_logged.add(driver)
         logger.log(
             level,
             "a postgresql+psycopg2:// URL: safepg connects with psycopg 3 instead (its libpq "
-            "parameters mean the same there); psycopg2 is not used",
+            "parameters mean the same there); psycopg2 is not used (to keep it, give "
+            "create_engine a creator: safepg.sqlalchemy.psycopg2_creator)",
         )
     return parsed.set(drivername="postgresql+psycopg")
 
@@ -126,8 +133,12 @@ def connect_args(url: str | URL) -> dict[str, Any]:
     SQLAlchemy's own psycopg dialect reads the URL, so its forms (multiple hosts as
     ``?host=a:5432&host=b:5433``, query parameters) mean what they mean there.
     """
+    return _connect_args(_normalize(url))
+
+
+def _connect_args(url: URL) -> dict[str, Any]:
     dialect = PGDialect_psycopg()  # type: ignore[no-untyped-call]
-    cargs, cparams = dialect.create_connect_args(_normalize(url))  # type: ignore[no-untyped-call]
+    cargs, cparams = dialect.create_connect_args(url)  # type: ignore[no-untyped-call]
     if cargs and cargs != [""]:  # pragma: no cover - the dialect passes keywords only
         raise ConfigurationError("unexpected positional connection arguments")
     return dict(cparams)
@@ -143,6 +154,26 @@ def creator(url: str | URL, **kwargs: Any) -> Callable[[], Connection[Any]]:
 
     def create() -> Connection[Any]:
         return connect(**params)
+
+    return create
+
+
+def psycopg2_creator(url: str | URL, **kwargs: Any) -> Callable[[], Any]:
+    """A ``creator`` for a ``postgresql+psycopg2://`` engine: each call is a new
+    `safepg.psycopg2.connect`, returning a psycopg2 connection (``safepg-tls[psycopg2]``)::
+
+        engine = sqlalchemy.create_engine(
+            "postgresql+psycopg2://", creator=safepg.sqlalchemy.psycopg2_creator(url)
+        )
+
+    *kwargs* are `safepg.psycopg2.connect`'s and override the URL's.
+    """
+    from ..psycopg2 import connect as connect_psycopg2
+
+    params = {**_connect_args(_normalize(url, for_psycopg2=True)), **kwargs}
+
+    def create() -> Any:
+        return connect_psycopg2(**params)
 
     return create
 

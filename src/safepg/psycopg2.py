@@ -1,0 +1,198 @@
+"""`connect` for psycopg2, always verified (``safepg-tls[psycopg2]``).
+
+::
+
+    import safepg.psycopg2
+
+    conn = safepg.psycopg2.connect("postgresql://app:secret@db.example.com/app")
+
+It takes what ``psycopg2.connect`` takes (a DSN string or URL, keyword arguments,
+``connection_factory`` and ``cursor_factory``) and returns a real psycopg2 connection. The
+parameters are hardened as `safepg.connect` hardens them (``sslmode=verify-full``, trust
+anchors, ``gssencmode=disable``, TLS 1.2 or later, socket hosts refused), and the new session is
+checked before it is returned.
+
+Errors are safepg's, and psycopg2's too: each class here subclasses both the safepg error of
+the same name and ``psycopg2.OperationalError``, so ``except safepg.HostnameMismatchError`` and
+``except psycopg2.OperationalError`` both catch ``safepg.psycopg2.HostnameMismatchError``.
+(They are psycopg 3's ``OperationalError`` as well, like every safepg connect error.)
+
+The fast path (trust anchors narrowed per host) and direct TLS are psycopg 3 only: psycopg2
+connections get the full resolved trust set, and the SSLRequest.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import psycopg2
+import psycopg2.extensions
+
+from . import _check, _errors
+from ._connect import _failure
+from ._deadline import Deadline
+from ._params import REQUIRED_SSLMODE, Plan, build_plan
+
+__all__ = [
+    "CertificateExpiredError",
+    "ConfigurationError",
+    "ConnectionSecurityError",
+    "HostnameMismatchError",
+    "InsecureConnectionError",
+    "ProtocolViolationError",
+    "SSLNotSupportedError",
+    "UntrustedCertificateError",
+    "connect",
+]
+
+# psycopg 3's and psycopg2's errors both define pgcode, pgerror, diag and cursor, with different
+# types: mypy reports the clash, which is harmless here (safepg's errors set none of them).
+
+
+class ConfigurationError(_errors.ConfigurationError, psycopg2.OperationalError):  # type: ignore[misc]
+    """`safepg.ConfigurationError`, as a ``psycopg2.OperationalError``."""
+
+
+class ConnectionSecurityError(_errors.ConnectionSecurityError, psycopg2.OperationalError):  # type: ignore[misc]
+    """`safepg.ConnectionSecurityError`, as a ``psycopg2.OperationalError``."""
+
+
+class HostnameMismatchError(_errors.HostnameMismatchError, psycopg2.OperationalError):  # type: ignore[misc]
+    """`safepg.HostnameMismatchError`, as a ``psycopg2.OperationalError``."""
+
+
+class UntrustedCertificateError(_errors.UntrustedCertificateError, psycopg2.OperationalError):  # type: ignore[misc]
+    """`safepg.UntrustedCertificateError`, as a ``psycopg2.OperationalError``."""
+
+
+class CertificateExpiredError(_errors.CertificateExpiredError, psycopg2.OperationalError):  # type: ignore[misc]
+    """`safepg.CertificateExpiredError`, as a ``psycopg2.OperationalError``."""
+
+
+class SSLNotSupportedError(_errors.SSLNotSupportedError, psycopg2.OperationalError):  # type: ignore[misc]
+    """`safepg.SSLNotSupportedError`, as a ``psycopg2.OperationalError``."""
+
+
+class ProtocolViolationError(_errors.ProtocolViolationError, psycopg2.OperationalError):  # type: ignore[misc]
+    """`safepg.ProtocolViolationError`, as a ``psycopg2.OperationalError``."""
+
+
+class InsecureConnectionError(_errors.InsecureConnectionError, psycopg2.OperationalError):  # type: ignore[misc]
+    """`safepg.InsecureConnectionError`, as a ``psycopg2.OperationalError``."""
+
+
+_FLAVOURS: dict[type[_errors.SafePGError], type[_errors.SafePGError]] = {
+    base: flavour
+    for flavour in (
+        ConfigurationError,
+        ConnectionSecurityError,
+        HostnameMismatchError,
+        UntrustedCertificateError,
+        CertificateExpiredError,
+        SSLNotSupportedError,
+        ProtocolViolationError,
+        InsecureConnectionError,
+    )
+    for base in flavour.__bases__[:1]
+}
+E = TypeVar("E", bound=BaseException)
+_ACCEPTED_PROTOCOLS = ("TLSv1.2", "TLSv1.3")
+
+
+def as_psycopg2_error(err: E) -> E:
+    """*err* as its psycopg2 flavour (same message, attributes and cause), when it is one of
+    safepg's errors; anything else unchanged."""
+    flavour = _FLAVOURS.get(type(err))  # type: ignore[arg-type]
+    if flavour is None:
+        return err
+    new = flavour(*err.args)
+    new.__dict__.update(err.__dict__)
+    new.__cause__ = err.__cause__
+    new.__suppress_context__ = err.__suppress_context__
+    return new  # type: ignore[return-value]
+
+
+def _session_problem(conn: psycopg2.extensions.connection, plan: Plan) -> str | None:
+    """Why the new session is below policy, or None: libpq's state, no round trip."""
+    info = conn.info
+    problem = _check.tls_problem(bool(info.ssl_in_use), info.host or "", plan.allow_unix_socket)
+    if problem is not None or not info.ssl_in_use:
+        return problem
+    sslmode = conn.get_dsn_parameters().get("sslmode")
+    if sslmode != REQUIRED_SSLMODE:
+        return f"libpq used sslmode={sslmode}, which does not verify the server"
+    protocol = info.ssl_attribute("protocol")
+    if protocol not in _ACCEPTED_PROTOCOLS:
+        return f"the session uses {protocol!r}, not TLS 1.2 or later"
+    return None
+
+
+def connect(
+    dsn: str | None = None,
+    connection_factory: Any = None,
+    cursor_factory: Any = None,
+    *,
+    allow_unencrypted_unix_socket: bool = False,
+    verify_as: str | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Connect like ``psycopg2.connect``, always with a verified TLS session.
+
+    Args:
+        dsn: a libpq conninfo string or a ``postgresql://`` URL.
+        connection_factory, cursor_factory: passed to ``psycopg2.connect`` untouched.
+        allow_unencrypted_unix_socket, verify_as: as for `safepg.connect`.
+        **kwargs: libpq connection parameters (``database`` too, as psycopg2 takes it),
+            overriding those in *dsn*.
+
+    Returns:
+        The connection ``psycopg2.connect`` returns (of *connection_factory*, if given).
+
+    Raises:
+        ConfigurationError: bad parameters, or ones that cannot give a verified session (also
+            for ``async``, which psycopg2 would return before the session can be checked).
+        HostnameMismatchError, UntrustedCertificateError, CertificateExpiredError,
+        SSLNotSupportedError, ProtocolViolationError: the server could not be verified.
+        InsecureConnectionError: the session came up below policy (defence in depth).
+        psycopg2.OperationalError: any other failure (authentication, refused, timeout).
+    """
+    if kwargs.pop("async", None) or kwargs.pop("async_", None):
+        raise ConfigurationError(
+            "safepg.psycopg2.connect does not open asynchronous connections: the session "
+            "must be checked before it is returned. Use a synchronous connection, or psycopg 3 "
+            "with safepg.connect_async."
+        )
+    if "database" in kwargs:
+        if "dbname" in kwargs:
+            raise ConfigurationError("give dbname or database, not both")
+        kwargs["dbname"] = kwargs.pop("database")
+    try:
+        plan = build_plan(
+            dsn or "",
+            kwargs,
+            allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
+            verify_as=verify_as,
+        )
+    except _errors.SafePGError as ex:
+        raise as_psycopg2_error(ex) from ex.__cause__
+    deadline = Deadline(plan.timeout)
+    failed: psycopg2.OperationalError | None = None
+    try:
+        conn = psycopg2.connect(
+            connection_factory=connection_factory, cursor_factory=cursor_factory, **plan.params
+        )
+    except psycopg2.OperationalError as ex:
+        failed = ex
+    if failed is not None:
+        # Raised here, outside the except clause: libpq's error is only the (scrubbed) cause.
+        err = _failure(failed, plan, deadline.diagnosis_budget(), psycopg2.OperationalError)
+        raise as_psycopg2_error(err)
+    problem = _session_problem(conn, plan)
+    if problem is not None:
+        refusal = InsecureConnectionError(
+            f"safepg refused the session: {problem}. Trust anchors: {plan.trust}."
+        )
+        refusal.host, refusal.port, refusal.trust = conn.info.host, conn.info.port, plan.trust
+        conn.close()
+        raise refusal
+    return conn

@@ -1,0 +1,206 @@
+"""The "safepg.django" backend against the real TLS server: migrate, write and read through
+safepg, with psycopg 3, with Django's pool, and with psycopg2; weak settings raised; attacks
+refused with safepg's errors under Django's.
+
+Django is configured once, in this process, with one alias per case and the example project's
+app (examples/django_project/notes). The psycopg2 case runs in a subprocess: Django uses psycopg2
+only when it cannot import psycopg 3, which safepg itself needs, so that process hides psycopg 3
+from Django after safepg has loaded it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+import safepg
+from safepg.testing import CertificateAuthority, PostgresServer
+
+from .conftest import CertificateShop
+
+django = pytest.importorskip("django")
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "django_project"
+
+
+def _database(server: PostgresServer, **options: Any) -> dict[str, Any]:
+    return {
+        "ENGINE": "safepg.django",
+        "NAME": server.dbname,
+        "USER": server.user,
+        "PASSWORD": server.password,
+        "HOST": options.pop("host", server.host),
+        "PORT": str(server.port),
+        "OPTIONS": {"sslrootcert": str(server.ca_path), **options},
+    }
+
+
+@pytest.fixture(scope="module")
+def connections(server: PostgresServer) -> Iterator[Any]:
+    from django.conf import settings
+
+    if not settings.configured:
+        sys.path.insert(0, str(EXAMPLE))
+        settings.configure(
+            INSTALLED_APPS=["notes"],
+            USE_TZ=True,
+            DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",
+            DATABASES={
+                "default": _database(server, application_name="safepg-django"),
+                "pooled": _database(server, pool={"min_size": 1, "max_size": 2}),
+                "weak": _database(server, sslmode="require"),
+                "wrong_name": _database(
+                    server, host="wrong.example", hostaddr="127.0.0.1", sslmode="prefer"
+                ),
+            },
+        )
+        django.setup()
+    from django.core.management import call_command
+    from django.db import connections
+
+    call_command("migrate", database="default", verbosity=0)
+    yield connections
+    connections.close_all()
+    pooled: Any = connections["pooled"]
+    pooled.close_pool()
+
+
+def test_migrate_write_and_read(connections: Any) -> None:
+    from notes.models import Note
+
+    Note.objects.create(text="through safepg")
+    assert Note.objects.filter(text="through safepg").exists()
+    conn = connections["default"]
+    assert type(conn).__module__ == "safepg.django.base"
+    report = safepg.check(conn.connection)
+    assert report.verified
+    assert report.trust is not None  # opened by safepg.connect, which remembers its trust
+    with conn.cursor() as cur:
+        cur.execute("SELECT current_setting('application_name')")
+        assert cur.fetchone() == ("safepg-django",)
+
+
+def test_pool_connections_come_through_safepg(connections: Any) -> None:
+    from notes.models import Note
+
+    Note.objects.using("pooled").create(text="pooled")
+    conn = connections["pooled"]
+    assert conn.pool is not None
+    assert type(conn.connection).__name__ == "VerifiedConnection"
+    report = safepg.check(conn.connection)
+    assert report.verified
+    assert report.trust is not None
+    assert Note.objects.using("pooled").filter(text="pooled").exists()
+    conn.close()  # back to the pool
+
+
+def test_weaker_sslmode_in_options_is_raised(
+    connections: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    conn = connections["weak"]
+    with caplog.at_level(logging.INFO, logger="safepg"):
+        conn.ensure_connection()
+    assert safepg.check(conn.connection).sslmode == "verify-full"
+    assert (
+        "sslmode=require (from the keyword argument sslmode) raised to verify-full" in caplog.text
+    )
+    conn.close()
+
+
+def test_wrong_name_is_refused_through_django(connections: Any) -> None:
+    from django.db.utils import OperationalError
+
+    with pytest.raises(OperationalError) as info:
+        connections["wrong_name"].ensure_connection()
+    assert isinstance(info.value.__cause__, safepg.HostnameMismatchError)
+
+
+def test_rogue_ca_is_refused_through_django(
+    connections: Any, certs: CertificateShop, rogue_ca: CertificateAuthority
+) -> None:
+    from django.db.utils import OperationalError
+
+    conn = connections["default"]
+    conn.close()
+    certs.present("localhost", ip_addresses=["127.0.0.1"], ca=rogue_ca)
+    with pytest.raises(OperationalError) as info:
+        conn.ensure_connection()
+    cause = info.value.__cause__
+    assert isinstance(cause, safepg.UntrustedCertificateError)
+    assert isinstance(cause, psycopg.OperationalError)
+    assert "rogue CA" in str(cause)
+
+
+def test_dbshell_gets_safepg_environment(server: PostgresServer, connections: Any) -> None:
+    from django.db import connections as all_connections
+
+    conn = all_connections["weak"]  # OPTIONS["sslmode"] is "require"
+    args, env = conn.client.settings_to_cmd_args_env(conn.settings_dict, [])
+    assert env is not None
+    assert env["PGSSLMODE"] == "verify-full"
+    assert env["PGSSLROOTCERT"] == str(server.ca_path)
+    assert env["PGGSSENCMODE"] == "disable"
+    assert args[0] == "psql"
+
+
+_PSYCOPG2_RUN = """
+import sys
+
+import safepg  # safepg needs psycopg 3 itself: loaded before it is hidden
+
+sys.modules["psycopg"] = None  # Django falls back to psycopg2, as where psycopg 3 is missing
+import django
+from django.core.management import call_command
+from django.db import connection
+
+django.setup()
+from notes.models import Note
+
+call_command("migrate", verbosity=0)
+Note.objects.create(text="via psycopg2")
+import psycopg2.extensions
+
+assert connection.Database.__name__ == "psycopg2", connection.Database
+assert isinstance(connection.connection, psycopg2.extensions.connection)
+params = connection.connection.get_dsn_parameters()
+print(params["sslmode"], params["gssencmode"], Note.objects.filter(text="via psycopg2").exists())
+"""
+
+
+def test_psycopg2_through_django(server: PostgresServer, tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(EXAMPLE), *sys.path]),
+        "DJANGO_SETTINGS_MODULE": "demo_site.settings",
+        "DJANGO_DATABASE": server.url() + "&sslmode=require",
+    }
+    script = tmp_path / "run_psycopg2.py"
+    script.write_text(textwrap.dedent(_PSYCOPG2_RUN))
+    proc = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["verify-full", "disable", "True"]
+
+
+def test_example_project(server: PostgresServer) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLE / "run.py")],
+        env={**os.environ, "DJANGO_DATABASE": server.url()},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "written through safepg" in proc.stdout
+    assert "verified TLSv1." in proc.stdout
