@@ -87,6 +87,30 @@ def test_connect_with_keywords_returns_asyncpg_connection(server: PostgresServer
     run(main())
 
 
+def test_a_password_callable_is_called_for_every_connection(server: PostgresServer) -> None:
+    calls: list[safepg.ConnectTarget] = []
+
+    async def token(target: safepg.ConnectTarget) -> str:
+        calls.append(target)
+        return server.password
+
+    async def main() -> None:
+        conn = await safepg.asyncpg.connect(**kwargs(server, password=token))
+        await conn.close()
+        async with safepg.asyncpg.create_pool(
+            **kwargs(server, password=lambda: server.password), min_size=2, max_size=2
+        ) as pool:
+            assert await pool.fetchval("SELECT 1") == 1
+        with pytest.raises(safepg.ConfigurationError, match="Unix-domain socket"):
+            await safepg.asyncpg.connect(
+                **kwargs(server, host=str(server.socket_dir), password=token),
+                allow_unencrypted_unix_socket=True,
+            )
+
+    run(main())
+    assert [t.host for t in calls] == [server.host]  # not called for the socket
+
+
 @pytest.mark.parametrize("weak", ["disable", "prefer", "require", "verify-ca", False])
 def test_weak_ssl_keyword_is_raised_and_logged(
     server: PostgresServer, weak: object, caplog: pytest.LogCaptureFixture

@@ -44,6 +44,17 @@ def _database(server: PostgresServer, **options: Any) -> dict[str, Any]:
     }
 
 
+TOKEN_CALLS: list[object] = []
+
+
+def _token_database(server: PostgresServer, **options: Any) -> dict[str, Any]:
+    def token(target: safepg.ConnectTarget) -> str:  # a cloud provider would mint one here
+        TOKEN_CALLS.append(target)
+        return server.password
+
+    return {**_database(server, **options), "PASSWORD": token}
+
+
 @pytest.fixture(scope="module")
 def connections(server: PostgresServer) -> Iterator[Any]:
     from django.conf import settings
@@ -58,6 +69,8 @@ def connections(server: PostgresServer) -> Iterator[Any]:
                 "default": _database(server, application_name="safepg-django"),
                 "pooled": _database(server, pool={"min_size": 1, "max_size": 2}),
                 "weak": _database(server, sslmode="require"),
+                "token": _token_database(server),
+                "token_pooled": _token_database(server, pool={"min_size": 0, "max_size": 2}),
                 "wrong_name": _database(
                     server, host="wrong.example", hostaddr="127.0.0.1", sslmode="prefer"
                 ),
@@ -70,8 +83,9 @@ def connections(server: PostgresServer) -> Iterator[Any]:
     call_command("migrate", database="default", verbosity=0)
     yield connections
     connections.close_all()
-    pooled: Any = connections["pooled"]
-    pooled.close_pool()
+    for alias in ("pooled", "token_pooled"):
+        pooled: Any = connections[alias]
+        pooled.close_pool()
 
 
 def test_migrate_write_and_read(connections: Any) -> None:
@@ -101,6 +115,20 @@ def test_pool_connections_come_through_safepg(connections: Any) -> None:
     assert report.trust is not None
     assert Note.objects.using("pooled").filter(text="pooled").exists()
     conn.close()  # back to the pool
+
+
+@pytest.mark.parametrize("alias", ["token", "token_pooled"])
+def test_a_password_callable_is_called_for_each_new_connection(
+    connections: Any, alias: str
+) -> None:
+    TOKEN_CALLS.clear()
+    conn = connections[alias]
+    for _ in range(2):
+        conn.ensure_connection()
+        assert safepg.check(conn.connection).verified
+        conn.connection.close()  # gone: the next one is a new physical connection
+        conn.connection = None
+    assert len(TOKEN_CALLS) == 2
 
 
 def test_weaker_sslmode_in_options_is_raised(

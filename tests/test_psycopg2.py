@@ -53,6 +53,27 @@ def test_connect_returns_a_verified_psycopg2_connection(server: PostgresServer) 
         conn.close()
 
 
+def test_a_password_callable_gives_each_connection_a_fresh_value(server: PostgresServer) -> None:
+    targets: list[safepg.ConnectTarget] = []
+
+    def provider(target: safepg.ConnectTarget) -> str:
+        targets.append(target)
+        return server.password
+
+    for _ in range(2):
+        safepg.psycopg2.connect(server.conninfo(password=None), password=provider).close()
+    assert [t.port for t in targets] == [server.port, server.port]
+    with pytest.raises(safepg.ConfigurationError, match="Unix-domain socket"):
+        safepg.psycopg2.connect(
+            server.conninfo(host=str(server.socket_dir), password=None),
+            password=provider,
+            allow_unencrypted_unix_socket=True,
+        )
+    assert len(targets) == 2  # refused before the callable was called
+    with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+        safepg.psycopg2.connect(server.conninfo(password=None), password=lambda: "wrong")
+
+
 def test_url_keywords_and_factories(server: PostgresServer) -> None:
     class MyConnection(psycopg2.extensions.connection):
         pass

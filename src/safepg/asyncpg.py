@@ -29,7 +29,7 @@ try:
 except ImportError as _ex:  # pragma: no cover - the extra is missing
     raise ImportError("safepg.asyncpg needs asyncpg: pip install 'safepg-tls[asyncpg]'") from _ex
 
-from . import _diagnose, _sslcontext
+from . import _diagnose, _password, _sslcontext
 from ._deadline import Deadline
 from ._errors import ConfigurationError, InsecureConnectionError
 from ._params import Plan, _raise_logged, as_optional_bool, build_plan
@@ -248,6 +248,7 @@ async def connect(
     caller_ctx = _caller_context(kwargs.pop("ssl", None), kwargs.pop("sslmode", None))
     direct_option = kwargs.pop("direct_tls", None)
     sslpassword = kwargs.pop("sslpassword", None)
+    provider = kwargs.pop("password") if callable(kwargs.get("password")) else None
     libpq_kwargs = {
         libpq: _libpq_form(kwargs.pop(name))
         for name, libpq in _AS_LIBPQ.items()
@@ -257,6 +258,9 @@ async def connect(
         dsn or "", libpq_kwargs, allow_unencrypted_unix_socket=allow_unencrypted_unix_socket
     )
     options = {**kwargs, **_asyncpg_kwargs(plan, kwargs)}
+    if provider is not None:  # a token provider: never over a socket, called for this connect
+        fresh = await _password.with_password_async({}, provider, _password.target(plan))
+        options["password"] = fresh["password"]
     key = tuple((t.host, t.port) for t in plan.targets)
     direct = _direct_tls(plan, direct_option, key)
     if caller_ctx is not None:

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import psycopg2
 import psycopg2.extensions
 
-from . import _check, _errors
+from . import _check, _errors, _password
 from ._connect import _failure
 from ._deadline import Deadline
 from ._params import REQUIRED_SSLMODE, Plan, build_plan
@@ -143,7 +143,8 @@ def connect(
         connection_factory, cursor_factory: passed to ``psycopg2.connect`` untouched.
         allow_unencrypted_unix_socket, verify_as: as for `safepg.connect`.
         **kwargs: libpq connection parameters (``database`` too, as psycopg2 takes it),
-            overriding those in *dsn*.
+            overriding those in *dsn*. ``password`` may be a callable, called for this
+            connection, as for `safepg.connect` (never over a Unix-domain socket).
 
     Returns:
         The connection ``psycopg2.connect`` returns (of *connection_factory*, if given).
@@ -166,20 +167,23 @@ def connect(
         if "dbname" in kwargs:
             raise ConfigurationError("give dbname or database, not both")
         kwargs["dbname"] = kwargs.pop("database")
+    hardened, provider = _password.split(kwargs)
     try:
         plan = build_plan(
             dsn or "",
-            kwargs,
+            hardened,
             allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
             verify_as=verify_as,
         )
+        target = _password.target(plan) if provider is not None else None
+        params = _password.with_password(plan.params, provider, target)  # a fresh token
     except _errors.SafePGError as ex:
         raise as_psycopg2_error(ex) from ex.__cause__
     deadline = Deadline(plan.timeout)
     failed: psycopg2.OperationalError | None = None
     try:
         conn = psycopg2.connect(
-            connection_factory=connection_factory, cursor_factory=cursor_factory, **plan.params
+            connection_factory=connection_factory, cursor_factory=cursor_factory, **params
         )
     except psycopg2.OperationalError as ex:
         failed = ex
