@@ -141,3 +141,11 @@ def certs(_shop: CertificateShop) -> Iterator[CertificateShop]:
     """Present other certificates during a test; the default one is back afterwards."""
     yield _shop
     _shop.server.reset_certificate()
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (bound once, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -30,13 +29,6 @@ INSPECT_KEYS = {
     "certificates", "trust", "verified_by", "hostname", "rds_ca", "problems", "warnings", "advice",
     "error",
 }  # fmt: skip
-
-
-@pytest.fixture
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def arrange(case: str, certs: CertificateShop, rogue_ca: CertificateAuthority) -> None:

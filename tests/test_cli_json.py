@@ -9,7 +9,6 @@ import datetime as dt
 import importlib.resources
 import json
 import re
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +25,6 @@ from .conftest import CertificateShop
 NOW = dt.datetime.now(dt.timezone.utc)
 SCHEMA_NAMES = sorted(m.SCHEMA for m in _cli.COMMANDS if hasattr(m, "SCHEMA"))
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00$")
-
-
-@pytest.fixture
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- the schema files --------------------------------------------------------------------------

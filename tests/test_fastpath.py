@@ -356,18 +356,47 @@ def test_probe_dials_hostaddr(
     assert "db.fastpath.test" in trust.label
 
 
-def test_multi_host_uses_the_union(server: PostgresServer, big_bundle: Path, cache: Path) -> None:
+def test_multi_host_is_narrowed_only_once_each_host_was_verified(
+    server: PostgresServer, big_bundle: Path, cache: Path
+) -> None:
     port = server.port
     conninfo = server.conninfo(
         host="localhost,127.0.0.1", port=f"{port},{port}", sslrootcert=str(big_bundle)
     )
-    # The session teaches the host it went to; the other is probed in the background.
-    assert learned(conninfo).path == str(big_bundle)
+    # Sessions land on the first host: the second is never probed, so the full set stays.
+    for _ in range(2):
+        assert learned(conninfo).path == str(big_bundle)
     wait_for_probes()
+    assert len(cache_files(cache, "host-*.json")) == 1
+    # Once a verified session has been seen on the other host too, the union is used.
+    learned(server.conninfo(host="127.0.0.1", sslrootcert=str(big_bundle)))
     trust = learned(conninfo)
     assert f"localhost:{port}, 127.0.0.1:{port}" in trust.label
     assert fingerprints(trust.path) == fingerprints(server.ca_path)
     assert len(cache_files(cache, "host-*.json")) == 2
+
+
+def test_a_narrowed_multi_host_connect_that_lands_elsewhere_forgets(
+    server: PostgresServer,
+    big_bundle: Path,
+    cache: Path,
+    closed_port: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The security review's case: the first host's learned anchors fail (it moved to another
+    # root of the set), libpq silently moves on to the next host, and would do so for good.
+    conninfo = server.conninfo(
+        host="localhost,127.0.0.1",
+        port=f"{closed_port},{server.port}",
+        sslrootcert=str(big_bundle),
+    )
+    warm(server.conninfo(host="127.0.0.1", sslrootcert=str(big_bundle)))
+    with safepg.connect(conninfo) as conn:
+        assert len(cache_files(cache, "host-*.json")) == 1
+        with caplog.at_level(logging.INFO, logger="safepg"):
+            _fastpath.check_landing(plan(conninfo), conn.pgconn)
+    assert "the next connect uses the full trust set" in caplog.text
+    assert cache_files(cache, "host-*.json") == []
 
 
 def test_where_the_session_cannot_be_read_a_background_probe_teaches(

@@ -97,6 +97,7 @@ def test_libpq_resolution_is_remembered_per_environment_without_secrets(
     ca_file: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     conninfo = "host=db.example.com password=pw-7Qx2v9 sslpassword=key-7Qx2v9"
+    monkeypatch.setenv("PGPASSWORD", "env-7Qx2v9")
     assert final(conninfo, sslrootcert=ca_file)["port"] == "5432"
     assert final(conninfo, sslrootcert=ca_file)["port"] == "5432"  # remembered
     monkeypatch.setenv("PGPORT", "6543")  # another environment: resolved again

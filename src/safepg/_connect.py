@@ -288,6 +288,8 @@ def open_verified(
     if _teaches(used, plan, use_fast):
         facts = _fastpath.session_facts(plan, conn.pgconn)
         _learn_after(used, plan, facts, conn.info.server_version, deadline.probe_budget())
+    elif used is not plan:
+        _fastpath.check_landing(plan, conn.pgconn)
     refusal = _admit(conn, used)
     if refusal:
         conn.close()
@@ -343,6 +345,8 @@ async def open_verified_async(
         await asyncio.to_thread(
             _learn_after, used, plan, facts, conn.info.server_version, deadline.probe_budget()
         )
+    elif used is not plan:
+        _fastpath.check_landing(plan, conn.pgconn)
     refusal = _admit(conn, used)
     if refusal:
         await conn.close()

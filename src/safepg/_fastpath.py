@@ -4,10 +4,12 @@ libpq reads and parses the whole ``sslrootcert`` file on every connection. For t
 safepg resolves by default (the OS store, certifi, the RDS bundle: 100-150 roots) that makes a
 verified connect 2-6 times slower than ``sslmode=require``. So, once per host:
 
-1. A probe reads the chain the server presents (PostgreSQL's SSLRequest, or direct TLS when the
-   caller asked for ``sslnegotiation=direct``). It verifies nothing and decides nothing.
-2. From the *full* set, safepg takes the certificates whose subject is the issuer of a presented
-   certificate, and then their issuers in the set, up to the roots.
+1. The first connect goes to libpq with the full set. Once libpq has verified the session,
+   safepg reads the chain it verified from the live session (`_libpq.presented_chain`). Only
+   where that cannot be done (another TLS library), and for a single host, a probe in a
+   background thread reads the chain the server presents; it verifies nothing.
+2. From the *full* set, safepg takes the certificates whose subject is the issuer of a
+   certificate of that chain, and then their issuers in the set, up to the roots.
 3. Those anchors go into a small file, which libpq gets as ``sslrootcert``. libpq still does the
    whole verify-full check against it.
 
@@ -18,7 +20,9 @@ rejects the chain with the small file (the server moved to another root of the s
 retries once with the full set and the host is learned again (see `forget`).
 
 With libpq 17+, the first connect also records whether the host takes direct TLS (a
-PostgreSQL 17+ server does), and warm connects then use ``sslnegotiation=direct``.
+PostgreSQL 17+ server does), and warm connects then use ``sslnegotiation=direct``. A multi-host
+plan is narrowed only once a verified session has been seen on each host, and forgotten when a
+narrowed connect lands on another host than the first (see `check_landing`).
 
 What is learned is kept in memory and in safepg's private cache directory, keyed by host,
 host address, port, SNI, negotiation and the digest of the full set, so a changed set never
@@ -416,26 +420,47 @@ def _probe_host(
     return _from_chain(plan, key, index, presented.chain, None)
 
 
+def _landed(plan: Plan, pgconn: pq.abc.PGconn) -> int | None:
+    """Which of *plan*'s targets a live session went to (libpq reports host, address, port)."""
+    if len(plan.targets) == 1:
+        return 0
+    host = (pgconn.host or b"").decode("utf-8", "replace")
+    hostaddr = (pgconn.hostaddr or b"").decode("utf-8", "replace")
+    port = (pgconn.port or b"").decode("utf-8", "replace")
+    return next(
+        (
+            i
+            for i, t in enumerate(plan.targets)
+            if t.host == host and t.port == port and t.hostaddr in (None, "", hostaddr)
+        ),
+        None,
+    )
+
+
 def session_facts(plan: Plan, pgconn: pq.abc.PGconn) -> tuple[int | None, list[bytes] | None]:
-    """Which of *plan*'s targets a live session went to, and the chain it presented (see
+    """Which of *plan*'s targets a live session went to, and the chain libpq verified (see
     `_libpq.presented_chain`; None where it cannot be read). Cheap, and on the caller's
     thread: the connection must not be in use elsewhere."""
     from . import _libpq
 
-    here: int | None = 0
-    if len(plan.targets) != 1:
-        host = (pgconn.host or b"").decode("utf-8", "replace")
-        hostaddr = (pgconn.hostaddr or b"").decode("utf-8", "replace")
-        port = (pgconn.port or b"").decode("utf-8", "replace")
-        here = next(
-            (
-                i
-                for i, t in enumerate(plan.targets)
-                if t.host == host and t.port == port and t.hostaddr in (None, "", hostaddr)
-            ),
-            None,
-        )
+    here = _landed(plan, pgconn)
     return here, (_libpq.presented_chain(pgconn) if here is not None else None)
+
+
+def check_landing(plan: Plan, pgconn: pq.abc.PGconn) -> None:
+    """After a connect with the learned anchors of a multi-host *plan*: if libpq did not land
+    on the first host, forget what was learned, so that the next connect tries every host
+    with the full set. The first host may have failed only because its anchors changed
+    (another root of the set), and libpq then went on to the next host without a word."""
+    if len(plan.targets) > 1 and _landed(plan, pgconn) != 0:
+        logger.info(
+            "safepg: %s answered instead of %s:%s with the learned anchors; the next connect "
+            "uses the full trust set",
+            (pgconn.host or b"").decode("utf-8", "replace"),
+            plan.targets[0].host,
+            plan.targets[0].port,
+        )
+        forget(plan)
 
 
 def learn_from_session(
@@ -449,9 +474,9 @@ def learn_from_session(
 
     *here* and *chain* come from `session_facts`: the chain libpq verified, read from the live
     session, with no network I/O and no second handshake. Whether the host takes direct TLS
-    comes from its server version. The other hosts of a multi-host plan, or every host where
-    the session cannot be read (another TLS library), are probed in a background thread, off
-    the caller's path; until every host is learned, connects use the full set.
+    comes from its server version. A multi-host plan uses the full set until a verified
+    session has been seen on each of its hosts. A single host whose session cannot be read
+    (another TLS library) is probed in a background thread, off the caller's path.
     """
     found = _applicable(plan)
     if found is None:
@@ -471,11 +496,14 @@ def learn_from_session(
         if not missing:
             _build(plan, keys, index, [item for item in learned if item is not None])
             return
-    if here is not None and chain is None:
+    if len(keys) > 1:
+        # Every host of a multi-host plan is learned from a session verified on it, never by
+        # a probe: a probe reads an unauthenticated chain, and anchors that fail for one host
+        # make libpq move on to the next one silently. The full set is used until then.
+        return
+    if chain is None:
         logger.debug("safepg: fast path: cannot read the session's chain here; probing instead")
-    elif here is not None and here in missing:
-        return  # the chain taught nothing: the full set stays
-    _probe_later(plan, index, keys, missing, timeout)
+        _probe_later(plan, index, keys, missing, timeout)
 
 
 _probing: set[_HostKey] = set()
@@ -507,6 +535,19 @@ def _probe_later(
     # A daemon: a process never waits at exit for a host that does not answer. One that exits
     # first has not learned that host; its next connect uses the full set, as now.
     threading.Thread(target=run, name="safepg-fast-path-probe", daemon=True).start()
+
+
+def _after_fork() -> None:
+    """A child of fork() has none of its parent's threads: a lock one of them held would stay
+    held, and a probe it ran would never end. Start afresh (what was learned on disk stays)."""
+    global _locks_guard
+    _locks_guard = threading.Lock()
+    _locks.clear()
+    _probing.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def _lock_for(keys: tuple[_HostKey, ...]) -> threading.Lock:

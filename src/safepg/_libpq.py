@@ -94,7 +94,7 @@ def ssl_attribute(pgconn: pq.abc.PGconn, name: str) -> str | None:
 @dataclass(frozen=True)
 class _ChainFns:
     ssl_struct: Any  # PQsslStruct(PGconn *, const char *) -> SSL *
-    peer_chain: Any  # SSL_get_peer_cert_chain(const SSL *) -> STACK_OF(X509) *
+    peer_chain: Any  # SSL_get0_verified_chain(const SSL *) -> STACK_OF(X509) *
     count: Any  # OPENSSL_sk_num(const OPENSSL_STACK *) -> int
     value: Any  # OPENSSL_sk_value(const OPENSSL_STACK *, int) -> void *
     i2d: Any  # i2d_X509(const X509 *, unsigned char **) -> int
@@ -107,13 +107,15 @@ def _chain_fns() -> _ChainFns | None:
         return None
     try:
         # Through libpq's handle, dlsym searches libpq and then the libraries it was linked
-        # with: these are the libssl and libcrypto that made its sessions (OpenSSL 1.1+).
+        # with: the libssl and libcrypto it was built against (OpenSSL 1.1+).
         # lib[name]: a function object of our own, so psycopg's own (lib.name) keep their types.
         fns = _ChainFns(
-            lib["PQsslStruct"], lib["SSL_get_peer_cert_chain"], lib["OPENSSL_sk_num"],
+            lib["PQsslStruct"], lib["SSL_get0_verified_chain"], lib["OPENSSL_sk_num"],
             lib["OPENSSL_sk_value"], lib["i2d_X509"],
         )  # fmt: skip
     except AttributeError:
+        return None
+    if not _same_as_global(fns):
         return None
     fns.ssl_struct.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
     fns.ssl_struct.restype = ctypes.c_void_p
@@ -128,15 +130,38 @@ def _chain_fns() -> _ChainFns | None:
     return fns
 
 
+def _same_as_global(fns: _ChainFns) -> bool:
+    """Whether the process's global scope resolves OpenSSL's functions to the same code.
+
+    libpq's own calls into OpenSSL bind to the first definition in the global scope when one is
+    there (LD_PRELOAD, a library loaded with RTLD_GLOBAL, an embedding server): then its
+    sessions are another OpenSSL's objects, which the one found through its handle must not
+    read. Nothing is read unless both lookups agree (or the global scope has none).
+    """
+    try:
+        everywhere = ctypes.CDLL(None)
+    except OSError:  # pragma: no cover - a platform without a global scope handle
+        return False
+    for name, ours in (("SSL_get0_verified_chain", fns.peer_chain), ("i2d_X509", fns.i2d)):
+        try:
+            theirs = everywhere[name]
+        except AttributeError:
+            continue  # no OpenSSL in the global scope: libpq binds to its own
+        if ctypes.cast(theirs, ctypes.c_void_p).value != ctypes.cast(ours, ctypes.c_void_p).value:
+            return False
+    return True
+
+
 # A chain longer than this is not a server's (a leaf and a few intermediates).
 _MAX_CHAIN = 16
 _MAX_CERT = 64 * 1024
 
 
 def presented_chain(pgconn: pq.abc.PGconn) -> list[bytes] | None:
-    """The certificates the server presented in this live session, leaf first, as DER.
+    """The chain libpq verified in this live session, leaf first, to the trust anchor, as DER.
 
-    Read from libpq's OpenSSL object of the session: what libpq itself verified, with no
+    Read from libpq's OpenSSL object of the session (``SSL_get0_verified_chain``): the path
+    OpenSSL built and checked, not extra certificates the server may have sent, with no
     second handshake. None when that cannot be done here (another TLS library, a libpq that
     cannot be found, no TLS in use); the caller then has nothing to learn from the session.
     Must be called on the thread that owns the connection, while nothing else uses it.

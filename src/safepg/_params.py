@@ -255,15 +255,35 @@ def _libpq_view(params: Mapping[str, str], secrets: tuple[str | None, ...]) -> d
 _VIEWS: OrderedDict[tuple[object, ...], dict[str, str]] = OrderedDict()
 _VIEWS_MAX = 64
 _VIEWS_LOCK = threading.Lock()
-# Never kept: secrets do not change what libpq resolves, and a memo must not hold them.
-_SECRET_OPTIONS = frozenset({"password", "sslpassword"})
+
+
+def _after_fork() -> None:
+    global _VIEWS_LOCK
+    _VIEWS_LOCK = threading.Lock()  # a thread of the parent may have held it
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+# Never kept: secrets do not change what libpq resolves, and a memo must not hold them. libpq
+# marks them itself ("*": password, sslpassword, libpq 18's oauth_client_secret); the memo's
+# key leaves out their environment variables (PGPASSWORD) too.
+_SECRET_OPTIONS = frozenset(
+    {"password", "sslpassword"}
+    | {o.keyword.decode() for o in pq.Conninfo.get_defaults() if o.dispchar and b"*" in o.dispchar}
+)
 
 
 @functools.lru_cache(maxsize=1)
 def _libpq_env_names() -> tuple[str, ...]:
     """Every environment variable libpq's option resolution reads (PQconndefaults' list), and
-    the ones behind its files (service file, password file, home directory)."""
-    names = {o.envvar.decode() for o in pq.Conninfo.get_defaults() if o.envvar}
+    the ones behind its files (service file, password file, home directory), less those of
+    secret options: a secret does not change where or how libpq connects."""
+    names = {
+        o.envvar.decode()
+        for o in pq.Conninfo.get_defaults()
+        if o.envvar and o.keyword.decode() not in _SECRET_OPTIONS
+    }
     return tuple(sorted(names | {"PGSERVICE", "PGSERVICEFILE", "PGSYSCONFDIR", "HOME"}))
 
 
