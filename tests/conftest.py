@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import socket
@@ -107,6 +108,10 @@ def rogue_ca() -> CertificateAuthority:
     return CertificateAuthority("rogue CA")
 
 
+# When present_expired's certificate expired: a day before the session started.
+EXPIRED_ON = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=1)
+
+
 class CertificateShop:
     """Issues server certificates once per session and swaps them onto the server on demand."""
 
@@ -129,6 +134,16 @@ class CertificateShop:
         if self.server.server_cert is not cert:
             self.server.use_certificate(cert)
         return cert
+
+    def present_expired(self) -> IssuedCertificate:
+        """A certificate for localhost and 127.0.0.1, signed by the server's CA, that expired
+        a day before this test session started (valid for the 30 days before that)."""
+        return self.present(
+            "localhost",
+            ip_addresses=["127.0.0.1"],
+            not_before=EXPIRED_ON - dt.timedelta(days=29),
+            not_after=EXPIRED_ON,
+        )
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ from safepg.testing import CertificateAuthority, PostgresServer
 
 from . import adversaries
 from .adversaries import Adversary
-from .conftest import CertificateShop
+from .conftest import EXPIRED_ON, CertificateShop
 from .test_pgbouncer import PGBOUNCER, PgBouncer, bouncer  # noqa: F401 - the fixture
 
 asyncpg = pytest.importorskip("asyncpg")
@@ -233,15 +233,10 @@ def test_rogue_ca(
 
 
 def test_expired_certificate(server: PostgresServer, certs: CertificateShop) -> None:
-    certs.present(
-        "localhost",
-        ip_addresses=["127.0.0.1"],
-        not_before=NOW - dt.timedelta(days=30),
-        not_after=NOW - dt.timedelta(days=1),
-    )
+    certs.present_expired()
     with pytest.raises(CertificateExpiredError) as info:
         run(safepg.asyncpg.connect(**kwargs(server)))
-    expired_on = (NOW - dt.timedelta(days=1)).strftime("%Y-%m-%d")
+    expired_on = EXPIRED_ON.strftime("%Y-%m-%d")
     assert f"expired on {expired_on}" in str(info.value)
 
 

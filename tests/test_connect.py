@@ -27,7 +27,7 @@ from safepg import (
 )
 from safepg.testing import CertificateAuthority, PostgresServer
 
-from .conftest import CertificateShop
+from .conftest import EXPIRED_ON, CertificateShop
 
 NOW = dt.datetime.now(dt.timezone.utc)
 WEAK_MODES = ["disable", "allow", "prefer", "require", "verify-ca"]
@@ -294,16 +294,11 @@ def test_self_signed_server_certificate(server: PostgresServer, certs: Certifica
 
 
 def test_expired_certificate(server: PostgresServer, certs: CertificateShop) -> None:
-    certs.present(
-        "localhost",
-        ip_addresses=["127.0.0.1"],
-        not_before=NOW - dt.timedelta(days=30),
-        not_after=NOW - dt.timedelta(days=1),
-    )
+    certs.present_expired()
     with pytest.raises(CertificateExpiredError) as info:
         safepg.connect(server.conninfo())
     assert "validity period" in str(info.value)
-    expired_on = (NOW - dt.timedelta(days=1)).strftime("%Y-%m-%d")
+    expired_on = EXPIRED_ON.strftime("%Y-%m-%d")
     assert f"expired on {expired_on}" in str(info.value)
     assert isinstance(info.value, UntrustedCertificateError)
 

@@ -148,12 +148,7 @@ def test_rogue_ca(
 
 
 def test_expired_certificate(server: PostgresServer, certs: CertificateShop) -> None:
-    certs.present(
-        "localhost",
-        ip_addresses=["127.0.0.1"],
-        not_before=NOW - dt.timedelta(days=30),
-        not_after=NOW - dt.timedelta(days=1),
-    )
+    certs.present_expired()
     err = _refused(safepg.CertificateExpiredError, server.conninfo())
     assert "validity period" in str(err)
 
