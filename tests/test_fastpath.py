@@ -424,6 +424,32 @@ def test_the_session_chain_is_what_the_server_presented(server: PostgresServer) 
         assert _libpq.presented_chain(plain.pgconn) is None  # no TLS: nothing to read
 
 
+def test_nothing_is_read_when_another_openssl_is_loaded_globally(server: PostgresServer) -> None:
+    # The security review's case: with the system's libssl preloaded, psycopg-binary's libpq
+    # makes its sessions with that OpenSSL, and the bundled one must not read their objects.
+    import ctypes.util
+
+    pytest.importorskip("psycopg_binary")
+    system_ssl = ctypes.util.find_library("ssl")
+    if system_ssl is None:
+        pytest.skip("no system libssl to preload")
+    code = (
+        "import sys, safepg\n"
+        "from safepg import _libpq\n"
+        "with safepg.connect(sys.argv[1]) as conn:\n"
+        "    print(safepg.check(conn).verified, _libpq._chain_fns(), "
+        "_libpq.presented_chain(conn.pgconn))\n"
+    )
+    env = {**os.environ, "PSYCOPG_IMPL": "binary", "LD_PRELOAD": system_ssl}
+    out = subprocess.run(
+        [sys.executable, "-c", code, server.conninfo()],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    # Verified by libpq; the bundled OpenSSL's functions are not even looked up for reading.
+    assert out.stdout.split() == ["True", "None", "None"]
+
+
 def test_a_single_anchor_set_is_left_alone(server: PostgresServer, cache: Path) -> None:
     trust = learned(server.conninfo())
     assert trust.path == str(server.ca_path)  # the caller's own file, not a copy
