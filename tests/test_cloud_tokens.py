@@ -106,6 +106,20 @@ def test_aws_tokens_are_reused_within_their_lifetime(session: Any) -> None:
     assert auth(target) == renewed
 
 
+def test_aws_token_lifetime_counts_time_asleep() -> None:
+    """``time.monotonic`` stops while a laptop sleeps: a token cached before a suspend of an
+    hour would still look fresh after it. The default clock keeps counting."""
+    import time
+
+    from safepg._tokens import elapsed_clock
+
+    auth = safepg.aws.IAMAuth(region="us-east-1")
+    assert auth._clock is elapsed_clock
+    if hasattr(time, "CLOCK_BOOTTIME"):
+        boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+        assert boot <= elapsed_clock() <= time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 def test_aws_region_and_overrides(session: Any) -> None:
     assert aws_region(RDS_HOST) == "eu-central-1"
     assert aws_region("x.proxy-abc.us-east-1.rds.amazonaws.com") == "us-east-1"

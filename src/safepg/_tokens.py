@@ -8,9 +8,25 @@ handshake or some clock skew.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Hashable
 
 from ._errors import ConfigurationError
+
+
+def elapsed_clock() -> float:
+    """Seconds on a clock that keeps running while the machine sleeps.
+
+    ``time.monotonic`` stops during suspend on Linux and macOS, so a token cached before a
+    laptop sleeps would look fresh after it wakes, long past its expiry. ``CLOCK_BOOTTIME``
+    counts suspend; where it does not exist, wall-clock time is used.
+    """
+    if _BOOTTIME is not None:
+        return time.clock_gettime(_BOOTTIME)
+    return time.time()
+
+
+_BOOTTIME: int | None = getattr(time, "CLOCK_BOOTTIME", None)
 
 
 def margin_seconds(margin: float, lifetime: float | None = None) -> float:

@@ -18,13 +18,12 @@ botocore is imported on first use.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 from ._errors import ConfigurationError
 from ._password import ConnectTarget
-from ._tokens import TokenCache, margin_seconds
+from ._tokens import TokenCache, elapsed_clock, margin_seconds
 from .providers import aws_region
 
 __all__ = ["TOKEN_LIFETIME", "IAMAuth", "iam_token"]
@@ -132,7 +131,8 @@ class IAMAuth:
         session: a ``botocore.session.Session``; by default one is made on first use.
         profile: the AWS profile for that session (not with *session*).
         margin: seconds before a token's expiry at which it is no longer reused.
-        clock: the clock for *margin*, in seconds (``time.monotonic``); tests replace it.
+        clock: the clock for *margin*, in seconds; the default keeps running while the machine
+            sleeps. Tests replace it.
 
     Raises:
         ConfigurationError: both *session* and *profile*, or a bad *margin*; when called, as
@@ -150,7 +150,7 @@ class IAMAuth:
         session: Any = None,
         profile: str | None = None,
         margin: float = 300.0,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = elapsed_clock,
     ) -> None:
         if session is not None and profile is not None:
             raise ConfigurationError("give IAMAuth a session or a profile, not both")
