@@ -19,7 +19,7 @@ from ._trust import TrustSource
 
 __all__ = ["SSLReport", "check", "check_async"]
 
-_ACCEPTED_PROTOCOLS = ("TLSv1.2", "TLSv1.3")
+ACCEPTED_PROTOCOLS = ("TLSv1.2", "TLSv1.3")
 _DEFAULT_PORT = 5432
 # The server's pid comes from the server: through a pooler, libpq's backend PID is the pooler's
 # own (made-up) key, and in transaction pooling each query may run in another server process.
@@ -190,7 +190,7 @@ def _finish(report: SSLReport, row: tuple[Any, ...] | None, allow_socket: bool) 
     # Unknown only when libpq's attributes cannot be read and the server side has no TLS (a
     # pooler in between); libpq has enforced ssl_min_protocol_version in the handshake anyway.
     protocol = report.protocol or report.backend_protocol
-    if protocol is not None and protocol not in _ACCEPTED_PROTOCOLS:
+    if protocol is not None and protocol not in ACCEPTED_PROTOCOLS:
         raise InsecureConnectionError(
             f"This session uses {shown(protocol)}, below the TLS 1.2 minimum."
         )

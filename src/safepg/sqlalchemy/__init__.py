@@ -71,7 +71,9 @@ from sqlalchemy.pool import Pool
 from .. import _check
 from .._connect import connect, connect_async, open_verified, open_verified_async
 from .._errors import ConfigurationError, InsecureConnectionError
+from .._libpq import ssl_attribute
 from .._params import REQUIRED_SSLMODE
+from .._text import shown
 
 __all__ = [
     "SafePGAsyncDialect",
@@ -346,6 +348,9 @@ def _unverified(conn: Any) -> str | None:
     sslmode = _check._sslmode(pgconn)
     if sslmode != REQUIRED_SSLMODE:
         return f"it uses sslmode={sslmode}, which does not verify the server"
+    protocol = ssl_attribute(pgconn, "protocol")  # its own ssl_min_protocol_version may be low
+    if protocol is not None and protocol not in _check.ACCEPTED_PROTOCOLS:
+        return f"it uses {shown(protocol)}, below the TLS 1.2 minimum"
     return None
 
 
