@@ -226,12 +226,42 @@ def test_azure_credential_errors_say_what_to_do() -> None:
             raise azure_exceptions.ClientAuthenticationError("DefaultAzureCredential failed")
 
     with pytest.raises(ConfigurationError, match="az login"):
-        safepg.azure.EntraAuth(NoCredential())(ConnectTarget("h", 5432, "u", "d"))
+        safepg.azure.EntraAuth(NoCredential(), hosts=["h"])(ConnectTarget("h", 5432, "u", "d"))
+
+
+def test_azure_tokens_go_only_to_azure_names_unless_told(server: PostgresServer, role: str) -> None:
+    # An Entra token is accepted by every Azure server that trusts the identity: a verified
+    # server elsewhere that received it could replay it there.
+    credential = FakeAzureCredential(Clock())
+    auth = safepg.azure.EntraAuth(credential, clock=Clock())
+    for host in ("srv.postgres.database.azure.com", "SRV.Postgres.Database.Azure.com."):
+        assert auth(ConnectTarget(host, 5432, "u", "d")).startswith("entra-")
+    for host in ("postgres.database.azure.com", "evil-postgres.database.azure.com.attacker.io"):
+        with pytest.raises(ConfigurationError, match="hosts="):
+            auth(ConnectTarget(host, 5432, "u", "d"))
+    calls = len(credential.scopes)
+    with pytest.raises(ConfigurationError, match=r"EntraAuth\(hosts=\['127.0.0.1'\]\)"):
+        safepg.connect(conninfo(server, role), password=auth)
+    assert len(credential.scopes) == calls  # no token was even asked for
+    custom = safepg.azure.EntraAuth(credential, hosts=["db.example.com", "*.corp.example"])
+    assert custom(ConnectTarget("a.corp.example", 5432, "u", "d"))
+    with pytest.raises(ConfigurationError):
+        custom(ConnectTarget("corp.example", 5432, "u", "d"))
+
+
+@pytest.mark.parametrize(
+    "hosts", ["db.example.com", [], ["*"], ["*.a.*"], ["a b"], [""], ["u@h"], [b"h"], ["h\n"]]
+)
+def test_token_host_lists_are_checked(hosts: Any) -> None:
+    with pytest.raises(ConfigurationError, match="hosts"):
+        safepg.azure.EntraAuth(object(), hosts=hosts)
+    with pytest.raises(ConfigurationError, match="hosts"):
+        safepg.gcp.IAMAuth(object(), hosts=hosts)
 
 
 def test_azure_token_reaches_the_server(server: PostgresServer, role: str) -> None:
-    auth = safepg.azure.EntraAuth(FakeAzureCredential(Clock()), clock=Clock())
-    set_password(server, role, auth(ConnectTarget("any", 1, "any", "any")))  # the cached token
+    auth = safepg.azure.EntraAuth(FakeAzureCredential(Clock()), clock=Clock(), hosts=["127.0.0.1"])
+    set_password(server, role, auth(ConnectTarget("127.0.0.1", 1, "any", "any")))  # cached
     with safepg.connect(conninfo(server, role), password=auth) as conn:
         assert current_user(conn) == role
     set_password(server, role, "changed-" + secrets.token_hex(8))
@@ -282,6 +312,10 @@ def test_gcp_tokens_are_refreshed_before_expiry() -> None:
     assert auth(target).startswith("ya29.fake-2-")
     assert creds.refreshed == 2
     assert "ya29" not in repr(auth)
+    pinned = safepg.gcp.IAMAuth(creds, request=object(), clock=clock, hosts=["10.0.0.1", "::1"])
+    assert pinned(target).startswith("ya29.fake-")
+    with pytest.raises(ConfigurationError, match="did not send a token to '10.0.0.2'"):
+        pinned(ConnectTarget("10.0.0.2", 5432, "sa@project.iam", "app"))
 
 
 def test_gcp_refresh_errors_say_what_to_do() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 
 from ._errors import ConfigurationError
 
@@ -39,6 +39,42 @@ def margin_seconds(margin: float, lifetime: float | None = None) -> float:
         limit = f" and less than the token lifetime ({lifetime:g} s)" if lifetime else ""
         raise ConfigurationError(f"margin must be 0 or more seconds{limit}; got {margin!r}.")
     return float(margin)
+
+
+def host_patterns(hosts: Iterable[str] | None) -> tuple[str, ...] | None:
+    """*hosts* checked: names (``db.example.com``), addresses, or ``*.suffix`` patterns that
+    match any name strictly below *suffix*; ``None`` for any host.
+
+    Raises:
+        ConfigurationError: *hosts* is a single string, empty, or holds a malformed entry.
+    """
+    if hosts is None:
+        return None
+    if isinstance(hosts, str | bytes):
+        raise ConfigurationError(f"hosts must be a list of host names, not one string: {hosts!r}")
+    patterns = tuple(hosts)
+    if not patterns:
+        raise ConfigurationError("hosts is empty: give the host names a token may be sent to")
+    for pattern in patterns:
+        name = pattern.removeprefix("*.") if isinstance(pattern, str) else ""
+        plain = name.isascii() and name.isprintable() and not any(c in name for c in " *,/@\\")
+        if not (name and plain and (":" not in name or _is_ipv6(name))):
+            raise ConfigurationError(
+                f"hosts entries are host names, addresses or '*.suffix' patterns; got {pattern!r}"
+            )
+    return tuple(p.lower().removesuffix(".") for p in patterns)
+
+
+def _is_ipv6(name: str) -> bool:
+    return ":" in name and all(c in "0123456789abcdefABCDEF:." for c in name)
+
+
+def host_allowed(patterns: tuple[str, ...] | None, host: str) -> bool:
+    """*host* matches one of *patterns* (no patterns: every host does)."""
+    if patterns is None:
+        return True
+    name = host.lower().removesuffix(".")
+    return any(name.endswith(p[1:]) if p.startswith("*.") else name == p for p in patterns)
 
 
 class TokenCache:

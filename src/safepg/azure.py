@@ -19,14 +19,21 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ._errors import ConfigurationError
 from ._password import ConnectTarget
-from ._tokens import TokenCache, margin_seconds
+from ._tokens import TokenCache, host_allowed, host_patterns, margin_seconds
 
-__all__ = ["SCOPE", "EntraAuth"]
+__all__ = ["AZURE_HOSTS", "SCOPE", "EntraAuth"]
+
+# Azure Database for PostgreSQL's own names: an Entra token goes only there unless told.
+AZURE_HOSTS = (
+    "*.postgres.database.azure.com",
+    "*.postgres.database.usgovcloudapi.net",
+    "*.postgres.database.chinacloudapi.cn",
+)
 
 # The scope of Azure Database for PostgreSQL (flexible server) tokens.
 SCOPE = "https://ossrdbms-aad.database.windows.net/.default"
@@ -54,11 +61,16 @@ class EntraAuth:
             an object with ``token`` and ``expires_on``, epoch seconds); by default a
             ``DefaultAzureCredential()``, made on first use.
         margin: seconds before the token's expiry at which it is no longer reused.
+        hosts: the host names the token may be sent to: names, addresses, or ``*.suffix``
+            patterns. An Entra token is not bound to one server: every Azure Database for
+            PostgreSQL server that trusts the identity accepts it, so a server elsewhere that
+            got it could replay it. By default only Azure's own names (`AZURE_HOSTS`); list
+            your server's custom DNS name or private address here to use it.
         clock: the current time in epoch seconds (``time.time``); tests replace it.
 
     Raises:
-        ConfigurationError: a bad *margin*; when called, azure-identity is missing or finds no
-            credential.
+        ConfigurationError: a bad *margin* or *hosts*; when called, the host is not in *hosts*,
+            or azure-identity is missing or finds no credential.
     """
 
     rejected_hint = _REJECTED_HINT
@@ -68,9 +80,11 @@ class EntraAuth:
         credential: Any = None,
         *,
         margin: float = 300.0,
+        hosts: Iterable[str] | None = AZURE_HOSTS,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.margin = margin_seconds(margin)
+        self.hosts = host_patterns(hosts)
         self._credential = credential
         self._clock = clock
         self._cache = TokenCache(clock)
@@ -107,7 +121,15 @@ class EntraAuth:
 
     def __call__(self, target: ConnectTarget, /) -> str:
         """A token for Azure Database for PostgreSQL: a cached one until its expiry minus
-        the margin, else a new one. The same token serves every host and user."""
+        the margin, else a new one. The same token serves every host in *hosts* and user."""
+        if not host_allowed(self.hosts, target.host):
+            raise ConfigurationError(
+                f"safepg.azure.EntraAuth did not send a token to {target.host!r}: it is not an "
+                "Azure Database for PostgreSQL name, and an Entra token is accepted by every "
+                "server that trusts the identity, so another server could replay it. If this "
+                f"is your server (a custom DNS name or private endpoint), pass "
+                f"EntraAuth(hosts=[{target.host!r}])."
+            )
         return self._cache.get(SCOPE, self._fetch)
 
 

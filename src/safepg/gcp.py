@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import datetime
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ._errors import ConfigurationError
 from ._password import ConnectTarget
-from ._tokens import margin_seconds
+from ._tokens import host_allowed, host_patterns, margin_seconds
 
 __all__ = ["SCOPES", "IAMAuth"]
 
@@ -61,11 +61,16 @@ class IAMAuth:
         request: the google-auth transport request used to refresh; by default
             ``google.auth.transport.requests.Request()``.
         margin: seconds before the token's expiry at which it is refreshed.
+        hosts: if given, the only host names the token is sent to: names, addresses, or
+            ``*.suffix`` patterns. The token is not bound to one instance (every instance that
+            has the identity as a user accepts it), and Cloud SQL hosts are usually addresses,
+            so by default any host is allowed; listing yours keeps a mistyped or redirected
+            host from ever receiving it.
         clock: the current time as a naive UTC datetime; tests replace it.
 
     Raises:
-        ConfigurationError: a bad *margin*; when called, google-auth is missing, or no
-            credentials were found, or refreshing them failed.
+        ConfigurationError: a bad *margin* or *hosts*; when called, the host is not in *hosts*,
+            google-auth is missing, or no credentials were found, or refreshing them failed.
     """
 
     rejected_hint = _REJECTED_HINT
@@ -76,9 +81,11 @@ class IAMAuth:
         *,
         request: Any = None,
         margin: float = 300.0,
+        hosts: Iterable[str] | None = None,
         clock: Callable[[], datetime.datetime] = _utcnow,
     ) -> None:
         self.margin = datetime.timedelta(seconds=margin_seconds(margin))
+        self.hosts = host_patterns(hosts)
         self._credentials = credentials
         self._request = request
         self._clock = clock
@@ -108,7 +115,12 @@ class IAMAuth:
 
     def __call__(self, target: ConnectTarget, /) -> str:
         """An access token: the credentials' own until their expiry minus the margin, else a
-        refreshed one. The same token serves every host and user."""
+        refreshed one. The same token serves every host (in *hosts*, if given) and user."""
+        if not host_allowed(self.hosts, target.host):
+            raise ConfigurationError(
+                f"safepg.gcp.IAMAuth did not send a token to {target.host!r}: it is not in the "
+                f"hosts it was given ({', '.join(self.hosts or ())})."
+            )
         with self._lock:
             try:
                 if self._credentials is None or self._request is None:
