@@ -30,17 +30,18 @@ _PATIENCE = 120.0
 
 
 def _processes_under(path: Path) -> list[int]:
-    """Live processes whose command line names something under *path* (postgres -D, initdb)."""
+    """Live processes that name *path* in their command line or environment: everything the
+    demo started (postgres, initdb and initdb's own postgres), since each inherits its TMPDIR."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            cmdline = (proc / "cmdline").read_bytes()
+            named = (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
             state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             continue
-        if state != "Z" and os.fsencode(path) in cmdline:
+        if state != "Z" and os.fsencode(path) in named:
             found.append(int(proc.name))
     return found
 
@@ -147,6 +148,8 @@ def _server_dirs(tmp: Path, name: str) -> bool:
 STAGES: dict[str, Callable[[Demo], object]] = {
     # initdb is running: it has made the data directory.
     "initdb": lambda demo: demo.until(lambda: _server_dirs(demo.tmp, "data/PG_VERSION")),
+    # initdb's own postgres is making the first database.
+    "bootstrap": lambda demo: demo.until(lambda: _server_dirs(demo.tmp, "data/base/1")),
     # postgres has started but may not take connections yet.
     "postmaster": lambda demo: demo.until(lambda: _server_dirs(demo.tmp, "data/postmaster.pid")),
     # it is waiting for Ctrl-C, having printed how to reach the server.

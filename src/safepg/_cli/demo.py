@@ -70,6 +70,7 @@ class _Signals:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._deferred = False
+        self._raised = False
         self._previous: dict[int, signal._HANDLER] = {}
 
     def __enter__(self) -> _Signals:
@@ -95,6 +96,7 @@ class _Signals:
             name = signal.Signals(signum).name
             os.write(2, f"\n{name}: stopping the server and removing its files ...\n".encode())
         if not self._deferred:
+            self._raised = True
             raise _Stop(signum)
 
     def hold(self) -> None:
@@ -104,12 +106,13 @@ class _Signals:
     @contextmanager
     def deferred(self) -> Iterator[None]:
         """A signal inside is raised on the way out: for a step not to be cut in two."""
-        self._deferred = True
+        before, self._deferred = self._deferred, True
         try:
             yield
         finally:
-            self._deferred = False
-        if self.signum is not None:
+            self._deferred = before
+        if self.signum is not None and not (self._deferred or self._raised):
+            self._raised = True
             raise _Stop(self.signum)
 
 
@@ -134,6 +137,8 @@ def _demo(args: argparse.Namespace, out: Output, signals: _Signals) -> int:
         return out.refuse(EXIT_USAGE, type(ex).__name__, str(ex))
     # Linux: should this process die without unwinding (SIGKILL), the server stops anyway.
     server._stop_with_parent = True
+    # No signal may strike between starting one of its processes and keeping hold of it.
+    server._uninterrupted = signals.deferred
     out.line(f"Starting a throwaway PostgreSQL with TLS from {server.bindir} ...")
     with _client_dir(signals) as client, server:
         try:

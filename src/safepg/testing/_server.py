@@ -217,6 +217,10 @@ class PostgresServer:
     # SIGKILL. Off by default: it spawns postgres through a preexec_fn, which is unsafe when
     # other threads run (``safepg demo`` sets it, before any thread starts).
     _stop_with_parent = False
+    # Wraps the start of each child, from fork() to keeping its Popen: an exception raised by a
+    # signal handler in there would leave the child running with nobody to stop it. ``safepg
+    # demo`` defers its stop signals there.
+    _uninterrupted: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext
     user = "app"
     dbname = "app"
     cert_user = "certuser"
@@ -340,16 +344,30 @@ class PostgresServer:
         }
 
     def _run(self, *args: str) -> None:
-        proc = subprocess.run(
-            args,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=_TIMEOUT,
-            **self._as_account(),
-        )
+        proc = None
+        try:
+            with self._uninterrupted():
+                proc = subprocess.Popen(
+                    args,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    **self._as_account(),
+                )
+            out, err = proc.communicate(timeout=_TIMEOUT)
+        except BaseException:
+            # Interrupted (Ctrl-C) or stuck: SIGTERM lets initdb stop the postgres it runs
+            # and remove what it made, where SIGKILL would leave that postgres writing on.
+            if proc is not None:
+                with proc:
+                    proc.terminate()
+                    try:
+                        proc.wait(timeout=_TIMEOUT)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+            raise
         if proc.returncode:
-            raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
+            raise RuntimeError(f"{' '.join(args)} failed:\n{out}{err}")
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
@@ -423,14 +441,17 @@ class PostgresServer:
     def _spawn(self) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
-            self._proc = subprocess.Popen(
-                [str(self.bindir / "postgres"), "-D", str(self.data_dir), "-p", str(self.port)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_parent_death_signal(signal.SIGINT) if self._stop_with_parent else None,
-                **self._as_account(),
-            )
+            with self._uninterrupted():
+                self._proc = subprocess.Popen(
+                    [str(self.bindir / "postgres"), "-D", str(self.data_dir), "-p", str(self.port)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=(
+                        _parent_death_signal(signal.SIGINT) if self._stop_with_parent else None
+                    ),
+                    **self._as_account(),
+                )
         finally:
             log.close()
 
