@@ -217,9 +217,9 @@ class PostgresServer:
     # SIGKILL. Off by default: it spawns postgres through a preexec_fn, which is unsafe when
     # other threads run (``safepg demo`` sets it, before any thread starts).
     _stop_with_parent = False
-    # Wraps the start of each child, from fork() to keeping its Popen: an exception raised by a
-    # signal handler in there would leave the child running with nobody to stop it. ``safepg
-    # demo`` defers its stop signals there.
+    # Wraps making the directory and starting each child, up to keeping its name or Popen: an
+    # exception raised by a signal handler in there would leave it behind (a child running with
+    # nobody to stop it). ``safepg demo`` defers its stop signals there.
     _uninterrupted: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext
     user = "app"
     dbname = "app"
@@ -383,7 +383,8 @@ class PostgresServer:
         # A server left running by a caller who forgot stop() is stopped at exit.
         atexit.register(self.stop)
         try:
-            self._dir = Path(tempfile.mkdtemp(prefix="safepg-pg-"))
+            with self._uninterrupted():  # the directory is not made without its name kept
+                self._dir = Path(tempfile.mkdtemp(prefix="safepg-pg-"))
             self._start()
         except BaseException:
             self.stop()
