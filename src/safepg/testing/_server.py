@@ -16,6 +16,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -50,6 +51,7 @@ _INSTALL_HINT = (
 )
 # How long start-up, reloads and shutdown may take before the harness gives up.
 _TIMEOUT = 60.0
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 class ServerNotFoundError(RuntimeError):
@@ -153,6 +155,28 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _parent_death_signal(signum: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has Linux send *signum* to the child when its parent dies, even by
+    SIGKILL (``prctl(PR_SET_PDEATHSIG)``); None elsewhere, or if libc has no ``prctl``."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_signal() -> None:
+        # In the child, after it took the server account's uid (which would clear the setting).
+        prctl(_PR_SET_PDEATHSIG, *(ctypes.c_ulong(arg) for arg in (signum, 0, 0, 0)))
+        if os.getppid() != parent:  # the parent died before that: nobody will send it
+            os.kill(os.getpid(), signum)
+
+    return set_signal
+
+
 def probe_certificate(host: str, port: int, timeout: float = 5.0) -> bytes | None:
     """Return the DER certificate the server presents, or None when it answers 'N' (no TLS).
 
@@ -189,6 +213,14 @@ class PostgresServer:
     """
 
     host = "127.0.0.1"
+    # Linux: the server gets a fast shutdown when the thread that started it dies, even by
+    # SIGKILL. Off by default: it spawns postgres through a preexec_fn, which is unsafe when
+    # other threads run (``safepg demo`` sets it, before any thread starts).
+    _stop_with_parent = False
+    # Wraps making the directory and starting each child, up to keeping its name or Popen: an
+    # exception raised by a signal handler in there would leave it behind (a child running with
+    # nobody to stop it). ``safepg demo`` defers its stop signals there.
+    _uninterrupted: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext
     user = "app"
     dbname = "app"
     cert_user = "certuser"
@@ -312,16 +344,30 @@ class PostgresServer:
         }
 
     def _run(self, *args: str) -> None:
-        proc = subprocess.run(
-            args,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=_TIMEOUT,
-            **self._as_account(),
-        )
+        proc = None
+        try:
+            with self._uninterrupted():
+                proc = subprocess.Popen(
+                    args,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    **self._as_account(),
+                )
+            out, err = proc.communicate(timeout=_TIMEOUT)
+        except BaseException:
+            # Interrupted (Ctrl-C) or stuck: SIGTERM lets initdb stop the postgres it runs
+            # and remove what it made, where SIGKILL would leave that postgres writing on.
+            if proc is not None:
+                with proc:
+                    proc.terminate()
+                    try:
+                        proc.wait(timeout=_TIMEOUT)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+            raise
         if proc.returncode:
-            raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
+            raise RuntimeError(f"{' '.join(args)} failed:\n{out}{err}")
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
@@ -334,10 +380,11 @@ class PostgresServer:
         """Initialise a cluster in a new temporary directory and start it."""
         if self._proc is not None:
             return
-        self._dir = Path(tempfile.mkdtemp(prefix="safepg-pg-"))
         # A server left running by a caller who forgot stop() is stopped at exit.
         atexit.register(self.stop)
         try:
+            with self._uninterrupted():  # the directory is not made without its name kept
+                self._dir = Path(tempfile.mkdtemp(prefix="safepg-pg-"))
             self._start()
         except BaseException:
             self.stop()
@@ -395,13 +442,17 @@ class PostgresServer:
     def _spawn(self) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
-            self._proc = subprocess.Popen(
-                [str(self.bindir / "postgres"), "-D", str(self.data_dir), "-p", str(self.port)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                **self._as_account(),
-            )
+            with self._uninterrupted():
+                self._proc = subprocess.Popen(
+                    [str(self.bindir / "postgres"), "-D", str(self.data_dir), "-p", str(self.port)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=(
+                        _parent_death_signal(signal.SIGINT) if self._stop_with_parent else None
+                    ),
+                    **self._as_account(),
+                )
         finally:
             log.close()
 
