@@ -17,7 +17,7 @@ import inspect
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 import psycopg
 
@@ -55,6 +55,8 @@ class PasswordProvider(Protocol):
 
     def __call__(self, target: ConnectTarget, /) -> str: ...
 
+
+E = TypeVar("E", bound=BaseException)
 
 # What password= takes besides a string: a provider, or a callable with no arguments.
 PasswordSource: TypeAlias = PasswordProvider | Callable[[], str]
@@ -172,10 +174,33 @@ async def with_password_async(
     return {**params, "password": _checked(value, provider)}
 
 
-def rejected(err: BaseException, provider: Callable[..., Any] | None) -> BaseException:
+def without_frames(err: E) -> E:
+    """*err*, and every exception it was raised from or during, without their tracebacks.
+
+    A driver's frames hold the password it was given (a token from a callable) in their
+    locals, and error reporters (Sentry, rich tracebacks) show frame locals; the messages stay.
+    """
+    seen: set[int] = set()
+    ex: BaseException | None = err
+    while ex is not None and id(ex) not in seen:
+        seen.add(id(ex))
+        ex.with_traceback(None)
+        ex = ex.__cause__ or ex.__context__
+    return err
+
+
+def rejected(
+    err: BaseException,
+    provider: Callable[..., Any] | None,
+    driver_error: type[BaseException] = psycopg.OperationalError,
+    flavour: Callable[[str], BaseException] = TokenRejectedError,
+) -> BaseException:
     """*err*, or a `TokenRejectedError` that says what to check when the server refused the
-    token a callable gave. The token is not in libpq's message, and not in the hint."""
-    if provider is None or not isinstance(err, psycopg.OperationalError):
+    token a callable gave. The token is not in libpq's message, and not in the hint.
+
+    *driver_error* is the driver's class of such failures, and *flavour* makes the error to
+    raise (a `TokenRejectedError` that is also the driver's error)."""
+    if provider is None or not isinstance(err, driver_error):
         return err
     message = str(err)
     if isinstance(err, SafePGError) or not _REFUSED.search(message):
@@ -187,7 +212,7 @@ def rejected(err: BaseException, provider: Callable[..., Any] | None) -> BaseExc
             "token for this host, port and user, that the token has not expired, and that the "
             "role may log in with it."
         )
-    new = TokenRejectedError(f"{message.rstrip()}\n{hint}")
-    new.__cause__ = err
+    new = flavour(f"{message.rstrip()}\n{hint}")
+    new.__cause__ = without_frames(err)
     new.__suppress_context__ = True
     return new

@@ -29,13 +29,13 @@ try:
 except ImportError as _ex:  # pragma: no cover - the extra is missing
     raise ImportError("safepg.asyncpg needs asyncpg: pip install 'safepg-tls[asyncpg]'") from _ex
 
-from . import _diagnose, _password, _sslcontext
+from . import _diagnose, _errors, _password, _sslcontext
 from ._deadline import Deadline
-from ._errors import ConfigurationError, InsecureConnectionError
+from ._errors import ConfigurationError, InsecureConnectionError, SafePGError
 from ._params import Plan, _raise_logged, as_optional_bool, build_plan
 from ._trust import TrustSource
 
-__all__ = ["connect", "create_pool"]
+__all__ = ["TokenRejectedError", "connect", "create_pool"]
 
 logger = logging.getLogger("safepg")
 
@@ -200,13 +200,45 @@ def _session_problem(conn: asyncpg.Connection, plan: Plan) -> str | None:
     return None
 
 
+class TokenRejectedError(_errors.TokenRejectedError, asyncpg.InvalidPasswordError):  # type: ignore[misc]
+    """`safepg.TokenRejectedError`, as asyncpg's ``InvalidPasswordError``: the server refused
+    the token a password callable gave. asyncpg's fields (``detail``, ``hint``, ...) are the
+    server's; the message adds what to check."""
+
+
+def _rejected(ex: asyncpg.PostgresError, provider: Any) -> BaseException:
+    new = _password.rejected(ex, provider, asyncpg.PostgresError, TokenRejectedError)
+    if new is not ex:
+        new.__dict__.update({k: v for k, v in vars(ex).items() if k != "message"})
+        new.sqlstate = ex.sqlstate  # type: ignore[attr-defined]
+    return new
+
+
 async def _open(
-    plan: Plan, ctx: ssl.SSLContext, direct: bool | None, kwargs: dict[str, Any]
+    ctx: ssl.SSLContext,
+    direct: bool | None,
+    kwargs: dict[str, Any],
+    provider: Any,
+    target: _password.ConnectTarget | None,
 ) -> asyncpg.Connection:
+    """asyncpg's connect, with a fresh token from *provider* when there is one.
+
+    The token goes into a temporary dict only, and asyncpg's frames, whose locals hold it,
+    are dropped from any error, with those of the errors it was raised from or during.
+    """
     options = {**kwargs, "ssl": ctx}
     if direct is not None:
         options["direct_tls"] = direct
-    return await asyncpg.connect(None, **options)
+    try:
+        return await asyncpg.connect(
+            None, **options, **(await _password.with_password_async({}, provider, target))
+        )
+    except SafePGError:  # the callable's ConfigurationError: no token was made
+        raise
+    except BaseException as ex:
+        if provider is None:
+            raise
+        raise _password.without_frames(ex)  # noqa: B904 - the same error, its context kept
 
 
 async def connect(
@@ -258,9 +290,8 @@ async def connect(
         dsn or "", libpq_kwargs, allow_unencrypted_unix_socket=allow_unencrypted_unix_socket
     )
     options = {**kwargs, **_asyncpg_kwargs(plan, kwargs)}
-    if provider is not None:  # a token provider: never over a socket, called for this connect
-        fresh = await _password.with_password_async({}, provider, _password.target(plan))
-        options["password"] = fresh["password"]
+    # A token provider: never over a socket; called for each attempt, in _open.
+    target = _password.target(plan) if provider is not None else None
     key = tuple((t.host, t.port) for t in plan.targets)
     direct = _direct_tls(plan, direct_option, key)
     if caller_ctx is not None:
@@ -278,7 +309,7 @@ async def connect(
     deadline = Deadline(plan.timeout)
     try:
         try:
-            conn = await _open(plan, ctx, direct, options)
+            conn = await _open(ctx, direct, options, provider, target)
         except (
             ssl.SSLCertVerificationError,
             asyncpg.PostgresError,
@@ -293,12 +324,14 @@ async def connect(
             logger.info("safepg: %s refused direct TLS; using the SSLRequest from now on", key)
             _direct[key] = False
             direct = False
-            conn = await _open(plan, ctx, direct, options)
+            conn = await _open(ctx, direct, options, provider, target)
+    except asyncpg.PostgresError as ex:
+        raise _rejected(ex, provider)  # noqa: B904 - the cause is set, without its frames
     except (OSError, ssl.SSLError) as ex:
-        target = plan.targets[-1]  # asyncpg tries the hosts in turn and raises the last error
+        last = plan.targets[-1]  # asyncpg tries the hosts in turn and raises the last error
         probe = caller_ctx is None
         err = await asyncio.to_thread(
-            _diagnose.from_python_tls, ex, plan, target, probe=probe,
+            _diagnose.from_python_tls, ex, plan, last, probe=probe,
             budget=deadline.diagnosis_budget(),
         )  # fmt: skip
         if err is None:
@@ -313,8 +346,8 @@ async def connect(
         err = InsecureConnectionError(
             f"safepg refused the session: {problem}. Trust anchors: {plan.trust}."
         )
-        target = plan.targets[-1]
-        err.host, err.port, err.trust = target.host, int(target.port), plan.trust
+        last = plan.targets[-1]
+        err.host, err.port, err.trust = last.host, int(last.port), plan.trust
         raise err
     return conn
 

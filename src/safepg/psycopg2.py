@@ -41,6 +41,7 @@ __all__ = [
     "InsecureConnectionError",
     "ProtocolViolationError",
     "SSLNotSupportedError",
+    "TokenRejectedError",
     "UntrustedCertificateError",
     "connect",
 ]
@@ -81,6 +82,10 @@ class InsecureConnectionError(_errors.InsecureConnectionError, psycopg2.Operatio
     """`safepg.InsecureConnectionError`, as a ``psycopg2.OperationalError``."""
 
 
+class TokenRejectedError(_errors.TokenRejectedError, psycopg2.OperationalError):  # type: ignore[misc]
+    """`safepg.TokenRejectedError`, as a ``psycopg2.OperationalError``."""
+
+
 _FLAVOURS: dict[type[_errors.SafePGError], type[_errors.SafePGError]] = {
     base: flavour
     for flavour in (
@@ -92,11 +97,11 @@ _FLAVOURS: dict[type[_errors.SafePGError], type[_errors.SafePGError]] = {
         SSLNotSupportedError,
         ProtocolViolationError,
         InsecureConnectionError,
+        TokenRejectedError,
     )
     for base in flavour.__bases__[:1]
 }
 E = TypeVar("E", bound=BaseException)
-_ACCEPTED_PROTOCOLS = ("TLSv1.2", "TLSv1.3")
 
 
 def as_psycopg2_error(err: E) -> E:
@@ -122,7 +127,7 @@ def _session_problem(conn: psycopg2.extensions.connection, plan: Plan) -> str | 
     if sslmode != REQUIRED_SSLMODE:
         return f"libpq used sslmode={sslmode}, which does not verify the server"
     protocol = info.ssl_attribute("protocol")
-    if protocol not in _ACCEPTED_PROTOCOLS:
+    if protocol not in _check.ACCEPTED_PROTOCOLS:
         return f"the session uses {protocol!r}, not TLS 1.2 or later"
     return None
 
@@ -176,21 +181,36 @@ def connect(
             verify_as=verify_as,
         )
         target = _password.target(plan) if provider is not None else None
-        params = _password.with_password(plan.params, provider, target)  # a fresh token
     except _errors.SafePGError as ex:
         raise as_psycopg2_error(ex) from ex.__cause__
     deadline = Deadline(plan.timeout)
     failed: psycopg2.OperationalError | None = None
+    failed_config: _errors.SafePGError | None = None
     try:
+        # A token from the callable goes into a temporary dict only: no local names it, and
+        # psycopg2's frames (which do) are dropped from the error below.
         conn = psycopg2.connect(
-            connection_factory=connection_factory, cursor_factory=cursor_factory, **params
+            connection_factory=connection_factory,
+            cursor_factory=cursor_factory,
+            **_password.with_password(plan.params, provider, target),
         )
+    except _errors.SafePGError as ex:  # the callable's ConfigurationError
+        failed_config = ex
     except psycopg2.OperationalError as ex:
         failed = ex
+    if failed_config is not None:
+        raise as_psycopg2_error(failed_config) from failed_config.__cause__
     if failed is not None:
         # Raised here, outside the except clause: libpq's error is only the (scrubbed) cause.
-        err = _failure(failed, plan, deadline.diagnosis_budget(), psycopg2.OperationalError)
-        raise as_psycopg2_error(err)
+        err = _failure(
+            _password.without_frames(failed),
+            plan,
+            deadline.diagnosis_budget(),
+            psycopg2.OperationalError,
+        )
+        raise as_psycopg2_error(
+            _password.rejected(err, provider, psycopg2.OperationalError, TokenRejectedError)
+        )
     problem = _session_problem(conn, plan)
     if problem is not None:
         refusal = InsecureConnectionError(
