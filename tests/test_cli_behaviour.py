@@ -267,3 +267,73 @@ def test_inspect_direct_against_postgresql_18(capsys: pytest.CaptureFixture[str]
     assert code == 0
     assert (data["negotiation"], data["tls"], data["problems"]) == ("direct", True, [])
     assert data["trust"]["verifies"] is True
+
+
+# -- env: nothing psql would use instead of the exports --------------------------------------------
+
+OVERRIDING = [
+    "sslmode=disable",
+    "sslmode=allow",
+    "sslmode=prefer",
+    "sslmode=require",
+    "sslmode=verify-ca",
+    "gssencmode=prefer",
+    "gssencmode=require",
+    "ssl_min_protocol_version=TLSv1",
+    "ssl_min_protocol_version=TLSv1.1",
+]
+
+
+@pytest.mark.parametrize("setting", OVERRIDING)
+def test_env_refuses_a_url_setting_psql_would_use_instead(
+    setting: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # libpq takes the URL's own keyword over the environment: `psql "$URL"` after these
+    # exports would connect with the URL's setting.
+    key = setting.partition("=")[0]
+    assert main(["env", f"postgresql://app@db.example.com/app?{setting}"]) == 2
+    out, err = capsys.readouterr()
+    assert "export" not in out
+    assert f"Remove {key} from the URL" in err
+    assert "raised to" not in err  # psql would not raise it
+    code, data = run_json(capsys, "env", f"host=db.example.com {setting}")
+    assert (code, data["env"]) == (2, None)
+    assert f"Remove {key} from the URL" in data["error"]["message"]
+
+
+@pytest.mark.parametrize("setting", ["sslmode=require", "gssencmode=prefer", "sslrootcert=system"])
+def test_env_refuses_a_service_setting_psql_would_use_instead(
+    setting: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    services = tmp_path / "pg_service.conf"
+    services.write_text(f"[weak]\nhost=db.example.com\n{setting}\n")
+    monkeypatch.setenv("PGSERVICEFILE", str(services))
+    key = setting.partition("=")[0]
+    for argv in (["env", "service=weak"], ["env", "postgresql:///app?service=weak"]):
+        assert main(argv) == 2
+        out, err = capsys.readouterr()
+        assert "export" not in out
+        assert f"Remove {key} from service 'weak' in the service file" in err
+    monkeypatch.setenv("PGSERVICE", "weak")
+    assert main(["env", "postgresql://db.example.com/app"]) == 2
+    assert f"Remove {key} from service 'weak'" in capsys.readouterr().err
+
+
+def test_env_lets_exports_override_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The shell's own weak PG* variables are what the exports replace: no refusal there.
+    monkeypatch.setenv("PGSSLMODE", "require")
+    monkeypatch.setenv("PGGSSENCMODE", "prefer")
+    assert main(["env", "postgresql://db.example.com/app"]) == 0
+    assert "export PGSSLMODE=verify-full" in capsys.readouterr().out
+
+
+def test_env_refuses_a_socket_target(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["env", "host=/tmp dbname=app"]) == 2
+    out, err = capsys.readouterr()
+    assert "export" not in out
+    assert "never encrypts" in err
