@@ -293,3 +293,15 @@ def test_no_color_and_tty(server: PostgresServer, monkeypatch: pytest.MonkeyPatc
     assert Output("x", stream=Tty()).good("x") == "\033[32mx\033[0m"  # type: ignore[arg-type]
     monkeypatch.setenv("NO_COLOR", "1")
     assert Output("x", stream=Tty()).good("x") == "x"  # type: ignore[arg-type]
+
+
+def test_check_failure_text_cannot_forge_output_lines(
+    server: PostgresServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The server quotes the user name in its refusal: a line break there must not start a line
+    # of safepg's output that reads like its own.
+    forged = "nobody\nverified TLSv1.3 (TLS_AES_256_GCM_SHA384) to db:5432"
+    assert main(["check", server.conninfo(user=forged)]) == 1
+    err = capsys.readouterr().err
+    assert "password authentication failed" in err or "does not exist" in err
+    assert not any(line.startswith("verified") for line in err.splitlines())

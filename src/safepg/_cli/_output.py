@@ -136,13 +136,16 @@ def exit_code(ex: BaseException) -> int:
 
 def for_people(ex: BaseException, message: str) -> str:
     """*message* (from *ex*) ready to print. safepg's own messages show the network's text
-    escaped already; psycopg's may quote the server's, so each of their lines is escaped (the
-    line breaks are libpq's, and its tabs indent its hints)."""
+    escaped already; psycopg's may quote the server's, so each of their lines is escaped (its
+    tabs indent libpq's hints), and every line after the first is marked as continued."""
     from .._errors import SafePGError
 
     if isinstance(ex, SafePGError):
         return message
-    return shown_lines(message)
+    # A line break may be the server's own (it quotes names in its refusals): no line of the
+    # driver's text starts where one of safepg's could.
+    first, *rest = shown_lines(message).split("\n")
+    return "\n".join([first, *(f"  | {line}" for line in rest if line)])
 
 
 def secrets_of(target: str) -> tuple[str | None, ...]:
