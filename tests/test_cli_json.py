@@ -16,6 +16,7 @@ import jsonschema  # type: ignore[import-untyped,unused-ignore]
 import pytest
 
 from safepg import _cli, providers
+from safepg._cli import main
 from safepg._cli._output import schema_file
 from safepg.testing import CertificateAuthority, PostgresServer
 
@@ -23,7 +24,9 @@ from .cli_json import run_json, schema, validate
 from .conftest import CertificateShop
 
 NOW = dt.datetime.now(dt.timezone.utc)
-SCHEMA_NAMES = sorted(m.SCHEMA for m in _cli.COMMANDS if hasattr(m, "SCHEMA"))
+SCHEMA_NAMES = sorted(
+    [*(m.SCHEMA for m in _cli.COMMANDS if hasattr(m, "SCHEMA")), _cli.USAGE_SCHEMA]
+)
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00$")
 
 
@@ -33,7 +36,7 @@ ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\+00:00$")
 def test_every_command_with_json_has_a_shipped_schema() -> None:
     assert SCHEMA_NAMES == [
         "safepg.bundles/1", "safepg.ca/1", "safepg.check/1", "safepg.env/1",
-        "safepg.inspect/1", "safepg.providers/1",
+        "safepg.inspect/1", "safepg.providers/1", "safepg.usage/1",
     ]  # fmt: skip
     shipped = sorted(p.name for p in (importlib.resources.files("safepg") / "schemas").iterdir())
     assert shipped == sorted(schema_file(name).name for name in SCHEMA_NAMES)
@@ -297,3 +300,54 @@ def test_an_unexpected_driver_error_still_gives_the_document(
     assert data["error"]["class"] in ("OperationalError", "AdminShutdown")
     assert (data["host"], data["port"]) == ("127.0.0.1", server.port)
     assert data["client"]["verified"] is True  # the session was verified before it ended
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["ca", "--host", "app:S3CRET@db"],
+        ["ca", "--host", "app:S3CRET@db", "--port", "5432"],
+        ["inspect", "app:S3CRET@db:5432"],
+        ["inspect", "app:S3CRET@db"],  # refused by the argument parser
+        ["inspect", "db.example.com", "--hostaddr", "S3CRET@x"],
+        ["env", "host=app:S3CRET@db"],
+        ["check", "postgresql://app:S3CRET@db:x/app"],
+    ],
+)
+def test_a_host_that_holds_a_password_is_never_echoed(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A mistyped URL (an unencoded '@' in the password) puts the password in the host: the
+    # message says it is withheld, and the document must not show it either.
+    for extra in ([], ["--json"]):
+        try:
+            code = main([*argv, *extra])
+        except SystemExit as exit_:  # argparse
+            code = int(exit_.code or 0)
+        out, err = capsys.readouterr()
+        assert code == 2
+        assert "S3CRET" not in out + err
+        if extra:
+            validate(json.loads(out))
+
+
+@pytest.mark.parametrize("command", [c.__name__.rpartition(".")[2] for c in _cli.COMMANDS])
+def test_a_usage_error_with_json_is_a_json_document(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [command, "--no-such-option", "postgresql://app:S3CRET@db/app", "--json"]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert info.value.code == 2
+    data = json.loads(out)
+    validate(data)
+    assert data["schema"] == "safepg.usage/1"
+    assert data["error"]["class"] == "UsageError"
+    assert data["command"] in (command, None)
+    assert "S3CRET" not in out + err
+    with pytest.raises(SystemExit):  # without --json: argparse's text, withheld the same way
+        main(argv[:-1])
+    out, err = capsys.readouterr()
+    assert "S3CRET" not in out + err
+    assert "error:" in err

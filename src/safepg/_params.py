@@ -366,6 +366,12 @@ _SOCKET_FIX = (
 _GOOD_HOSTS: set[str] = set()
 
 
+def is_host_name(host: str) -> bool:
+    """*host* is a host name or an IP address that can be shown: nothing in it could be part
+    of a password (an unencoded '@' in a URL's password puts the rest of it in the host)."""
+    return bool(_HOST.fullmatch(host)) and _idna_ok(host)
+
+
 def _idna_ok(host: str) -> bool:
     """*host* can be looked up: Python's resolver (the probe) and psycopg encode names with
     IDNA, which refuses empty labels and labels over 63 characters with a UnicodeError."""
@@ -419,7 +425,7 @@ def _targets(resolved: Mapping[str, str], allow_socket: bool) -> tuple[Target, .
     for target in targets:
         if target.socket or target.host in _GOOD_HOSTS:
             continue
-        if not (_HOST.fullmatch(target.host) and _idna_ok(target.host)):
+        if not is_host_name(target.host):
             # Never echoed: an unencoded '@' in a URL's password puts the rest of it here.
             raise ConfigurationError(
                 "a host name is not one: it holds characters no host name or IP address has "

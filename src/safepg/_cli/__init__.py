@@ -19,9 +19,13 @@ Exit codes (stable, for scripts and monitoring):
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import sys
 from collections.abc import Sequence
+from contextvars import ContextVar
+from typing import NoReturn
 
 import psycopg
 
@@ -33,13 +37,46 @@ __all__ = ["main"]
 
 # In the order --help lists them.
 COMMANDS = (check, inspect, ca, env, providers, bundles, demo)
+USAGE_SCHEMA = "safepg.usage/1"
+
+# --json was among the arguments being parsed: a usage error is then a JSON document too.
+_json_requested: ContextVar[bool] = ContextVar("safepg_cli_json", default=False)
+# A value in argparse's message that holds '@' (user-info: app:secret@db) is withheld.
+_AT_VALUE = re.compile(r"""'[^']*@[^']*'|\S*@\S*""")
+
+
+def usage_message(message: str) -> str:
+    """argparse's *message*, fit to show: passwords and user-info withheld, escaped."""
+    from .._redact import redact
+    from .._text import shown
+
+    return shown(_AT_VALUE.sub("(a value holding '@', not shown)", redact(message)))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose errors withhold what may be a password, and are one JSON
+    document when ``--json`` was given."""
+
+    def error(self, message: str) -> NoReturn:
+        text = usage_message(message)
+        if _json_requested.get():
+            command = self.prog.removeprefix("safepg").strip() or None
+            doc = {
+                "schema": USAGE_SCHEMA,
+                "ok": False,
+                "exit_code": EXIT_USAGE,
+                "error": {"class": "UsageError", "message": text},
+                "command": command,
+            }
+            print(json.dumps(doc, indent=2))
+            self.exit(EXIT_USAGE)
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {text}\n")
 
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser, with every command of `COMMANDS`."""
-    top = argparse.ArgumentParser(
-        prog="safepg", description="PostgreSQL connections that are always verified."
-    )
+    top = _Parser(prog="safepg", description="PostgreSQL connections that are always verified.")
     top.add_argument("--version", action="version", version=f"safepg {__version__}")
     top.add_argument(
         "-v", "--verbose", action="store_true", help="log safepg's decisions on stderr"
@@ -53,7 +90,12 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``safepg`` command line; returns the exit code."""
     top = parser()
-    args = top.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    token = _json_requested.set("--json" in argv)
+    try:
+        args = top.parse_args(argv)
+    finally:
+        _json_requested.reset(token)
     if args.command is None:
         top.print_help()
         return EXIT_USAGE

@@ -59,11 +59,13 @@ def run(args: argparse.Namespace, out: Output) -> int:
     import safepg
 
     from .. import providers
+    from .._params import is_host_name
 
     profile = providers.profile_for_host(args.host) if args.host else None
     doc = out.start(
         SCHEMA,
-        host=args.host,
+        # Shown once checked: a mistyped URL may put a password in it.
+        host=args.host if args.host and is_host_name(args.host) else None,
         port=args.port,
         path=None,
         label=None,

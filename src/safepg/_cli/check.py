@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 
 SCHEMA = "safepg.check/1"
 _ACTIVITY_QUERY = (
-    "SELECT a.usename, a.datname, a.application_name, pg_catalog.host(a.client_addr), a.backend_start, "
-    "s.ssl, s.version, s.cipher, s.bits, s.client_dn "
+    "SELECT a.usename, a.datname, a.application_name, pg_catalog.host(a.client_addr), "
+    "a.backend_start, s.ssl, s.version, s.cipher, s.bits, s.client_dn "
     "FROM pg_catalog.pg_stat_activity a JOIN pg_catalog.pg_stat_ssl s USING (pid) "
     "WHERE a.pid = pg_catalog.pg_backend_pid()"
 )

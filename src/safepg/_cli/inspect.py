@@ -37,7 +37,8 @@ def host_port(value: str) -> tuple[str, int]:
     elif value.count(":") == 1:
         host, port = value.split(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected HOST[:PORT], got {value!r}")
+        # The value is not shown: a mistyped URL puts a password here (app:secret@db).
+        raise argparse.ArgumentTypeError("expected HOST[:PORT] (the value is not shown)")
     return host, int(port)
 
 
@@ -57,6 +58,22 @@ def register(commands: Subparsers) -> None:
     add_timeout(parser)
     add_verbose(parser)
     parser.set_defaults(run=run)
+
+
+def _check_address(value: str) -> None:
+    """Refuse a ``--hostaddr`` that is not an IP address (libpq's hostaddr is numeric), without
+    showing it."""
+    import ipaddress
+
+    from .._errors import ConfigurationError
+
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigurationError(
+            "--hostaddr takes an IP address (such as 192.0.2.10 or 2001:db8::1); the value "
+            "given is not one, and is not shown, as it may hold part of a password."
+        ) from None
 
 
 def _trust(host: str, port: int, args: argparse.Namespace) -> TrustSource:
@@ -81,26 +98,34 @@ def run(args: argparse.Namespace, out: Output) -> int:
     import safepg
 
     from .._inspect import inspect_server
+    from .._params import is_host_name
 
     host, port = args.server
+    # Host and address are shown once checked: a mistyped URL may put a password in them.
     doc = out.start(
         SCHEMA,
-        host=host,
+        host=None,
         port=port,
-        address=args.hostaddr or host,
+        address=None,
         negotiation="direct" if args.direct else "sslrequest",
         reachable=False,
         tls=False,
         certificates=[],
         trust=None,
         verified_by=None,
-        hostname={"host": host, "matches": None, "names": []},
+        hostname={"host": None, "matches": None, "names": []},
         rds_ca=None,
         problems=[],
         warnings=[],
         advice=[],
     )
+    if is_host_name(host):
+        doc.update(host=host, address=host)
+        doc["hostname"]["host"] = host
     try:
+        if args.hostaddr is not None:
+            _check_address(args.hostaddr)
+            doc["address"] = args.hostaddr
         trust = _trust(host, port, args)
     except safepg.ConfigurationError as ex:
         return out.fail(ex)
