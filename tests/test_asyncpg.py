@@ -487,6 +487,16 @@ def test_sqlalchemy_async_engine_with_an_asyncpg_url(server: PostgresServer) -> 
         ("&search_path=evil", "search_path"),
         ("&timeout=soon", "must be a number"),
         ("&ssl=maybe", "ssl= must be"),
+        # float() and int() take these: nan or inf would disable the deadline.
+        ("&timeout=nan", "timeout must be a number of seconds above 0"),
+        ("&timeout=inf", "timeout must be a number of seconds above 0"),
+        ("&timeout=-1", "timeout must be a number of seconds above 0"),
+        ("&timeout=0", "timeout must be a number of seconds above 0"),
+        ("&command_timeout=1e9", "command_timeout must be a number of seconds"),
+        ("&timeout=%D9%A1%D9%A2", "timeout must be a number of seconds"),  # Arabic-Indic 12
+        ("&statement_cache_size=-1", "statement_cache_size must be a whole number"),
+        ("&statement_cache_size=%EF%BC%91", "statement_cache_size must be a whole number"),
+        ("&direct_tls=maybe", "direct_tls"),
     ],
 )
 def test_sqlalchemy_asyncpg_url_refusals(server: PostgresServer, query: str, message: str) -> None:
@@ -513,6 +523,33 @@ def test_sqlalchemy_asyncpg_engine_fails_closed(
 
     with pytest.raises(UntrustedCertificateError):
         run(main())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"timeout": float("nan")}, "timeout must be a finite number"),
+        ({"command_timeout": float("inf")}, "command_timeout must be a finite number"),
+        ({"timeout": "5"}, "timeout must be a number of seconds; got a str"),
+        ({"timeout": True}, "timeout must be a number of seconds; got a bool"),
+        ({"direct_tls": "maybe"}, "direct_tls"),
+        ({"host": b"localhost"}, "host must be a str or an int"),
+        ({"port": True}, "port must be a str or an int"),
+        ({"port": [5432, None]}, "port must be a str or an int"),
+        ({"port": 70000}, "port"),
+        ({"port": "5432x"}, "port"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_io(
+    server: PostgresServer, kwargs: dict[str, Any], message: str
+) -> None:
+    args = {"host": server.host, "port": server.port, "sslrootcert": str(server.ca_path), **kwargs}
+    with pytest.raises(ConfigurationError, match=message):
+        safepg.asyncpg.check_arguments(None, args)
+    with pytest.raises(ConfigurationError, match=message):
+        run(safepg.asyncpg.connect(**args))
+    with pytest.raises(ConfigurationError, match=message):
+        safepg.asyncpg.create_pool(**args)
 
 
 def test_sync_engine_still_refuses_asyncpg_urls(server: PostgresServer) -> None:

@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import inspect
 import logging
+import math
 import socket
 import ssl
 from collections.abc import Mapping
@@ -85,11 +86,43 @@ _DIRECT_TLS_SERVER = 17
 _direct: dict[tuple[tuple[str, str], ...], bool] = {}
 
 
-def _libpq_form(value: object) -> str:
-    """asyncpg takes hosts and ports as lists too; libpq as a comma-separated string."""
-    if isinstance(value, (list, tuple)):
-        return ",".join(str(v) for v in value)
-    return str(value)
+def _libpq_form(name: str, value: object) -> str:
+    """asyncpg takes hosts and ports as lists too; libpq as a comma-separated string.
+
+    Raises:
+        ConfigurationError: not a str, an int, or a list or tuple of them (bytes, a bool, ...).
+    """
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if not items or not all(
+        isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)) for v in items
+    ):
+        raise ConfigurationError(
+            f"{name} must be a str or an int, or a list of them; got a {type(value).__name__}"
+            + (" holding something else" if isinstance(value, (list, tuple)) else "")
+        )
+    return ",".join(str(v) for v in items)
+
+
+def _seconds(name: str, value: object) -> float | None:
+    """A timeout in seconds: a finite number above 0, or None.
+
+    Raises:
+        ConfigurationError: anything else (nan and inf would disable the deadline).
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationError(
+            f"{name} must be a number of seconds; got a {type(value).__name__}"
+        )
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigurationError(
+            f"{name} must be a finite number of seconds above 0; got {value!r}"
+        )
+    return float(value)
+
+
+_TIMEOUTS = ("timeout", "command_timeout")
 
 
 def _caller_context(ssl_arg: object, sslmode: object) -> ssl.SSLContext | None:
@@ -282,10 +315,13 @@ async def connect(
     sslpassword = kwargs.pop("sslpassword", None)
     provider = kwargs.pop("password") if callable(kwargs.get("password")) else None
     libpq_kwargs = {
-        libpq: _libpq_form(kwargs.pop(name))
+        libpq: _libpq_form(name, kwargs.pop(name))
         for name, libpq in _AS_LIBPQ.items()
         if kwargs.get(name) is not None
     }
+    for name in _TIMEOUTS:
+        if kwargs.get(name) is not None:
+            kwargs[name] = _seconds(name, kwargs[name])
     plan = build_plan(
         dsn or "", libpq_kwargs, allow_unencrypted_unix_socket=allow_unencrypted_unix_socket
     )
@@ -403,10 +439,13 @@ def check_arguments(
         or allow_unencrypted_unix_socket
     )
     _caller_context(rest.pop("ssl", None), rest.pop("sslmode", None))
+    as_optional_bool("direct_tls", rest.pop("direct_tls", None))
+    for name in _TIMEOUTS:
+        _seconds(name, rest.get(name))
     libpq_kwargs = {
-        libpq: _libpq_form(rest[name])
+        libpq: _libpq_form(name, rest[name])
         for name, libpq in _AS_LIBPQ.items()
-        if rest.get(name) is not None and isinstance(rest[name], (str, int, list, tuple))
+        if rest.get(name) is not None
     }
     plan = build_plan(dsn or "", libpq_kwargs, allow_unencrypted_unix_socket=allow_socket)
     _asyncpg_kwargs(plan, rest)

@@ -50,6 +50,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import re
 import types
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -231,10 +232,13 @@ def create_async_engine(url: str | URL, **kw: Any) -> AsyncEngine:
 # sslmode and ssl weaker than verify-full are raised there. Anything else is refused.
 _ASYNCPG_URL_OPTIONS = {
     "sslmode": str, "ssl": str, "sslrootcert": str, "sslcert": str, "sslkey": str,
-    "target_session_attrs": str, "passfile": str, "timeout": float, "command_timeout": float,
-    "statement_cache_size": int, "connect_timeout": str, "application_name": str,
-    "direct_tls": str,
+    "target_session_attrs": str, "passfile": str, "timeout": "seconds",
+    "command_timeout": "seconds", "statement_cache_size": "count", "connect_timeout": str,
+    "application_name": str, "direct_tls": str,
 }  # fmt: skip
+# Numbers in a URL, parsed strictly: ASCII digits only (no nan, inf, signs or other scripts).
+_SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?")
+_COUNT = re.compile(r"[0-9]{1,9}")
 
 
 def _is_asyncpg(url: str | URL) -> bool:
@@ -279,10 +283,18 @@ def asyncpg_creator(url: str | URL, **kwargs: Any) -> Callable[[], Awaitable[Any
             )
         if not isinstance(value, str):
             raise ConfigurationError(f"the URL gives {key} more than once")
-        try:
-            params[key] = kind(value)
-        except ValueError:
-            raise ConfigurationError(f"the URL's {key} must be a number") from None
+        if kind == "seconds":
+            if not _SECONDS.fullmatch(value) or float(value) <= 0:
+                raise ConfigurationError(
+                    f"the URL's {key} must be a number of seconds above 0 (digits, and a '.')"
+                )
+            params[key] = float(value)
+        elif kind == "count":
+            if not _COUNT.fullmatch(value):
+                raise ConfigurationError(f"the URL's {key} must be a whole number (digits)")
+            params[key] = int(value)
+        else:
+            params[key] = value
     if "connect_timeout" in params:  # libpq's name; asyncpg calls it timeout
         params.setdefault("timeout", float(_seconds(params.pop("connect_timeout"))))
     if "application_name" in params:
