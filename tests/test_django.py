@@ -232,7 +232,11 @@ def test_dbshell_conninfo_beats_a_hostile_service_file(
     root = tmp_path / "it's a \\ root.crt"
     root.write_bytes(server.ca_path.read_bytes())
     settings = _database(server, service="app", sslrootcert=str(root))
-    args, env = DatabaseClient.settings_to_cmd_args_env(settings, ["-tA", "-c", SSL_OF_SESSION])
+    # dbshell parameters come first: the conninfo after them wins over -h, -p and -d too.
+    earlier = ["-h", "wrong.invalid", "-p", "1", "-d", "sslmode=disable"]
+    args, env = DatabaseClient.settings_to_cmd_args_env(
+        settings, [*earlier, "-tA", "-c", SSL_OF_SESSION]
+    )
     conninfo = _psql_conninfo(args)
     assert conninfo["sslmode"] == "verify-full"
     assert conninfo["sslrootcert"] == str(root)
