@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -230,6 +231,54 @@ def test_rogue_ca(
     assert type(info.value) is UntrustedCertificateError
     assert 'issuer "commonName=rogue CA" is not among them' in str(info.value)
     assert "sslrootcert from the keyword argument sslrootcert" in str(info.value)
+
+
+@pytest.mark.parametrize("how", ["rogue CA", "no checks"])
+def test_the_shared_context_cannot_be_weakened(
+    server: PostgresServer,
+    certs: CertificateShop,
+    rogue_ca: CertificateAuthority,
+    tmp_path: Path,
+    how: str,
+) -> None:
+    rogue = rogue_ca.write_cert(tmp_path / "rogue.pem")
+    weakenings: list[Callable[[ssl.SSLContext], object]]
+    if how == "rogue CA":  # still verifies, against the attacker's CA too
+        weakenings = [lambda ctx: ctx.load_verify_locations(cafile=str(rogue))]
+    else:
+        weakenings = [
+            lambda ctx: ctx.load_default_certs(),
+            lambda ctx: ctx.set_ciphers("ALL:eNULL"),
+            lambda ctx: setattr(ctx, "check_hostname", False),
+            lambda ctx: setattr(ctx, "verify_mode", ssl.CERT_NONE),
+            lambda ctx: setattr(ctx, "keylog_filename", str(tmp_path / "keys.log")),
+            lambda ctx: setattr(ctx, "__class__", ssl.SSLContext),
+        ]
+    refused: list[str] = []
+
+    async def weaken() -> None:
+        conn = await safepg.asyncpg.connect(**kwargs(server))
+        try:
+            ctx = conn._transport.get_extra_info("sslcontext")
+            for weakening in weakenings:
+                try:
+                    weakening(ctx)
+                except AttributeError as ex:
+                    refused.append(str(ex))
+        finally:
+            await conn.close()
+
+    run(weaken())
+    # Whatever the holder did, the next connection to a rogue server is refused.
+    certs.present("localhost", ip_addresses=["127.0.0.1"], ca=rogue_ca)
+    with pytest.raises(UntrustedCertificateError):
+        run(safepg.asyncpg.connect(**kwargs(server)))
+    certs.present("wrong.example")  # the right CA, another name
+    with pytest.raises(HostnameMismatchError):
+        run(safepg.asyncpg.connect(**kwargs(server)))
+    assert len(refused) == len(weakenings)
+    assert all("shared by safepg's connections" in r for r in refused)
+    assert not (tmp_path / "keys.log").exists()
 
 
 def test_expired_certificate(server: PostgresServer, certs: CertificateShop) -> None:

@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +178,160 @@ def test_dbshell_gets_safepg_environment(server: PostgresServer, connections: An
     assert env["PGSSLROOTCERT"] == str(server.ca_path)
     assert env["PGGSSENCMODE"] == "disable"
     assert args[0] == "psql"
+    assert _psql_conninfo(args)["sslmode"] == "verify-full"
+
+
+def _psql_conninfo(args: Sequence[str]) -> dict[str, Any]:
+    """The conninfo safepg put on psql's command line (its last argument)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    assert args[-1].startswith("--dbname=")
+    return conninfo_to_dict(args[-1].removeprefix("--dbname="))
+
+
+def _psql() -> str:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/psql"))
+    if not found:
+        pytest.skip("no psql installed")
+    return str(found[-1])
+
+
+def _run_psql(args: list[str], env: dict[str, str] | None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [_psql(), *args[1:]],
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+SSL_OF_SESSION = "select ssl from pg_stat_ssl where pid = pg_backend_pid()"
+
+
+@pytest.fixture
+def hostile_service(
+    server: PostgresServer, rogue_ca: CertificateAuthority, tmp_path: Path, monkeypatch: Any
+) -> Path:
+    """A service file (PGSERVICEFILE) whose service "app" asks for plaintext and the rogue CA."""
+    rogue = rogue_ca.write_cert(tmp_path / "rogue-ca's root.crt")
+    services = tmp_path / "pg_service.conf"
+    services.write_text(f"[app]\nsslmode=disable\nsslrootcert={rogue}\ngssencmode=prefer\n")
+    monkeypatch.setenv("PGSERVICEFILE", str(services))
+    return rogue
+
+
+def test_dbshell_conninfo_beats_a_hostile_service_file(
+    server: PostgresServer, connections: Any, hostile_service: Path, tmp_path: Path
+) -> None:
+    from safepg.django.base import DatabaseClient
+
+    # A path libpq must read quoted: a space, a quote and a backslash.
+    root = tmp_path / "it's a \\ root.crt"
+    root.write_bytes(server.ca_path.read_bytes())
+    settings = _database(server, service="app", sslrootcert=str(root))
+    # dbshell parameters come first: the conninfo after them wins over -h, -p and -d too.
+    earlier = ["-h", "wrong.invalid", "-p", "1", "-d", "sslmode=disable"]
+    args, env = DatabaseClient.settings_to_cmd_args_env(
+        settings, [*earlier, "-tA", "-c", SSL_OF_SESSION]
+    )
+    conninfo = _psql_conninfo(args)
+    assert conninfo["sslmode"] == "verify-full"
+    assert conninfo["sslrootcert"] == str(root)
+    assert conninfo["gssencmode"] == "disable"
+    assert conninfo["ssl_min_protocol_version"] == "TLSv1.2"
+    assert conninfo["service"] == "app"  # the service's other settings still apply
+    assert conninfo["host"] == server.host
+    assert "password" not in conninfo
+    assert not any(server.password in a for a in args)  # other users can read argv
+    assert env is not None
+    assert env["PGPASSWORD"] == server.password
+    # psql itself, with the service file in reach: a verified TLS session.
+    ran = _run_psql(args, env)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == "t"
+
+
+def test_dbshell_psql_with_a_rogue_certificate_fails(
+    server: PostgresServer,
+    connections: Any,
+    hostile_service: Path,
+    certs: CertificateShop,
+    rogue_ca: CertificateAuthority,
+) -> None:
+    from safepg.django.base import DatabaseClient
+
+    settings = _database(server, service="app")
+    args, env = DatabaseClient.settings_to_cmd_args_env(settings, ["-tA", "-c", SSL_OF_SESSION])
+    certs.present("localhost", ip_addresses=["127.0.0.1"], ca=rogue_ca)
+    ran = _run_psql(args, env)
+    assert ran.returncode != 0
+    assert "certificate verify failed" in ran.stderr
+    assert ran.stdout.strip() == ""
+
+
+def test_dbshell_refuses_a_plaintext_only_server(
+    server: PostgresServer, connections: Any, hostile_service: Path
+) -> None:
+    from safepg.django.base import DatabaseClient
+
+    from .adversaries import SSL_REQUEST, read_rest, running
+
+    def plaintext_only(conn: Any, adversary: Any) -> None:
+        first = conn.recv(8)
+        if first == SSL_REQUEST:
+            conn.sendall(b"N")  # no TLS here
+        else:
+            adversary.leak(first)  # a plaintext startup packet
+        read_rest(conn, adversary)
+
+    with running(plaintext_only) as adversary:
+        settings = {**_database(server, service="app"), "PORT": str(adversary.port)}
+        args, env = DatabaseClient.settings_to_cmd_args_env(settings, ["-c", "select 1"])
+        ran = _run_psql(args, env)
+        assert ran.returncode != 0
+        assert adversary.received == []  # no startup packet, no password
+
+
+def test_dbshell_calls_a_password_callable(server: PostgresServer, connections: Any) -> None:
+    from safepg.django.base import DatabaseClient
+
+    TOKEN_CALLS.clear()
+    settings = _token_database(server)
+    args, env = DatabaseClient.settings_to_cmd_args_env(settings, ["-tA", "-c", SSL_OF_SESSION])
+    assert env is not None
+    assert env["PGPASSWORD"] == server.password
+    assert len(TOKEN_CALLS) == 1
+    called = TOKEN_CALLS[0]
+    assert isinstance(called, safepg.ConnectTarget)
+    assert (called.host, called.port, called.user) == (server.host, server.port, server.user)
+    assert not any(server.password in a for a in args)
+    ran = _run_psql(args, env)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == "t"
+
+
+def test_dbshell_refuses_a_password_callable_for_a_socket(
+    server: PostgresServer, connections: Any
+) -> None:
+    from safepg.django.base import DatabaseClient
+
+    TOKEN_CALLS.clear()
+    settings = _token_database(
+        server, host=str(server.socket_dir), allow_unencrypted_unix_socket=True
+    )
+    with pytest.raises(safepg.ConfigurationError, match="Unix-domain socket"):
+        DatabaseClient.settings_to_cmd_args_env(settings, [])
+    assert TOKEN_CALLS == []
+
+
+def test_dbshell_refuses_double_dash(server: PostgresServer, connections: Any) -> None:
+    from safepg.django.base import DatabaseClient
+
+    with pytest.raises(safepg.ConfigurationError, match="'--'"):
+        DatabaseClient.settings_to_cmd_args_env(_database(server), ["--", "other"])
 
 
 _PSYCOPG2_RUN = """

@@ -119,6 +119,24 @@ def test_each_call_returns_a_context_of_its_own(server: PostgresServer) -> None:
     assert second.check_hostname
 
 
+def test_connect_paths_share_a_sealed_context_callers_get_their_own(
+    server: PostgresServer, rogue_ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    trust = _sslcontext.trust_for("localhost", server.ca_path)
+    shared = _sslcontext.cached_context(trust)
+    rogue = rogue_ca.write_cert(tmp_path / "rogue.pem")
+    with pytest.raises(AttributeError, match="shared by safepg's connections"):
+        shared.load_verify_locations(cafile=str(rogue))
+    with pytest.raises(AttributeError, match=r"safepg\.ssl_context"):
+        shared.check_hostname = False
+    assert shared.check_hostname
+    assert len(shared.get_ca_certs()) == 1
+    mine = safepg.ssl_context("localhost", sslrootcert=server.ca_path)
+    assert type(mine) is ssl.SSLContext
+    mine.load_verify_locations(cafile=str(rogue))  # the caller's own, to change at will
+    assert len(_sslcontext.cached_context(trust).get_ca_certs()) == 1
+
+
 def test_cached_context_follows_the_file(server: PostgresServer, tmp_path: Path) -> None:
     path = tmp_path / "ca.pem"
     path.write_bytes(server.ca_path.read_bytes())

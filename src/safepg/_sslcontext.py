@@ -21,10 +21,52 @@ __all__ = ["ssl_context"]
 
 logger = logging.getLogger("safepg")
 
-# (trust file path, its inode/size/mtime, TLS 1.3 only) -> a context made from it. Only the
-# connect paths of safepg use these; callers of ssl_context always get a context of their own,
-# since an SSLContext is mutable and a shared one could be weakened by whoever holds it.
+# (trust file path, its inode/size/mtime, TLS 1.3 only) -> a sealed context made from it. Only
+# the connect paths of safepg use these; callers of ssl_context always get a context of their own.
 _contexts: dict[tuple[str, tuple[int, int, int], bool], ssl.SSLContext] = {}
+# Methods that change a context: loading CAs, keys or paths, and every set_* (ciphers, ALPN,
+# callbacks, PSK callbacks that would skip the certificate).
+_CHANGING = ("load_", "set_")
+
+
+class SealedContext(ssl.SSLContext):
+    """A context that refuses every change once sealed: shared by safepg's connections.
+
+    asyncpg hands the context to whoever holds a connection
+    (``conn._transport.get_extra_info("sslcontext")``); a shared, mutable one could be given a
+    rogue CA, or lose its host name check, for every later connection. Making a context per
+    connection instead would cost milliseconds (OpenSSL 3 decodes a 100-root bundle in about
+    20 ms), so the shared one is sealed: setting any attribute (``check_hostname``,
+    ``verify_mode``, ``keylog_filename``, ...) or calling a ``load_*``/``set_*`` method raises.
+    """
+
+    _sealed = False
+
+    def seal(self) -> None:
+        """Refuse every change from now on."""
+        object.__setattr__(self, "_sealed", True)
+
+    def _refuse(self, name: str) -> AttributeError:
+        return AttributeError(
+            f"this ssl.SSLContext is shared by safepg's connections and cannot be changed "
+            f"({name}): it would change every later connection. safepg.ssl_context() returns "
+            "a context of your own."
+        )
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if self._sealed:
+            raise self._refuse(name)
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if self._sealed:
+            raise self._refuse(name)
+        super().__delattr__(name)
+
+    def __getattribute__(self, name: str) -> object:
+        if name.startswith(_CHANGING) and object.__getattribute__(self, "_sealed"):
+            raise object.__getattribute__(self, "_refuse")(name)
+        return super().__getattribute__(name)
 
 
 def trust_for(host: str | None, sslrootcert: str | PathLike[str] | None) -> TrustSource:
@@ -55,13 +97,14 @@ def trust_for(host: str | None, sslrootcert: str | PathLike[str] | None) -> Trus
     )
 
 
-def new_context(trust: TrustSource, *, tls13: bool = False) -> ssl.SSLContext:
-    """A new client context that verifies the chain against *trust* and the host name.
+def new_context(trust: TrustSource, *, tls13: bool = False, sealed: bool = False) -> ssl.SSLContext:
+    """A new client context that verifies the chain against *trust* and the host name; with
+    *sealed*, a `SealedContext` that refuses every change.
 
     Raises:
         ConfigurationError: OpenSSL cannot load *trust*'s file.
     """
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx = (SealedContext if sealed else ssl.SSLContext)(ssl.PROTOCOL_TLS_CLIENT)
     # verify-full: the chain must lead to the trust anchors, and the certificate must name the
     # host dialled. PROTOCOL_TLS_CLIENT sets both already; said here so nobody wonders.
     ctx.verify_mode = ssl.CERT_REQUIRED
@@ -78,20 +121,22 @@ def new_context(trust: TrustSource, *, tls13: bool = False) -> ssl.SSLContext:
             f"OpenSSL could not load the trust anchors {trust}: {ex}. Fix the file, or name "
             "another with sslrootcert."
         ) from None
+    if isinstance(ctx, SealedContext):
+        ctx.seal()
     return ctx
 
 
 def cached_context(trust: TrustSource, *, tls13: bool = False) -> ssl.SSLContext:
-    """`new_context`, made once per version of *trust*'s file: loading a bundle of 100-150
-    roots costs milliseconds. A file changed on disk (new inode, size or mtime) gets a new one.
-    For safepg's own connect paths only: the context is shared, never handed to callers."""
+    """A sealed `new_context`, made once per version of *trust*'s file: loading a bundle of
+    100-150 roots costs about 20 ms. A file changed on disk (new inode, size or mtime) gets a
+    new one. For safepg's own connect paths: shared by their connections, so sealed."""
     try:
         key = (trust.path, _trust._stat_key(os.stat(trust.path)), tls13)
     except OSError:
-        return new_context(trust, tls13=tls13)
+        return new_context(trust, tls13=tls13, sealed=True)
     ctx = _contexts.get(key)
     if ctx is None:
-        ctx = _contexts[key] = new_context(trust, tls13=tls13)
+        ctx = _contexts[key] = new_context(trust, tls13=tls13, sealed=True)
     return ctx
 
 

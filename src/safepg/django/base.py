@@ -6,8 +6,10 @@
 - With ``OPTIONS["pool"]`` (psycopg 3, Django 5.1+), Django's psycopg_pool pool opens its
   connections with a connection class from `safepg.pool.verified_class`, so every connection
   the pool makes, later ones included, is hardened and checked.
-- ``manage.py dbshell`` runs psql with ``PGSSLMODE=verify-full``, the ``PGSSLROOTCERT`` safepg
-  resolves, ``PGGSSENCMODE=disable`` and a TLS 1.2 minimum (what ``safepg env`` prints).
+- ``manage.py dbshell`` runs psql with a conninfo string on its command line that holds
+  ``sslmode=verify-full``, the ``sslrootcert`` safepg resolves, ``gssencmode=disable`` and a
+  TLS minimum, which a service file or ``PG*`` variables cannot override; the password goes
+  in ``PGPASSWORD``, never on the command line.
 
 ``OPTIONS`` are libpq parameters as with Django's backend (``sslrootcert``, ``application_name``,
 ``options``, ...); a weaker ``sslmode`` is raised to verify-full and logged. safepg's own
@@ -26,12 +28,23 @@ from django.db.backends.postgresql import base as _postgresql
 from django.db.backends.postgresql.client import DatabaseClient as _PostgreSQLClient
 from django.db.backends.postgresql.psycopg_any import is_psycopg3
 
-from .._params import MIN_TLS_VERSION, REQUIRED_SSLMODE, build_plan
+from .._errors import ConfigurationError
+from .._params import REQUIRED_SSLMODE, _join, build_plan
+from .._password import target, with_password
 
 __all__ = ["DatabaseClient", "DatabaseWrapper"]
 
 # safepg's options in OPTIONS: for safepg, never for libpq.
 _SAFEPG_OPTIONS = ("allow_unencrypted_unix_socket", "fast_path", "verify_as", "direct_tls")
+# Never on psql's command line: other users of the machine can read it.
+_SECRETS = ("password", "sslpassword")
+
+
+def _libpq_keywords() -> frozenset[str]:
+    """The connection keywords libpq knows: the OPTIONS that go on psql's conninfo."""
+    from psycopg import pq  # here: Django's psycopg2 mode may hide psycopg from its modules
+
+    return frozenset(o.keyword.decode() for o in pq.Conninfo.get_defaults())
 
 
 def _driver() -> types.ModuleType:
@@ -51,38 +64,63 @@ def _driver() -> types.ModuleType:
 
 
 class DatabaseClient(_PostgreSQLClient):
-    """``dbshell``: psql with the TLS settings safepg would connect with."""
+    """``dbshell``: psql with the TLS settings safepg would connect with, on its command line."""
 
     @classmethod
     def settings_to_cmd_args_env(
         cls, settings_dict: dict[str, Any], parameters: Any
     ) -> tuple[list[str], dict[str, str] | None]:
-        """Django's psql command line, with safepg's environment on top of Django's.
+        """psql's command line: Django's *parameters*, then ``--dbname`` with a conninfo string
+        built from safepg's plan (verify-full, safepg's sslrootcert, ``gssencmode=disable``, a
+        TLS minimum). libpq takes what the conninfo names over a service file and ``PG*``
+        variables, which only fill the gaps. The password never goes on the command line
+        (other users can read it): it goes in ``PGPASSWORD``, as with Django's backend; a
+        password callable is called now, for a TCP host only.
 
         Raises:
-            safepg.ConfigurationError: the settings cannot give a verified session.
+            safepg.ConfigurationError: the settings cannot give a verified session, or
+                *parameters* hold ``--`` (after it, psql would not read the conninfo as one).
         """
-        args, env = super().settings_to_cmd_args_env(settings_dict, parameters)
+        parameters = [str(p) for p in parameters]
+        if "--" in parameters:
+            raise ConfigurationError(
+                "dbshell parameters must not hold '--': psql would then take safepg's "
+                "connection string as a positional argument, not as the connection to open."
+            )
         options = settings_dict.get("OPTIONS") or {}
-        where = {
-            "host": settings_dict.get("HOST") or None,
-            "port": settings_dict.get("PORT") or None,
-            "service": options.get("service"),
-            "sslrootcert": options.get("sslrootcert"),
+        keywords = _libpq_keywords()
+        where: dict[str, Any] = {
+            k: v for k, v in options.items() if k in keywords and k not in _SECRETS
         }
+        where.update(
+            host=settings_dict.get("HOST") or None,
+            port=settings_dict.get("PORT") or None,
+            user=settings_dict.get("USER") or None,
+            # Django's default when neither names a database.
+            dbname=settings_dict.get("NAME") or (None if options.get("service") else "postgres"),
+        )
         plan = build_plan(
             "",
             where,
             allow_unencrypted_unix_socket=options.get("allow_unencrypted_unix_socket", False),
+            verify_as=options.get("verify_as"),
         )
-        return args, {
-            **(env or {}),
-            # Django passes OPTIONS["sslmode"] as PGSSLMODE: never less than verify-full.
+        shown = {k: v for k, v in plan.params.items() if k not in _SECRETS}
+        args = [cls.executable_name, *parameters, "--dbname=" + _join(shown)]
+        env = {
+            # Also in the environment, for anything psql starts that reads them.
             "PGSSLMODE": REQUIRED_SSLMODE,
             "PGSSLROOTCERT": plan.trust.path,
             "PGGSSENCMODE": "disable",
-            "PGSSLMINPROTOCOLVERSION": MIN_TLS_VERSION,
+            "PGSSLMINPROTOCOLVERSION": plan.params["ssl_min_protocol_version"],
         }
+        password = settings_dict.get("PASSWORD")
+        if callable(password):
+            minted = with_password({}, password, target(plan))
+            env["PGPASSWORD"] = minted["password"]
+        elif password:
+            env["PGPASSWORD"] = str(password)
+        return args, env
 
 
 class DatabaseWrapper(_postgresql.DatabaseWrapper):
