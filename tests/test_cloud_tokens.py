@@ -249,6 +249,30 @@ def test_azure_tokens_go_only_to_azure_names_unless_told(server: PostgresServer,
         custom(ConnectTarget("corp.example", 5432, "u", "d"))
 
 
+def test_every_host_of_a_multi_host_target_is_checked(
+    server: PostgresServer, role: str, closed_port: int
+) -> None:
+    # libpq sends the same password to the next host when one fails: a listed first host that
+    # is down must not let the token go to an unlisted second one.
+    credential = FakeAzureCredential(Clock())
+    auth = safepg.azure.EntraAuth(credential, clock=Clock(), hosts=["127.0.0.2"])
+    set_password(server, role, auth(ConnectTarget("127.0.0.2", 1, "any", "any")))
+    calls = len(credential.scopes)
+    multi = (
+        f"host=127.0.0.2,{server.host} port={closed_port},{server.port} user={role} "
+        f"dbname={server.dbname} sslrootcert={server.ca_path}"
+    )
+    with pytest.raises(ConfigurationError, match=f"did not send a token to '{server.host}'"):
+        safepg.connect(multi, password=auth)
+    assert len(credential.scopes) == calls
+    gcp = safepg.gcp.IAMAuth(object(), request=object(), hosts=["127.0.0.2"])
+    with pytest.raises(ConfigurationError, match="did not send a token"):
+        safepg.connect(multi, password=gcp)
+    target = ConnectTarget("a", 1, "u", "d", ("a", "b"))
+    assert target.all_hosts == ("a", "b")
+    assert ConnectTarget("a", 1, "u", "d").all_hosts == ("a",)
+
+
 @pytest.mark.parametrize(
     "hosts", ["db.example.com", [], ["*"], ["*.a.*"], ["a b"], [""], ["u@h"], [b"h"], ["h\n"]]
 )

@@ -128,7 +128,7 @@ def test_a_fresh_token_for_every_connection(server: PostgresServer, rotating: Ro
             assert safepg.check(conn).verified
     assert len(set(rotating.tokens)) == 3  # each token worked, and only the newest is valid
     assert set(rotating.targets) == {
-        ConnectTarget(server.host, server.port, rotating.role, server.dbname)
+        ConnectTarget(server.host, server.port, rotating.role, server.dbname, (server.host,))
     }
 
 

@@ -42,12 +42,21 @@ class ConnectTarget:
         port: the port.
         user: the user name libpq will log in as (conninfo, ``PGUSER`` or the OS user).
         dbname: the database name.
+        hosts: every host name libpq may send the password to, in order (*host* first): with
+            several hosts, libpq tries the next one when a host fails, with the same password.
+            A provider that limits where its token goes checks all of them.
     """
 
     host: str
     port: int
     user: str
     dbname: str
+    hosts: tuple[str, ...] = ()
+
+    @property
+    def all_hosts(self) -> tuple[str, ...]:
+        """*hosts*, or (*host*,) when a target was made without them."""
+        return self.hosts or (self.host,)
 
 
 class PasswordProvider(Protocol):
@@ -94,7 +103,8 @@ def target(plan: Plan) -> ConnectTarget:
     first = plan.targets[0]
     user = plan.resolved.get("user") or plan.params.get("user") or ""
     dbname = plan.resolved.get("dbname") or plan.params.get("dbname") or user
-    return ConnectTarget(first.host, int(first.port), user, dbname)
+    hosts = tuple(dict.fromkeys(t.host for t in plan.targets))
+    return ConnectTarget(first.host, int(first.port), user, dbname, hosts)
 
 
 def _name(provider: object) -> str:

@@ -122,13 +122,15 @@ class EntraAuth:
     def __call__(self, target: ConnectTarget, /) -> str:
         """A token for Azure Database for PostgreSQL: a cached one until its expiry minus
         the margin, else a new one. The same token serves every host in *hosts* and user."""
-        if not host_allowed(self.hosts, target.host):
+        refused = [h for h in target.all_hosts if not host_allowed(self.hosts, h)]
+        if refused:
             raise ConfigurationError(
-                f"safepg.azure.EntraAuth did not send a token to {target.host!r}: it is not an "
-                "Azure Database for PostgreSQL name, and an Entra token is accepted by every "
+                f"safepg.azure.EntraAuth did not send a token to {refused[0]!r}: it is not an "
+                "Azure Database for PostgreSQL name (with several hosts, libpq may send the "
+                "password to each), and an Entra token is accepted by every "
                 "server that trusts the identity, so another server could replay it. If this "
                 f"is your server (a custom DNS name or private endpoint), pass "
-                f"EntraAuth(hosts=[{target.host!r}])."
+                f"EntraAuth(hosts=[{refused[0]!r}])."
             )
         return self._cache.get(SCOPE, self._fetch)
 

@@ -116,9 +116,10 @@ class IAMAuth:
     def __call__(self, target: ConnectTarget, /) -> str:
         """An access token: the credentials' own until their expiry minus the margin, else a
         refreshed one. The same token serves every host (in *hosts*, if given) and user."""
-        if not host_allowed(self.hosts, target.host):
+        refused = [h for h in target.all_hosts if not host_allowed(self.hosts, h)]
+        if refused:
             raise ConfigurationError(
-                f"safepg.gcp.IAMAuth did not send a token to {target.host!r}: it is not in the "
+                f"safepg.gcp.IAMAuth did not send a token to {refused[0]!r}: it is not in the "
                 f"hosts it was given ({', '.join(self.hosts or ())})."
             )
         with self._lock:
