@@ -386,3 +386,27 @@ def test_example_project(server: PostgresServer) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "written through safepg" in proc.stdout
     assert "verified TLSv1." in proc.stdout
+
+
+@pytest.mark.parametrize("last", ["-c", "-U", "-Xc", "-d", "--dbname", "--dbn", "--host", "-o"])
+def test_dbshell_refuses_a_last_option_without_its_value(
+    server: PostgresServer, connections: Any, last: str
+) -> None:
+    # psql would take safepg's --dbname=... as that option's value, and connect from the
+    # environment (a socket, PGHOST, a service file) instead.
+    from safepg.django.base import DatabaseClient
+
+    with pytest.raises(safepg.ConfigurationError, match="takes a value and has none"):
+        DatabaseClient.settings_to_cmd_args_env(_database(server), ["-X", last])
+
+
+@pytest.mark.parametrize(
+    "parameters", [["-c", "select 1"], ["-cselect 1"], ["-X"], ["--command=select 1"], ["-q"]]
+)
+def test_dbshell_takes_options_with_their_values(
+    server: PostgresServer, connections: Any, parameters: list[str]
+) -> None:
+    from safepg.django.base import DatabaseClient
+
+    args, _ = DatabaseClient.settings_to_cmd_args_env(_database(server), parameters)
+    assert args[-1].startswith("--dbname=")

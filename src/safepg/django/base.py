@@ -63,6 +63,29 @@ def _driver() -> types.ModuleType:
     return driver
 
 
+# psql's options that take a value (its getopt string "c:d:f:F:h:L:o:p:P:R:T:U:v:"), and their
+# long names: given last with no value, psql would take the next argument as that value.
+_VALUE_SHORT = frozenset("cdfFhLopPRTUv")
+_VALUE_LONG = (
+    "--command", "--dbname", "--file", "--field-separator", "--host", "--log-file", "--output",
+    "--port", "--pset", "--record-separator", "--set", "--table-attr", "--username",
+    "--variable",
+)  # fmt: skip
+
+
+def _wants_a_value(arg: str) -> bool:
+    """*arg* is a psql option that would take the next argument as its value."""
+    if arg.startswith("--"):
+        # getopt_long takes an unambiguous prefix of a long name too (--dbn).
+        return "=" not in arg and len(arg) > 2 and any(n.startswith(arg) for n in _VALUE_LONG)
+    if not arg.startswith("-") or len(arg) < 2:
+        return False
+    for i, char in enumerate(arg[1:], start=1):
+        if char in _VALUE_SHORT:  # takes the rest of the bundle, or the next argument
+            return i == len(arg) - 1
+    return False
+
+
 class DatabaseClient(_PostgreSQLClient):
     """``dbshell``: psql with the TLS settings safepg would connect with, on its command line."""
 
@@ -86,6 +109,12 @@ class DatabaseClient(_PostgreSQLClient):
             raise ConfigurationError(
                 "dbshell parameters must not hold '--': psql would then take safepg's "
                 "connection string as a positional argument, not as the connection to open."
+            )
+        if parameters and _wants_a_value(parameters[-1]):
+            raise ConfigurationError(
+                f"the last dbshell parameter, {parameters[-1]!r}, is a psql option that takes a "
+                "value and has none: psql would take safepg's connection string as its value "
+                "and connect from the environment instead. Give the option its value."
             )
         options = settings_dict.get("OPTIONS") or {}
         keywords = _libpq_keywords()
