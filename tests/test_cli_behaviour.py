@@ -337,3 +337,20 @@ def test_env_refuses_a_socket_target(capsys: pytest.CaptureFixture[str]) -> None
     out, err = capsys.readouterr()
     assert "export" not in out
     assert "never encrypts" in err
+
+
+def test_env_refuses_a_socket_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PGHOST", "/var/run/postgresql")
+    assert main(["env"]) == 2
+    assert "never encrypts" in capsys.readouterr().err
+    monkeypatch.delenv("PGHOST")
+    services = tmp_path / "pg_service.conf"
+    services.write_text("[local]\nhost=/tmp\n")
+    monkeypatch.setenv("PGSERVICEFILE", str(services))
+    monkeypatch.setenv("PGSERVICE", "local")
+    assert main(["env"]) == 2
+    assert "never encrypts" in capsys.readouterr().err
+    monkeypatch.delenv("PGSERVICE")
+    assert main(["env"]) == 0  # no host anywhere: psql will be given one

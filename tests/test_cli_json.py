@@ -312,6 +312,10 @@ def test_an_unexpected_driver_error_still_gives_the_document(
         ["inspect", "db.example.com", "--hostaddr", "S3CRET@x"],
         ["env", "host=app:S3CRET@db"],
         ["check", "postgresql://app:S3CRET@db:x/app"],
+        # An unquoted URL whose password has spaces: argparse would echo the words.
+        ["check", "postgresql://u:correct", "S3CRET", "battery@db.example.com/app"],
+        ["env", "postgresql://u:correct", "S3CRET", "battery@db.example.com/app"],
+        ["inspect", "db.example.com:5432", "u:correct", "S3CRET"],
     ],
 )
 def test_a_host_that_holds_a_password_is_never_echoed(

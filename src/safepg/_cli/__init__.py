@@ -42,6 +42,7 @@ USAGE_SCHEMA = "safepg.usage/1"
 # --json was among the arguments being parsed: a usage error is then a JSON document too.
 _json_requested: ContextVar[bool] = ContextVar("safepg_cli_json", default=False)
 # A value in argparse's message that holds '@' (user-info: app:secret@db) is withheld.
+_UNRECOGNIZED = re.compile(r"unrecognized arguments: (.*)", re.S)
 _AT_VALUE = re.compile(r"""'[^']*@[^']*'|\S*@\S*""")
 
 
@@ -50,6 +51,10 @@ def usage_message(message: str) -> str:
     from .._redact import redact
     from .._text import shown
 
+    unrecognized = _UNRECOGNIZED.match(message)
+    if unrecognized:  # an unquoted URL's password with spaces would come back word by word
+        count = len(unrecognized.group(1).split())
+        return f"unrecognized arguments ({count}, not shown: quote a URL or conninfo)"
     return shown(_AT_VALUE.sub("(a value holding '@', not shown)", redact(message)))
 
 

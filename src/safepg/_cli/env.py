@@ -101,10 +101,13 @@ def run(args: argparse.Namespace, out: Output) -> int:
     trust = plan.trust
     doc["trust"] = trust_json(trust)
     problem = unverifiable([t.host for t in plan.targets if not t.socket], trust)
-    if args.target and any(t.socket for t in plan.targets):
+    # A socket named anywhere (the target, PGHOST, a service): psql would use it. Only libpq's
+    # built-in default (no host at all) passes without a target: psql will be given a host.
+    if any(t.socket and (t.host or args.target) for t in plan.targets):
         problem = (
-            "a host of the target is a Unix-domain socket, which libpq never encrypts: no "
-            "export can make psql verify it. Give a TCP host name."
+            "a host (of the target, PGHOST or the service) is a Unix-domain socket, which "
+            "libpq never encrypts: no export can make psql verify it. Give a TCP host name, "
+            "or unset PGHOST."
         )
     if problem is not None:
         return out.refuse(EXIT_USAGE, "ConfigurationError", problem)
