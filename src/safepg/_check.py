@@ -26,7 +26,7 @@ _DEFAULT_PORT = 5432
 _STAT_SSL_QUERY = (
     "SELECT b.pid, s.ssl, s.version, s.cipher, s.bits, s.client_dn "
     "FROM (SELECT pg_catalog.pg_backend_pid() AS pid) b "
-    "LEFT JOIN pg_catalog.pg_stat_ssl s ON s.pid = b.pid"
+    "LEFT JOIN pg_catalog.pg_stat_ssl s ON s.pid OPERATOR(pg_catalog.=) b.pid"
 )
 
 # The plan each connection safepg made was built from, to report its trust anchors later.

@@ -30,11 +30,14 @@ if TYPE_CHECKING:
     from ._output import Subparsers
 
 SCHEMA = "safepg.check/1"
+# Every function and operator by its schema: a role whose search_path puts its own schema
+# before pg_catalog must not choose what this query calls.
 _ACTIVITY_QUERY = (
     "SELECT a.usename, a.datname, a.application_name, pg_catalog.host(a.client_addr), "
     "a.backend_start, s.ssl, s.version, s.cipher, s.bits, s.client_dn "
-    "FROM pg_catalog.pg_stat_activity a JOIN pg_catalog.pg_stat_ssl s USING (pid) "
-    "WHERE a.pid = pg_catalog.pg_backend_pid()"
+    "FROM pg_catalog.pg_stat_activity a JOIN pg_catalog.pg_stat_ssl s "
+    "ON a.pid OPERATOR(pg_catalog.=) s.pid "
+    "WHERE a.pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()"
 )
 _ACTIVITY_KEYS = (
     "user",
