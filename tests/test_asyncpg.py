@@ -578,6 +578,7 @@ def test_sqlalchemy_asyncpg_engine_fails_closed(
     ("kwargs", "message"),
     [
         ({"timeout": float("nan")}, "timeout must be a finite number"),
+        ({"command_timeout": 10**400}, "command_timeout must be a finite number"),
         ({"command_timeout": float("inf")}, "command_timeout must be a finite number"),
         ({"timeout": "5"}, "timeout must be a number of seconds; got a str"),
         ({"timeout": True}, "timeout must be a number of seconds; got a bool"),

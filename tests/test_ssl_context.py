@@ -130,6 +130,12 @@ def test_connect_paths_share_a_sealed_context_callers_get_their_own(
     with pytest.raises(AttributeError, match=r"safepg\.ssl_context"):
         shared.check_hostname = False
     assert shared.check_hostname
+    vars(shared).clear()  # the seal is not kept where the holder of the context can reach
+    with pytest.raises(AttributeError, match="shared by safepg's connections"):
+        shared.verify_mode = ssl.CERT_NONE
+    with pytest.raises(AttributeError, match="shared by safepg's connections"):
+        shared.load_verify_locations(cafile=str(rogue))
+    assert shared.verify_mode == ssl.CERT_REQUIRED
     assert len(shared.get_ca_certs()) == 1
     mine = safepg.ssl_context("localhost", sslrootcert=server.ca_path)
     assert type(mine) is ssl.SSLContext

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import weakref
 from os import PathLike
 
 from . import _trust
@@ -29,6 +30,10 @@ _contexts: dict[tuple[str, tuple[int, int, int], bool], ssl.SSLContext] = {}
 _CHANGING = ("load_", "set_")
 
 
+# The sealed contexts: by identity, outside them; a context leaves when it is collected.
+_SEALED: weakref.WeakSet[ssl.SSLContext] = weakref.WeakSet()
+
+
 class SealedContext(ssl.SSLContext):
     """A context that refuses every change once sealed: shared by safepg's connections.
 
@@ -40,11 +45,10 @@ class SealedContext(ssl.SSLContext):
     ``verify_mode``, ``keylog_filename``, ...) or calling a ``load_*``/``set_*`` method raises.
     """
 
-    _sealed = False
-
     def seal(self) -> None:
-        """Refuse every change from now on."""
-        object.__setattr__(self, "_sealed", True)
+        """Refuse every change from now on. The mark is kept outside the context (not in its
+        ``__dict__``, which anyone holding it could clear)."""
+        _SEALED.add(self)
 
     def _refuse(self, name: str) -> AttributeError:
         return AttributeError(
@@ -54,17 +58,17 @@ class SealedContext(ssl.SSLContext):
         )
 
     def __setattr__(self, name: str, value: object) -> None:
-        if self._sealed:
+        if self in _SEALED:
             raise self._refuse(name)
         super().__setattr__(name, value)
 
     def __delattr__(self, name: str) -> None:
-        if self._sealed:
+        if self in _SEALED:
             raise self._refuse(name)
         super().__delattr__(name)
 
     def __getattribute__(self, name: str) -> object:
-        if name.startswith(_CHANGING) and object.__getattribute__(self, "_sealed"):
+        if name.startswith(_CHANGING) and self in _SEALED:
             raise object.__getattribute__(self, "_refuse")(name)
         return super().__getattribute__(name)
 

@@ -115,7 +115,11 @@ def _seconds(name: str, value: object) -> float | None:
         raise ConfigurationError(
             f"{name} must be a number of seconds; got a {type(value).__name__}"
         )
-    if not (math.isfinite(value) and value > 0):
+    try:
+        finite = math.isfinite(value) and value > 0
+    except OverflowError:  # an int too big for a float
+        finite = False
+    if not finite:
         raise ConfigurationError(
             f"{name} must be a finite number of seconds above 0; got {value!r}"
         )

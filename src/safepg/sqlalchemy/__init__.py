@@ -361,7 +361,9 @@ def _unverified(conn: Any) -> str | None:
     if sslmode != REQUIRED_SSLMODE:
         return f"it uses sslmode={sslmode}, which does not verify the server"
     protocol = ssl_attribute(pgconn, "protocol")  # its own ssl_min_protocol_version may be low
-    if protocol is not None and protocol not in _check.ACCEPTED_PROTOCOLS:
+    if protocol is None:
+        return "libpq does not say which TLS version it uses"
+    if protocol not in _check.ACCEPTED_PROTOCOLS:
         return f"it uses {shown(protocol)}, below the TLS 1.2 minimum"
     return None
 
