@@ -91,3 +91,21 @@ def test_a_token_is_in_no_frame_of_a_refused_connection(
     with pytest.raises(Exception) as info:  # noqa: PT011 - whatever the driver raises
         _connect(driver, server, role, lambda: token, host="name.invalid")
     assert token not in all_text(info.value)
+
+
+def test_without_frames_follows_both_chains() -> None:
+    from safepg._password import without_frames
+
+    def fail() -> None:
+        try:
+            raise KeyError("context")
+        except KeyError:
+            raise RuntimeError("raised") from ValueError("cause")
+
+    with pytest.raises(RuntimeError) as info:
+        fail()
+    err = without_frames(info.value)
+    assert err.__cause__ is not None and err.__context__ is not None
+    assert err.__cause__ is not err.__context__
+    assert err.__traceback__ is None
+    assert err.__context__.__traceback__ is None  # the one a single chain would miss

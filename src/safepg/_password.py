@@ -191,11 +191,14 @@ def without_frames(err: E) -> E:
     locals, and error reporters (Sentry, rich tracebacks) show frame locals; the messages stay.
     """
     seen: set[int] = set()
-    ex: BaseException | None = err
-    while ex is not None and id(ex) not in seen:
+    todo: list[BaseException | None] = [err]
+    while todo:
+        ex = todo.pop()
+        if ex is None or id(ex) in seen:
+            continue
         seen.add(id(ex))
         ex.with_traceback(None)
-        ex = ex.__cause__ or ex.__context__
+        todo += [ex.__cause__, ex.__context__]
     return err
 
 
