@@ -105,7 +105,8 @@ def test_without_frames_follows_both_chains() -> None:
     with pytest.raises(RuntimeError) as info:
         fail()
     err = without_frames(info.value)
-    assert err.__cause__ is not None and err.__context__ is not None
+    assert err.__cause__ is not None
+    assert err.__context__ is not None
     assert err.__cause__ is not err.__context__
     assert err.__traceback__ is None
     assert err.__context__.__traceback__ is None  # the one a single chain would miss
