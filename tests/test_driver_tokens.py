@@ -110,3 +110,22 @@ def test_without_frames_follows_both_chains() -> None:
     assert err.__cause__ is not err.__context__
     assert err.__traceback__ is None
     assert err.__context__.__traceback__ is None  # the one a single chain would miss
+
+
+@pytest.mark.parametrize("driver", ["psycopg", *DRIVERS])
+def test_a_refused_token_is_in_no_frame_of_the_error(
+    server: PostgresServer, role: str, driver: str
+) -> None:
+    # A token with one character libpq cannot take (NUL) is refused before connecting; the
+    # rest of it is still a secret.
+    token = "tok-" + secrets.token_urlsafe(24)
+
+    def connect() -> None:
+        if driver == "psycopg":
+            safepg.connect(server.conninfo(user=role, password=None), password=lambda: token + "\0")
+        else:
+            _connect(driver, server, role, lambda: token + "\0")
+
+    with pytest.raises(safepg.ConfigurationError) as info:
+        connect()
+    assert token not in all_text(info.value)

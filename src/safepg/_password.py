@@ -165,7 +165,20 @@ def with_password(
             f"the password callable {_name(provider)} returned an awaitable: use "
             "safepg.connect_async, or return the token as a str."
         )
-    return {**params, "password": _checked(value, provider)}
+    box = [value]
+    del value  # only in the box, which a refusal empties
+    return {**params, "password": _accepted(box, provider)}
+
+
+def _accepted(box: list[object], provider: object) -> str:
+    """`_checked` for the value in *box*. A refused value (it may be a token with one bad
+    character) is dropped from *box*, and the error has no frames that could hold it."""
+    try:
+        return _checked(box[0], provider)
+    except ConfigurationError as ex:
+        refusal = ex
+    box.clear()
+    raise refusal.with_traceback(None)
 
 
 async def with_password_async(
@@ -181,7 +194,9 @@ async def with_password_async(
         value = await asyncio.to_thread(_call, provider, target)
         if inspect.isawaitable(value):
             value = await value
-    return {**params, "password": _checked(value, provider)}
+    box = [value]
+    del value  # only in the box, which a refusal empties
+    return {**params, "password": _accepted(box, provider)}
 
 
 def without_frames(err: E) -> E:
