@@ -574,6 +574,21 @@ def test_sqlalchemy_asyncpg_engine_fails_closed(
         run(main())
 
 
+def test_url_connect_timeout_0_is_libpqs_no_timeout(server: PostgresServer) -> None:
+    import safepg.sqlalchemy
+
+    engine = safepg.sqlalchemy.create_async_engine(asyncpg_url(server, "&connect_timeout=0"))
+
+    async def main() -> None:
+        try:
+            async with engine.connect() as conn:
+                assert (await conn.exec_driver_sql("SELECT 1")).scalar() == 1
+        finally:
+            await engine.dispose()
+
+    run(main())
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

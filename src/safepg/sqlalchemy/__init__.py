@@ -296,7 +296,9 @@ def asyncpg_creator(url: str | URL, **kwargs: Any) -> Callable[[], Awaitable[Any
         else:
             params[key] = value
     if "connect_timeout" in params:  # libpq's name; asyncpg calls it timeout
-        params.setdefault("timeout", float(_seconds(params.pop("connect_timeout"))))
+        seconds = _seconds(params.pop("connect_timeout"))
+        if seconds > 0:  # 0 is libpq's "no timeout": asyncpg's default then
+            params.setdefault("timeout", float(seconds))
     if "application_name" in params:
         settings = {"application_name": params.pop("application_name")}
         params["server_settings"] = {**settings, **(kwargs.pop("server_settings", None) or {})}
