@@ -182,11 +182,11 @@ def test_dbshell_gets_safepg_environment(server: PostgresServer, connections: An
 
 
 def _psql_conninfo(args: Sequence[str]) -> dict[str, Any]:
-    """The conninfo safepg put on psql's command line (its last argument)."""
+    """The conninfo safepg put on psql's command line (its first argument)."""
     from psycopg.conninfo import conninfo_to_dict
 
-    assert args[-1].startswith("--dbname=")
-    return conninfo_to_dict(args[-1].removeprefix("--dbname="))
+    assert args[1].startswith("--dbname=")
+    return conninfo_to_dict(args[1].removeprefix("--dbname="))
 
 
 def _psql() -> str:
@@ -232,8 +232,8 @@ def test_dbshell_conninfo_beats_a_hostile_service_file(
     root = tmp_path / "it's a \\ root.crt"
     root.write_bytes(server.ca_path.read_bytes())
     settings = _database(server, service="app", sslrootcert=str(root))
-    # dbshell parameters come first: the conninfo after them wins over -h, -p and -d too.
-    earlier = ["-h", "wrong.invalid", "-p", "1", "-d", "sslmode=disable"]
+    # The conninfo wins over -h and -p in the parameters too (-d is refused).
+    earlier = ["-h", "wrong.invalid", "-p", "1"]
     args, env = DatabaseClient.settings_to_cmd_args_env(
         settings, [*earlier, "-tA", "-c", SSL_OF_SESSION]
     )
@@ -388,7 +388,7 @@ def test_example_project(server: PostgresServer) -> None:
     assert "verified TLSv1." in proc.stdout
 
 
-@pytest.mark.parametrize("last", ["-c", "-U", "-Xc", "-d", "--dbname", "--dbn", "--host", "-o"])
+@pytest.mark.parametrize("last", ["-c", "-U", "-Xc", "--host", "-o", "--out"])
 def test_dbshell_refuses_a_last_option_without_its_value(
     server: PostgresServer, connections: Any, last: str
 ) -> None:
@@ -409,4 +409,34 @@ def test_dbshell_takes_options_with_their_values(
     from safepg.django.base import DatabaseClient
 
     args, _ = DatabaseClient.settings_to_cmd_args_env(_database(server), parameters)
-    assert args[-1].startswith("--dbname=")
+    assert args[1].startswith("--dbname=")
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [["-d", "sslmode=disable"], ["-dx"], ["-Xd", "x"], ["--dbname=x"], ["--db", "x"], ["--d=x"]],
+)
+def test_dbshell_refuses_parameters_that_name_the_database(
+    server: PostgresServer, connections: Any, parameters: list[str]
+) -> None:
+    from safepg.django.base import DatabaseClient
+
+    with pytest.raises(safepg.ConfigurationError, match="must not name the database"):
+        DatabaseClient.settings_to_cmd_args_env(_database(server), parameters)
+
+
+def test_dbshell_conninfo_holds_with_posixly_correct(
+    server: PostgresServer, connections: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # glibc's getopt then stops at the first positional argument: a conninfo after one would be
+    # read as psql's user name, and psql would connect from PGHOST instead.
+    from safepg.django.base import DatabaseClient
+
+    args, env = DatabaseClient.settings_to_cmd_args_env(
+        _database(server), ["-tA", "-c", SSL_OF_SESSION, "positional"]
+    )
+    monkeypatch.setenv("POSIXLY_CORRECT", "1")
+    monkeypatch.setenv("PGHOST", "127.0.0.7")
+    ran = _run_psql(args, env)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == "t"

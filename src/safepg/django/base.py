@@ -86,6 +86,21 @@ def _wants_a_value(arg: str) -> bool:
     return False
 
 
+def _sets_dbname(arg: str) -> bool:
+    """*arg* is psql's -d or --dbname (or an abbreviation, or a bundle such as -Xd)."""
+    if arg.startswith("--"):
+        name = arg[2:].partition("=")[0]
+        return bool(name) and "dbname".startswith(name)
+    if not arg.startswith("-"):
+        return False
+    for char in arg[1:]:
+        if char == "d":
+            return True
+        if char in _VALUE_SHORT:  # the rest of the bundle is that option's value
+            return False
+    return False
+
+
 class DatabaseClient(_PostgreSQLClient):
     """``dbshell``: psql with the TLS settings safepg would connect with, on its command line."""
 
@@ -113,8 +128,12 @@ class DatabaseClient(_PostgreSQLClient):
         if parameters and _wants_a_value(parameters[-1]):
             raise ConfigurationError(
                 f"the last dbshell parameter, {parameters[-1]!r}, is a psql option that takes a "
-                "value and has none: psql would take safepg's connection string as its value "
-                "and connect from the environment instead. Give the option its value."
+                "value and has none. Give the option its value."
+            )
+        if any(_sets_dbname(p) for p in parameters):
+            raise ConfigurationError(
+                "dbshell parameters must not name the database (-d, --dbname): safepg gives "
+                "psql the connection to open, hardened; set NAME or OPTIONS instead."
             )
         options = settings_dict.get("OPTIONS") or {}
         keywords = _libpq_keywords()
@@ -135,7 +154,9 @@ class DatabaseClient(_PostgreSQLClient):
             verify_as=options.get("verify_as"),
         )
         shown = {k: v for k, v in plan.params.items() if k not in _SECRETS}
-        args = [cls.executable_name, *parameters, "--dbname=" + _join(shown)]
+        # First, so that psql reads it as an option in every getopt mode (with POSIXLY_CORRECT
+        # set, options after a positional argument would be read as positional too).
+        args = [cls.executable_name, "--dbname=" + _join(shown), *parameters]
         env = {
             # Also in the environment, for anything psql starts that reads them.
             "PGSSLMODE": REQUIRED_SSLMODE,
