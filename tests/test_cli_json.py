@@ -316,6 +316,12 @@ def test_an_unexpected_driver_error_still_gives_the_document(
         ["check", "postgresql://u:correct", "S3CRET", "battery@db.example.com/app"],
         ["env", "postgresql://u:correct", "S3CRET", "battery@db.example.com/app"],
         ["inspect", "db.example.com:5432", "u:correct", "S3CRET"],
+        # No command: argparse quotes the value back as an invalid choice.
+        ["host=h password='it\\'s S3CRET'"],
+        ["postgres://u:it's S3CRET@h/db"],
+        ["bundles", "check", "f", "--replace", "it's S3CRET@x"],
+        ["ca", "--port", "S3CRET"],
+        ["check", "--timeout", "S3CRET", "host=h"],
     ],
 )
 def test_a_host_that_holds_a_password_is_never_echoed(

@@ -43,6 +43,8 @@ USAGE_SCHEMA = "safepg.usage/1"
 _json_requested: ContextVar[bool] = ContextVar("safepg_cli_json", default=False)
 # A value in argparse's message that holds '@' (user-info: app:secret@db) is withheld.
 _UNRECOGNIZED = re.compile(r"unrecognized arguments: (.*)", re.S)
+_INVALID_CHOICE = re.compile(r"invalid choice: (.*?)( \(choose from .*)?$", re.S)
+_INVALID_VALUE = re.compile(r"(invalid [\w ]+ value): .*$", re.S)
 _AT_VALUE = re.compile(r"""'[^']*@[^']*'|\S*@\S*""")
 
 
@@ -55,6 +57,9 @@ def usage_message(message: str) -> str:
     if unrecognized:  # an unquoted URL's password with spaces would come back word by word
         count = len(unrecognized.group(1).split())
         return f"unrecognized arguments ({count}, not shown: quote a URL or conninfo)"
+    # A value argparse quotes back (a URL given where a command belongs): never shown.
+    message = _INVALID_CHOICE.sub(r"invalid choice (the value is not shown)\2", message)
+    message = _INVALID_VALUE.sub(r"\1 (the value is not shown)", message)
     return shown(_AT_VALUE.sub("(a value holding '@', not shown)", redact(message)))
 
 

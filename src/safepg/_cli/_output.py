@@ -241,15 +241,17 @@ def timeout_seconds(value: str) -> float:
     try:
         seconds = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+        raise argparse.ArgumentTypeError(
+            "not a number of seconds (the value is not shown)"
+        ) from None
     if not 0 < seconds <= 3600:
         raise argparse.ArgumentTypeError("the timeout must be between 0 and 3600 seconds")
     return seconds
 
 
 def port_arg(value: str) -> int:
-    if not value.isdigit() or not 0 < int(value) < 65536:
-        raise argparse.ArgumentTypeError(f"not a port number (1-65535): {value!r}")
+    if not (value.isascii() and value.isdigit() and 0 < int(value) < 65536):
+        raise argparse.ArgumentTypeError("not a port number, 1 to 65535 (the value is not shown)")
     return int(value)
 
 
