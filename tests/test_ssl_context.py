@@ -135,6 +135,8 @@ def test_connect_paths_share_a_sealed_context_callers_get_their_own(
         shared.verify_mode = ssl.CERT_NONE
     with pytest.raises(AttributeError, match="shared by safepg's connections"):
         shared.load_verify_locations(cafile=str(rogue))
+    with pytest.raises(AttributeError, match="shared by safepg's connections"):
+        shared._set_alpn_protocols(bytearray(b"\x04evil"))  # type: ignore[attr-defined]
     assert shared.verify_mode == ssl.CERT_REQUIRED
     assert len(shared.get_ca_certs()) == 1
     mine = safepg.ssl_context("localhost", sslrootcert=server.ca_path)

@@ -26,8 +26,9 @@ logger = logging.getLogger("safepg")
 # the connect paths of safepg use these; callers of ssl_context always get a context of their own.
 _contexts: dict[tuple[str, tuple[int, int, int], bool], ssl.SSLContext] = {}
 # Methods that change a context: loading CAs, keys or paths, and every set_* (ciphers, ALPN,
-# callbacks, PSK callbacks that would skip the certificate).
-_CHANGING = ("load_", "set_")
+# callbacks, PSK callbacks that would skip the certificate), the private C ones too
+# (_set_alpn_protocols).
+_CHANGING = ("load_", "set_", "_set_")
 
 
 # The sealed contexts: by identity, outside them; a context leaves when it is collected.
