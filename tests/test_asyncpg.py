@@ -546,6 +546,8 @@ def test_sqlalchemy_async_engine_with_an_asyncpg_url(server: PostgresServer) -> 
         ("&statement_cache_size=-1", "statement_cache_size must be a whole number"),
         ("&statement_cache_size=%EF%BC%91", "statement_cache_size must be a whole number"),
         ("&direct_tls=maybe", "direct_tls"),
+        ("&connect_timeout=" + "9" * 400, "connect_timeout must be a whole number"),
+        ("&connect_timeout=99999999999999999999999", "connect_timeout must be a whole number"),
     ],
 )
 def test_sqlalchemy_asyncpg_url_refusals(server: PostgresServer, query: str, message: str) -> None:

@@ -313,8 +313,10 @@ def asyncpg_creator(url: str | URL, **kwargs: Any) -> Callable[[], Awaitable[Any
 
 
 def _seconds(value: str) -> int:
-    if not (value.isascii() and value.isdigit()):
-        raise ConfigurationError("the URL's connect_timeout must be a whole number of seconds")
+    if not (value.isascii() and value.isdigit() and len(value) <= 9):
+        raise ConfigurationError(
+            "the URL's connect_timeout must be a whole number of seconds (at most 9 digits)"
+        )
     return int(value)
 
 
