@@ -120,6 +120,15 @@ def test_aws_token_lifetime_counts_time_asleep() -> None:
         assert boot <= elapsed_clock() <= time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
+def test_aws_refuses_a_multi_host_target(session: Any) -> None:
+    # Signed for the first host, the token would go to the next host too, which could replay
+    # it against the first.
+    auth = safepg.aws.IAMAuth(session=session)
+    with pytest.raises(ConfigurationError, match="signs a token for one host"):
+        auth(ConnectTarget(RDS_HOST, 5432, "app_iam", "app", (RDS_HOST, "other.example.com")))
+    assert auth(ConnectTarget(RDS_HOST, 5432, "app_iam", "app", (RDS_HOST,)))
+
+
 def test_aws_region_and_overrides(session: Any) -> None:
     assert aws_region(RDS_HOST) == "eu-central-1"
     assert aws_region("x.proxy-abc.us-east-1.rds.amazonaws.com") == "us-east-1"

@@ -182,7 +182,19 @@ class IAMAuth:
             return self._clients[region]
 
     def __call__(self, target: ConnectTarget, /) -> str:
-        """The token for *target*: a cached one within its lifetime, else a new one."""
+        """The token for *target*: a cached one within its lifetime, else a new one.
+
+        Raises:
+            ConfigurationError: *target* has several hosts. A token is signed for one host,
+                and libpq would send it to the next host too, which could replay it there.
+        """
+        if len(target.all_hosts) > 1:
+            raise ConfigurationError(
+                "safepg.aws.IAMAuth signs a token for one host, and libpq sends the same "
+                f"password to each of the {len(target.all_hosts)} hosts given: another host "
+                "could replay it against the first. Connect to one host (an RDS cluster or "
+                "proxy endpoint follows failovers itself)."
+            )
         port = self.port or target.port
         user = self.user or target.user
         region = _region(self.region, target.host, self._botocore_session())
