@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Hashable, Iterable
 
 from ._errors import ConfigurationError
+from ._params import is_host_name
+from ._probe import _is_ip
 
 
 def elapsed_clock() -> float:
@@ -57,16 +59,11 @@ def host_patterns(hosts: Iterable[str] | None) -> tuple[str, ...] | None:
         raise ConfigurationError("hosts is empty: give the host names a token may be sent to")
     for pattern in patterns:
         name = pattern.removeprefix("*.") if isinstance(pattern, str) else ""
-        plain = name.isascii() and name.isprintable() and not any(c in name for c in " *,/@\\")
-        if not (name and plain and (":" not in name or _is_ipv6(name))):
+        if not (name.isascii() and is_host_name(name) and (":" not in name or _is_ip(name))):
             raise ConfigurationError(
                 f"hosts entries are host names, addresses or '*.suffix' patterns; got {pattern!r}"
             )
     return tuple(p.lower().removesuffix(".") for p in patterns)
-
-
-def _is_ipv6(name: str) -> bool:
-    return ":" in name and all(c in "0123456789abcdefABCDEF:." for c in name)
 
 
 def host_allowed(patterns: tuple[str, ...] | None, host: str) -> bool:
@@ -75,6 +72,12 @@ def host_allowed(patterns: tuple[str, ...] | None, host: str) -> bool:
         return True
     name = host.lower().removesuffix(".")
     return any(name.endswith(p[1:]) if p.startswith("*.") else name == p for p in patterns)
+
+
+def refused_host(patterns: tuple[str, ...] | None, hosts: Iterable[str]) -> str | None:
+    """The first of *hosts* that no pattern allows, or None: libpq sends one password to each
+    host it tries, so a token may go only where every host is allowed."""
+    return next((h for h in hosts if not host_allowed(patterns, h)), None)
 
 
 class TokenCache:

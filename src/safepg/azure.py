@@ -24,7 +24,7 @@ from typing import Any
 
 from ._errors import ConfigurationError
 from ._password import ConnectTarget
-from ._tokens import TokenCache, host_allowed, host_patterns, margin_seconds
+from ._tokens import TokenCache, host_patterns, margin_seconds, refused_host
 
 __all__ = ["AZURE_HOSTS", "SCOPE", "EntraAuth"]
 
@@ -122,15 +122,15 @@ class EntraAuth:
     def __call__(self, target: ConnectTarget, /) -> str:
         """A token for Azure Database for PostgreSQL: a cached one until its expiry minus
         the margin, else a new one. The same token serves every host in *hosts* and user."""
-        refused = [h for h in target.all_hosts if not host_allowed(self.hosts, h)]
-        if refused:
+        refused = refused_host(self.hosts, target.all_hosts)
+        if refused is not None:
             raise ConfigurationError(
-                f"safepg.azure.EntraAuth did not send a token to {refused[0]!r}: it is not an "
+                f"safepg.azure.EntraAuth did not send a token to {refused!r}: it is not an "
                 "Azure Database for PostgreSQL name (with several hosts, libpq may send the "
                 "password to each), and an Entra token is accepted by every "
                 "server that trusts the identity, so another server could replay it. If this "
                 f"is your server (a custom DNS name or private endpoint), pass "
-                f"EntraAuth(hosts=[{refused[0]!r}])."
+                f"EntraAuth(hosts=[{refused!r}])."
             )
         return self._cache.get(SCOPE, self._fetch)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from ._errors import ConfigurationError
 from ._password import ConnectTarget
-from ._tokens import host_allowed, host_patterns, margin_seconds
+from ._tokens import host_patterns, margin_seconds, refused_host
 
 __all__ = ["SCOPES", "IAMAuth"]
 
@@ -116,10 +116,10 @@ class IAMAuth:
     def __call__(self, target: ConnectTarget, /) -> str:
         """An access token: the credentials' own until their expiry minus the margin, else a
         refreshed one. The same token serves every host (in *hosts*, if given) and user."""
-        refused = [h for h in target.all_hosts if not host_allowed(self.hosts, h)]
-        if refused:
+        refused = refused_host(self.hosts, target.all_hosts)
+        if refused is not None:
             raise ConfigurationError(
-                f"safepg.gcp.IAMAuth did not send a token to {refused[0]!r}: it is not in the "
+                f"safepg.gcp.IAMAuth did not send a token to {refused!r}: it is not in the "
                 f"hosts it was given ({', '.join(self.hosts or ())})."
             )
         with self._lock:
