@@ -63,17 +63,14 @@ def register(commands: Subparsers) -> None:
 def _check_address(value: str) -> None:
     """Refuse a ``--hostaddr`` that is not an IP address (libpq's hostaddr is numeric), without
     showing it."""
-    import ipaddress
-
     from .._errors import ConfigurationError
+    from .._probe import _is_ip
 
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
+    if not _is_ip(value):
         raise ConfigurationError(
             "--hostaddr takes an IP address (such as 192.0.2.10 or 2001:db8::1); the value "
             "given is not one, and is not shown, as it may hold part of a password."
-        ) from None
+        )
 
 
 def _trust(host: str, port: int, args: argparse.Namespace) -> TrustSource:

@@ -233,7 +233,7 @@ def create_async_engine(url: str | URL, **kw: Any) -> AsyncEngine:
 _ASYNCPG_URL_OPTIONS = {
     "sslmode": str, "ssl": str, "sslrootcert": str, "sslcert": str, "sslkey": str,
     "target_session_attrs": str, "passfile": str, "timeout": "seconds",
-    "command_timeout": "seconds", "statement_cache_size": "count", "connect_timeout": str,
+    "command_timeout": "seconds", "statement_cache_size": "count", "connect_timeout": "count",
     "application_name": str, "direct_tls": str,
 }  # fmt: skip
 # Numbers in a URL, parsed strictly: ASCII digits only (no nan, inf, signs or other scripts).
@@ -296,7 +296,7 @@ def asyncpg_creator(url: str | URL, **kwargs: Any) -> Callable[[], Awaitable[Any
         else:
             params[key] = value
     if "connect_timeout" in params:  # libpq's name; asyncpg calls it timeout
-        seconds = _seconds(params.pop("connect_timeout"))
+        seconds = params.pop("connect_timeout")
         if seconds > 0:  # 0 is libpq's "no timeout": asyncpg's default then
             params.setdefault("timeout", float(seconds))
     if "application_name" in params:
@@ -310,14 +310,6 @@ def asyncpg_creator(url: str | URL, **kwargs: Any) -> Callable[[], Awaitable[Any
         return await safepg.asyncpg.connect(**params)
 
     return create
-
-
-def _seconds(value: str) -> int:
-    if not (value.isascii() and value.isdigit() and len(value) <= 9):
-        raise ConfigurationError(
-            "the URL's connect_timeout must be a whole number of seconds (at most 9 digits)"
-        )
-    return int(value)
 
 
 # -- the dialects' DBAPI -----------------------------------------------------------------------
