@@ -64,41 +64,30 @@ def _driver() -> types.ModuleType:
 
 
 # psql's options that take a value (its getopt string "c:d:f:F:h:L:o:p:P:R:T:U:v:"), and their
-# long names: given last with no value, psql would take the next argument as that value.
+# long names.
 _VALUE_SHORT = frozenset("cdfFhLopPRTUv")
 _VALUE_LONG = (
-    "--command", "--dbname", "--file", "--field-separator", "--host", "--log-file", "--output",
-    "--port", "--pset", "--record-separator", "--set", "--table-attr", "--username",
-    "--variable",
+    "command", "dbname", "file", "field-separator", "host", "log-file", "output", "port",
+    "pset", "record-separator", "set", "table-attr", "username", "variable",
 )  # fmt: skip
 
 
-def _wants_a_value(arg: str) -> bool:
-    """*arg* is a psql option that would take the next argument as its value."""
+def _value_option(arg: str) -> tuple[str, bool] | None:
+    """The psql option taking a value that *arg* gives (``d``, ``dbname``; ``""`` for an
+    ambiguous long prefix), and whether its value is the next argument; None for others."""
     if arg.startswith("--"):
         # getopt_long takes an unambiguous prefix of a long name too (--dbn).
-        return "=" not in arg and len(arg) > 2 and any(n.startswith(arg) for n in _VALUE_LONG)
-    if not arg.startswith("-") or len(arg) < 2:
-        return False
+        name, equals, _ = arg[2:].partition("=")
+        found = [n for n in _VALUE_LONG if name and n.startswith(name)]
+        if not found:
+            return None
+        return (found[0] if len(found) == 1 else ""), not equals
+    if not arg.startswith("-"):
+        return None
     for i, char in enumerate(arg[1:], start=1):
         if char in _VALUE_SHORT:  # takes the rest of the bundle, or the next argument
-            return i == len(arg) - 1
-    return False
-
-
-def _sets_dbname(arg: str) -> bool:
-    """*arg* is psql's -d or --dbname (or an abbreviation, or a bundle such as -Xd)."""
-    if arg.startswith("--"):
-        name = arg[2:].partition("=")[0]
-        return bool(name) and "dbname".startswith(name)
-    if not arg.startswith("-"):
-        return False
-    for char in arg[1:]:
-        if char == "d":
-            return True
-        if char in _VALUE_SHORT:  # the rest of the bundle is that option's value
-            return False
-    return False
+            return char, i == len(arg) - 1
+    return None
 
 
 class DatabaseClient(_PostgreSQLClient):
@@ -108,29 +97,32 @@ class DatabaseClient(_PostgreSQLClient):
     def settings_to_cmd_args_env(
         cls, settings_dict: dict[str, Any], parameters: Any
     ) -> tuple[list[str], dict[str, str] | None]:
-        """psql's command line: Django's *parameters*, then ``--dbname`` with a conninfo string
-        built from safepg's plan (verify-full, safepg's sslrootcert, ``gssencmode=disable``, a
-        TLS minimum). libpq takes what the conninfo names over a service file and ``PG*``
-        variables, which only fill the gaps. The password never goes on the command line
-        (other users can read it): it goes in ``PGPASSWORD``, as with Django's backend; a
-        password callable is called now, for a TCP host only.
+        """psql's command line: ``--dbname`` with a conninfo string, then Django's *parameters*.
+        The conninfo is built from safepg's plan (verify-full, safepg's sslrootcert,
+        ``gssencmode=disable``, a TLS minimum). libpq takes what the conninfo names over a
+        service file and ``PG*`` variables, which only fill the gaps. The password never goes
+        on the command line (other users can read it): it goes in ``PGPASSWORD``, as with
+        Django's backend; a password callable is called now, for a TCP host only.
 
         Raises:
             safepg.ConfigurationError: the settings cannot give a verified session, or
-                *parameters* hold ``--`` (after it, psql would not read the conninfo as one).
+                *parameters* hold ``--``, name the database, or end with an option that
+                lacks its value.
         """
         parameters = [str(p) for p in parameters]
         if "--" in parameters:
             raise ConfigurationError(
-                "dbshell parameters must not hold '--': psql would then take safepg's "
-                "connection string as a positional argument, not as the connection to open."
+                "dbshell parameters must not hold '--': psql would read what follows it as "
+                "positional arguments, not as options."
             )
-        if parameters and _wants_a_value(parameters[-1]):
+        last = _value_option(parameters[-1]) if parameters else None
+        if last is not None and last[1]:
             raise ConfigurationError(
                 f"the last dbshell parameter, {parameters[-1]!r}, is a psql option that takes a "
                 "value and has none. Give the option its value."
             )
-        if any(_sets_dbname(p) for p in parameters):
+        given = {(_value_option(p) or ("", False))[0] for p in parameters}
+        if given & {"d", "dbname"}:
             raise ConfigurationError(
                 "dbshell parameters must not name the database (-d, --dbname): safepg gives "
                 "psql the connection to open, hardened; set NAME or OPTIONS instead."
