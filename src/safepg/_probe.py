@@ -290,6 +290,22 @@ def probe(
             return None
 
 
+def offers_tls(address: str, port: int, *, timeout: float) -> bool | None:
+    """Whether the server at *address*:*port* answers PostgreSQL's SSLRequest with 'S'.
+
+    Reads the single answer byte and nothing else; needs no trust anchors, so it serves a
+    caller's own ``ssl.SSLContext`` too. None when the server cannot be reached in *timeout*.
+    """
+    try:
+        sock = _open(address, port, time.monotonic() + timeout, direct=False)
+    except _NoTLS:
+        return False
+    except OSError:
+        return None
+    sock.close()
+    return True
+
+
 def _is_ip(host: str) -> bool:
     import ipaddress
 
