@@ -97,8 +97,9 @@ def _openssl_disagrees(pem: bytes, checked: Mapping[str, CheckedCert]) -> list[s
     """How what OpenSSL loads from *pem*, as libpq loads ``sslrootcert``, differs from the
     certificates safepg checked (by upper-case SHA-256 fingerprint): the backstop for any
     block OpenSSL finds and `_x509.read_pem` does not, or the other way around."""
-    import ssl
     import tempfile
+
+    from . import _stdssl
 
     # A file, not cadata=: libpq's loader (PEM_X509_INFO_read_bio) also takes TRUSTED
     # CERTIFICATE and CRL blocks, which the cadata= loader skips, and never asks for a pass
@@ -110,7 +111,7 @@ def _openssl_disagrees(pem: bytes, checked: Mapping[str, CheckedCert]) -> list[s
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(pem)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context = _stdssl.client_context()
         context.load_verify_locations(cafile=name)
         loaded = {
             hashlib.sha256(der).hexdigest().upper()

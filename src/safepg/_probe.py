@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ._stdssl import client_context
 from ._text import shown
 
 # SSLRequest: length 8, then the magic code 1234.5679.
@@ -148,7 +149,7 @@ _unverified: dict[bool, ssl.SSLContext] = {}
 def _unverified_context(direct: bool) -> ssl.SSLContext:
     ctx = _unverified.get(direct)
     if ctx is None:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx = client_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE  # only reads what is presented; libpq verifies
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -262,7 +263,7 @@ def probe(
     fails before a certificate arrives.
     """
     end = time.monotonic() + timeout
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx = client_context()
     ctx.check_hostname = False  # libpq judges host names; this only reads and checks the chain
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
