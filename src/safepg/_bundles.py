@@ -221,6 +221,42 @@ def check_bundle(pem: bytes, *, now: dt.datetime | None = None) -> list[CheckedC
     return list(checked.values())
 
 
+def known_issuers(filename: str) -> frozenset[str]:
+    """The certificates (upper-case SHA-256 fingerprints) safepg knows as issuers of the
+    provider whose shipped file is *filename*: every certificate of that provider's shipped
+    files, and every one ``cacerts/inventory.json`` records for them (and for the provider's
+    files inventoried but not shipped, such as the RDS GovCloud intermediates).
+
+    Raises:
+        ValueError: *filename* is not a shipped CA file.
+    """
+    import importlib.resources
+    import json
+
+    from . import providers
+
+    bundle = next((b for b in providers.BUNDLES if filename in b.files), None)
+    if bundle is None:
+        raise ValueError(f"{filename!r} is not a CA file shipped with safepg")
+    shipped = {name for b in providers.BUNDLES for name in b.files}
+    inventory = json.loads(
+        (importlib.resources.files("safepg") / "cacerts" / "inventory.json").read_text("utf-8")
+    )
+    known: set[str] = set()
+    for name, record in inventory.items():
+        if name in bundle.files or (name not in shipped and name.startswith(f"{bundle.key}-")):
+            known.update(str(cert["sha256"]).upper() for cert in record["certs"])
+    for name in bundle.files:
+        with open(providers.shipped_path(name), "rb") as f:
+            blocks = _x509.read_pem(f.read())
+        known.update(
+            _x509.certificate(b).sha256.upper()
+            for b in blocks
+            if b.label in _x509.CERTIFICATE_LABELS
+        )
+    return frozenset(known)
+
+
 def canonical_pem(certs: list[CheckedCert]) -> bytes:
     """*certs* as the file `safepg bundles install` writes: canonical PEM (`_x509.pem_encode`),
     each certificate once, in the order of the file they were checked from."""
