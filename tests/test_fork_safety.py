@@ -189,3 +189,18 @@ def test_sdk_objects_safepg_made_are_made_anew_in_a_child(
     session = BotocoreSession(FirstBlocks("unused"))
     given = safepg.aws.IAMAuth("eu-central-1", session=session)
     assert _in_child(lambda: int(given._session is not session))[0] == 0
+
+
+def test_a_provider_subclass_without_a_hash_is_still_reset() -> None:
+    import safepg.azure
+
+    class Compared(safepg.azure.EntraAuth):
+        def __eq__(self, other: object) -> bool:  # and so no __hash__
+            return isinstance(other, Compared)
+
+    auth = Compared(AzureCredential(FirstBlocks("t")), hosts=["db.example.com"])
+    auth._lock.acquire()  # as a parent's thread would hold it, fetching
+    try:
+        assert _in_child(lambda: int(auth._lock.locked()))[0] == 0
+    finally:
+        auth._lock.release()

@@ -30,14 +30,30 @@ _CHILD = r"""
 import asyncio, json, socket, ssl, struct, sys
 
 cfg = json.loads(sys.argv[1])
+
+
+def inject():
+    if cfg["patch"] == "truststore":
+        import truststore
+        truststore.inject_into_ssl()
+        return
+    # A patch of the gevent kind: a subclass, bound in the original's place, that adds the OS
+    # store to every context (ssl.py's setters then recurse through the rebound name).
+    class Patched(ssl.SSLContext):
+        def __new__(cls, protocol=ssl.PROTOCOL_TLS_CLIENT, *args, **kwargs):
+            ctx = super().__new__(cls, protocol, *args, **kwargs)
+            ctx.load_verify_locations(cafile=cfg["os_store"])
+            return ctx
+
+    ssl.SSLContext = Patched
+
+
 if cfg["order"] == "before":
-    import truststore
-    truststore.inject_into_ssl()
+    inject()
 import safepg, safepg.asyncpg, safepg.sqlalchemy
 if cfg["order"] == "after":
-    import truststore
-    truststore.inject_into_ssl()
-assert ssl.SSLContext.__module__.startswith("truststore")
+    inject()
+assert ssl.SSLContext.__module__ != "ssl"
 
 pinned, host, port = cfg["pinned"], "localhost", cfg["port"]
 kw = dict(host=host, port=port, user=cfg["user"], password=cfg["password"],
@@ -104,9 +120,10 @@ print(json.dumps(results))
 """
 
 
+@pytest.mark.parametrize("patch", ["truststore", "subclass"])
 @pytest.mark.parametrize("order", ["before", "after"])
 def test_an_injected_os_store_does_not_widen_pinned_trust(
-    order: str, server: PostgresServer, certs: CertificateShop, tmp_path: Path
+    order: str, patch: str, server: PostgresServer, certs: CertificateShop, tmp_path: Path
 ) -> None:
     public = CertificateAuthority("public CA in the OS store")
     os_store = public.write_cert(tmp_path / "os-store.pem")
@@ -122,6 +139,8 @@ def test_an_injected_os_store_does_not_widen_pinned_trust(
     )
     cfg = {
         "order": order,
+        "patch": patch,
+        "os_store": str(os_store),
         "pinned": str(server.ca_path),
         "port": server.port,
         "user": server.user,

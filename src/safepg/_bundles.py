@@ -242,9 +242,18 @@ def known_issuers(filename: str) -> frozenset[str]:
     inventory = json.loads(
         (importlib.resources.files("safepg") / "cacerts" / "inventory.json").read_text("utf-8")
     )
+
+    def owner(name: str) -> providers.Bundle | None:
+        """The bundle a file is one of, or, for a file inventoried but not shipped, the bundle
+        with the longest key it starts with (rds-govcloud-bundle.pem: RDS GovCloud's)."""
+        if name in shipped:
+            return next(b for b in providers.BUNDLES if name in b.files)
+        keys = [b for b in providers.BUNDLES if name.startswith(f"{b.key}-")]
+        return max(keys, key=lambda b: len(b.key), default=None)
+
     known: set[str] = set()
     for name, record in inventory.items():
-        if name in bundle.files or (name not in shipped and name.startswith(f"{bundle.key}-")):
+        if owner(name) is bundle:
             known.update(str(cert["sha256"]).upper() for cert in record["certs"])
     for name in bundle.files:
         with open(providers.shipped_path(name), "rb") as f:

@@ -17,19 +17,27 @@ __all__ = ["reset_in_child"]
 
 T = TypeVar("T")
 
-# object -> the function that resets it, called with it. A plain function of the class, never
-# a bound method: that would hold the object and keep it alive for ever.
-_RESETS: weakref.WeakKeyDictionary[Any, Callable[[Any], None]] = weakref.WeakKeyDictionary()
+# id(object) -> (a weak reference to it, the function that resets it). By identity, not by
+# hash: a subclass may define __eq__ without __hash__. The function is a plain one of the
+# class, never a bound method, which would keep the object alive for ever.
+_RESETS: dict[int, tuple[weakref.ref[Any], Callable[[Any], None]]] = {}
 
 
 def reset_in_child(owner: T, reset: Callable[[T], None]) -> None:
     """Call ``reset(owner)`` in every child forked from now on, for as long as *owner* lives."""
-    _RESETS[owner] = reset
+    key = id(owner)
+
+    def gone(_ref: object) -> None:  # called as *owner* is freed, before its id can be reused
+        _RESETS.pop(key, None)
+
+    _RESETS[key] = (weakref.ref(owner, gone), reset)
 
 
 def _after_fork_in_child() -> None:
-    for owner, reset in list(_RESETS.items()):
-        reset(owner)
+    for ref, reset in list(_RESETS.values()):
+        owner = ref()
+        if owner is not None:
+            reset(owner)
 
 
 if hasattr(os, "register_at_fork"):

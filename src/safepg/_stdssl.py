@@ -18,23 +18,29 @@ __all__ = ["Context", "SSLContext", "client_context"]
 def _find() -> type[ssl.SSLContext]:
     """The class the ``ssl`` module defined over ``_ssl._SSLContext``.
 
-    Found among the C class's direct subclasses, not through the name ``ssl.SSLContext``: a
-    patch rebinds the name, and its class derives from the original (so is no direct subclass).
+    Not the name ``ssl.SSLContext`` itself, which a patch rebinds: the class of that name that
+    derives directly from the C class. First along the bound class's MRO (truststore's and
+    gevent's classes derive from the original), else the only such subclass of the C class.
 
     Raises:
-        ImportError: no such class (a Python whose ``ssl`` module is built otherwise).
+        ImportError: none, or several and none on the MRO (a Python built otherwise).
     """
-    found = [
-        cls
-        for cls in _ssl._SSLContext.__subclasses__()
-        if cls.__module__ == "ssl" and cls.__qualname__ == "SSLContext"
-    ]
+
+    def original(cls: type) -> bool:
+        return (
+            _ssl._SSLContext in cls.__bases__
+            and cls.__module__ == "ssl"
+            and cls.__qualname__ == "SSLContext"
+        )
+
+    found: list[type] = [cls for cls in ssl.SSLContext.__mro__ if original(cls)][:1]
+    found = found or [cls for cls in _ssl._SSLContext.__subclasses__() if original(cls)]
     if len(found) != 1:  # pragma: no cover - another interpreter, or the ssl module reloaded
         raise ImportError(
             "safepg cannot find the standard library's ssl.SSLContext class (found "
             f"{len(found)} candidates); it never builds a context from a replaced class"
         )
-    return found[0]  # type: ignore[return-value] # ssl.SSLContext, by the test above
+    return found[0]  # the ssl module's own SSLContext, by original()
 
 
 if TYPE_CHECKING:
