@@ -108,6 +108,10 @@ cases = {
         connect(sslcert=cfg["cert"], sslkey=cfg["key"])),
     "safepg.asyncpg.create_pool": lambda: asyncio.run(pool()),
     "postgresql+asyncpg engine": lambda: asyncio.run(engine()),
+    # libpq verifies here; safepg's diagnosis (a Python probe) must not call the chain trusted.
+    "safepg.connect": lambda: safepg.connect(
+        host=host, port=port, user=cfg["user"], password=cfg["password"], dbname=cfg["dbname"],
+        sslrootcert=pinned, connect_timeout=10).close(),
 }
 results = {}
 for name, case in cases.items():
@@ -169,6 +173,7 @@ def test_an_injected_os_store_does_not_widen_pinned_trust(
         "safepg.asyncpg.connect with sslcert": "UntrustedCertificateError",
         "safepg.asyncpg.create_pool": "UntrustedCertificateError",
         "postgresql+asyncpg engine": "UntrustedCertificateError",
+        "safepg.connect": "UntrustedCertificateError",
     }
     assert results == expected
 
