@@ -204,3 +204,26 @@ def test_a_provider_subclass_without_a_hash_is_still_reset() -> None:
         assert _in_child(lambda: int(auth._lock.locked()))[0] == 0
     finally:
         auth._lock.release()
+
+
+def test_azure_and_gcp_sdk_objects_safepg_made_are_made_anew_in_a_child() -> None:
+    import safepg.azure
+    import safepg.gcp
+
+    entra = safepg.azure.EntraAuth()  # DefaultAzureCredential, made on first use
+    entra._credential = made = object()  # as if made here, in the parent
+    assert _in_child(lambda: int(entra._credential is not None))[0] == 0
+    assert entra._credential is made
+    given = AzureCredential(FirstBlocks("t"))
+    mine = safepg.azure.EntraAuth(given)
+    assert _in_child(lambda: int(mine._credential is not given))[0] == 0
+    google = safepg.gcp.IAMAuth()  # google.auth.default() and a Request, made on first use
+    google._credentials, google._request = object(), object()
+    code, _ = _in_child(lambda: int(google._credentials is not None or google._request is not None))
+    assert code == 0
+    creds, request = GoogleCredentials(FirstBlocks("t")), object()
+    theirs = safepg.gcp.IAMAuth(creds, request=request)
+    code, _ = _in_child(
+        lambda: int(theirs._credentials is not creds or theirs._request is not request)
+    )
+    assert code == 0
