@@ -13,6 +13,7 @@ import ssl
 import struct
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -120,6 +121,20 @@ def server_context(cert: IssuedCertificate, directory: Path) -> ssl.SSLContext:
     return ctx
 
 
+def _wrap(ctx: ssl.SSLContext, conn: socket.socket) -> ssl.SSLSocket | None:
+    """*conn* wrapped for a server-side handshake; None if the client has reset it already.
+
+    CPython's wrap_socket leaves the SSLSocket it made unclosed when the peer reset the
+    connection (getpeername or its pre-handshake recv fails): it is dropped here, unwarned.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        try:
+            return ctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        except OSError:
+            return None
+
+
 # -- behaviours --------------------------------------------------------------------------------
 
 
@@ -138,7 +153,11 @@ def inject_after_s(ctx: ssl.SSLContext) -> Callable[[socket.socket, Adversary], 
             return
         fake = b"R" + struct.pack("!ii", 8, 0) + b"Z" + struct.pack("!i", 5) + b"I"
         conn.sendall(b"S" + fake)
-        with ctx.wrap_socket(conn, server_side=True) as tls:
+        tls = _wrap(ctx, conn)
+        if tls is None:
+            return
+        with tls:
+            tls.do_handshake()
             read_rest(tls, adversary)
 
     return behaviour

@@ -668,3 +668,47 @@ def test_example(server: PostgresServer) -> None:
         [sys.executable, str(example), wrong], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode in (1, 2)
+
+
+def test_downgrade_answer_n_with_the_callers_context(server: PostgresServer) -> None:
+    # The caller's own verifying context: safepg has no CA file to probe with, yet a server
+    # that answers N is still "no TLS", not "plaintext injected".
+    ctx = safepg.ssl_context("localhost", sslrootcert=server.ca_path)
+    with adversaries.running(adversaries.answer_n) as adversary:
+        with pytest.raises(SSLNotSupportedError) as info:
+            run(
+                safepg.asyncpg.connect(
+                    host="localhost",
+                    port=adversary.port,
+                    user="app",
+                    database="app",
+                    password=PASSWORD,
+                    timeout=CONNECT_TIMEOUT,
+                    ssl=ctx,
+                )
+            )
+        adversary.close()
+        assert adversary.received == []
+    assert PASSWORD not in str(info.value)
+
+
+def test_bytes_injected_after_s_with_the_callers_context(
+    server: PostgresServer, tmp_path: Path
+) -> None:
+    ctx = adversaries.server_context(server.default_certificate, tmp_path)
+    mine = safepg.ssl_context("localhost", sslrootcert=server.ca_path)
+    with adversaries.running(adversaries.inject_after_s(ctx)) as adversary:
+        with pytest.raises(ProtocolViolationError):
+            run(
+                safepg.asyncpg.connect(
+                    host="localhost",
+                    port=adversary.port,
+                    user="app",
+                    database="app",
+                    password=PASSWORD,
+                    timeout=CONNECT_TIMEOUT,
+                    ssl=mine,
+                )
+            )
+        adversary.close()
+        assert adversary.received == []

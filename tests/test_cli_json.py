@@ -270,9 +270,11 @@ def test_bundles_documents(
     assert code == 0
     assert [a["subject"] for a in data["added"]] == ["CN=one more root"]
     assert (data["removed"], data["installed_as"]) == ([], None)
+    assert data["added"][0]["known"] is False
     code, data = run_json(
-        capsys, "bundles", "install", str(newer), "--replace", "azure-postgres-roots.pem"
-    )
+        capsys, "bundles", "install", str(newer), "--replace", "azure-postgres-roots.pem",
+        "--allow-new-root", data["added"][0]["sha256"],
+    )  # fmt: skip
     assert code == 0
     assert data["installed_as"] == str(bundle_dir / "azure-postgres-roots.pem")
     assert len(data["certificates"]) == 4

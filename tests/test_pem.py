@@ -396,7 +396,10 @@ def test_relabelled_rogue_ca_is_checked_shown_and_installed_canonically(
     out = capsys.readouterr().out
     assert "103 certificates" in out
     assert "+ CN=rogue CA" in out
-    assert main(["bundles", "install", str(newer), "--replace", RDS_FILE]) == 0
+    rogue = hashlib.sha256(der_of(rogue_ca.cert_pem)).hexdigest()
+    install = ["bundles", "install", str(newer), "--replace", RDS_FILE]
+    assert main(install) == 3  # the rogue CA is not named
+    assert main([*install, "--allow-new-root", rogue]) == 0
     installed = (overrides / RDS_FILE).read_bytes()
     assert installed == SHIPPED_RDS + _x509.pem_encode(der_of(rogue_ca.cert_pem))
     assert _bundles.checked_override(str(overrides / RDS_FILE))
@@ -412,7 +415,8 @@ def test_install_writes_canonical_pem(tmp_path: Path, overrides: Path) -> None:
     )
     newer = tmp_path / "messy.pem"
     newer.write_bytes(messy + messy)
-    assert main(["bundles", "install", str(newer), "--replace", RDS_FILE]) == 0
+    allow = ["--allow-new-root", hashlib.sha256(der_of(A)).hexdigest()]
+    assert main(["bundles", "install", str(newer), "--replace", RDS_FILE, *allow]) == 0
     assert (overrides / RDS_FILE).read_bytes() == SHIPPED_RDS + _x509.pem_encode(der_of(A))
 
 

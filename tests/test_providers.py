@@ -4,9 +4,11 @@ script's checks and expiry warnings."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import importlib.util
 import json
 import logging
+import ssl
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -299,7 +301,9 @@ def test_bundles_install_command(
     newer = tmp_path / "global-bundle.pem"
     shipped = Path(providers.shipped_path("rds-global-bundle.pem")).read_bytes()
     newer.write_bytes(shipped + server.ca.cert_pem)
-    assert main(["bundles", "install", str(newer), "--replace", "rds-global-bundle.pem"]) == 0
+    fingerprint = hashlib.sha256(ssl.PEM_cert_to_DER_cert(server.ca.cert_pem.decode())).hexdigest()
+    install = ["bundles", "install", str(newer), "--replace", "rds-global-bundle.pem"]
+    assert main([*install, "--allow-new-root", fingerprint]) == 0
     out = capsys.readouterr().out
     assert "+ CN=safepg test root CA" in out
     installed = providers.override_dir() / "rds-global-bundle.pem"

@@ -140,7 +140,8 @@ def test_connect_paths_share_a_sealed_context_callers_get_their_own(
     assert shared.verify_mode == ssl.CERT_REQUIRED
     assert len(shared.get_ca_certs()) == 1
     mine = safepg.ssl_context("localhost", sslrootcert=server.ca_path)
-    assert type(mine) is ssl.SSLContext
+    assert isinstance(mine, ssl.SSLContext)
+    assert not isinstance(mine, _sslcontext.SealedContext)
     mine.load_verify_locations(cafile=str(rogue))  # the caller's own, to change at will
     assert len(_sslcontext.cached_context(trust).get_ca_certs()) == 1
 

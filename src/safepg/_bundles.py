@@ -97,8 +97,9 @@ def _openssl_disagrees(pem: bytes, checked: Mapping[str, CheckedCert]) -> list[s
     """How what OpenSSL loads from *pem*, as libpq loads ``sslrootcert``, differs from the
     certificates safepg checked (by upper-case SHA-256 fingerprint): the backstop for any
     block OpenSSL finds and `_x509.read_pem` does not, or the other way around."""
-    import ssl
     import tempfile
+
+    from . import _stdssl
 
     # A file, not cadata=: libpq's loader (PEM_X509_INFO_read_bio) also takes TRUSTED
     # CERTIFICATE and CRL blocks, which the cadata= loader skips, and never asks for a pass
@@ -110,7 +111,7 @@ def _openssl_disagrees(pem: bytes, checked: Mapping[str, CheckedCert]) -> list[s
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(pem)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context = _stdssl.client_context()
         context.load_verify_locations(cafile=name)
         loaded = {
             hashlib.sha256(der).hexdigest().upper()
@@ -218,6 +219,51 @@ def check_bundle(pem: bytes, *, now: dt.datetime | None = None) -> list[CheckedC
     if problems:
         raise BundleError("the CA bundle fails its checks:\n- " + "\n- ".join(problems))
     return list(checked.values())
+
+
+def known_issuers(filename: str) -> frozenset[str]:
+    """The certificates (upper-case SHA-256 fingerprints) safepg knows as issuers of the
+    provider whose shipped file is *filename*: every certificate of that provider's shipped
+    files, and every one ``cacerts/inventory.json`` records for them (and for the provider's
+    files inventoried but not shipped, such as the RDS GovCloud intermediates).
+
+    Raises:
+        ValueError: *filename* is not a shipped CA file.
+    """
+    import importlib.resources
+    import json
+
+    from . import providers
+
+    bundle = next((b for b in providers.BUNDLES if filename in b.files), None)
+    if bundle is None:
+        raise ValueError(f"{filename!r} is not a CA file shipped with safepg")
+    shipped = {name for b in providers.BUNDLES for name in b.files}
+    inventory = json.loads(
+        (importlib.resources.files("safepg") / "cacerts" / "inventory.json").read_text("utf-8")
+    )
+
+    def owner(name: str) -> providers.Bundle | None:
+        """The bundle a file is one of, or, for a file inventoried but not shipped, the bundle
+        with the longest key it starts with (rds-govcloud-bundle.pem: RDS GovCloud's)."""
+        if name in shipped:
+            return next(b for b in providers.BUNDLES if name in b.files)
+        keys = [b for b in providers.BUNDLES if name.startswith(f"{b.key}-")]
+        return max(keys, key=lambda b: len(b.key), default=None)
+
+    known: set[str] = set()
+    for name, record in inventory.items():
+        if owner(name) is bundle:
+            known.update(str(cert["sha256"]).upper() for cert in record["certs"])
+    for name in bundle.files:
+        with open(providers.shipped_path(name), "rb") as f:
+            blocks = _x509.read_pem(f.read())
+        known.update(
+            _x509.certificate(b).sha256.upper()
+            for b in blocks
+            if b.label in _x509.CERTIFICATE_LABELS
+        )
+    return frozenset(known)
 
 
 def canonical_pem(certs: list[CheckedCert]) -> bytes:

@@ -109,6 +109,16 @@ def _run_probe(
     )
 
 
+def _offers_tls(target: Target, port: str | None, budget: float) -> bool | None:
+    """Whether *target* answers the SSLRequest with 'S' (the answer byte only); None: unknown."""
+    address = target.hostaddr or target.host
+    if not address or not port or not port.isdigit() or budget < _MIN_PROBE_TIME:
+        return None
+    from . import _probe  # socket, only on a failure path
+
+    return _probe.offers_tls(address, int(port), timeout=budget)
+
+
 def _out_of_date(chain: Sequence[_probe.CertificateInfo]) -> str:
     """Which certificate of *chain* is expired or not yet valid, and since or until when."""
     now = dt.datetime.now(dt.timezone.utc)
@@ -374,8 +384,8 @@ def from_python_tls(
     elif isinstance(ex, ConnectionError) and "rejected SSL upgrade" in str(ex):
         # asyncpg says this for an 'N' and for 'S' followed at once by plaintext: ask again,
         # reading the one answer byte only, to tell a server without TLS from an injection.
-        result = _run_probe(plan, target, None, port, budget) if probe else None
-        if result is not None and not result.tls:
+        # That needs no trust anchors: asked with the caller's own context too (without probe).
+        if _offers_tls(target, port, budget) is False:
             err = SSLNotSupportedError(
                 f"The server at {host}:{port} does not offer TLS, and safepg never connects "
                 f"without it.\n{FIX_NO_TLS}"

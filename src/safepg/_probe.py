@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ._stdssl import client_context
 from ._text import shown
 
 # SSLRequest: length 8, then the magic code 1234.5679.
@@ -148,7 +149,7 @@ _unverified: dict[bool, ssl.SSLContext] = {}
 def _unverified_context(direct: bool) -> ssl.SSLContext:
     ctx = _unverified.get(direct)
     if ctx is None:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx = client_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE  # only reads what is presented; libpq verifies
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -262,7 +263,7 @@ def probe(
     fails before a certificate arrives.
     """
     end = time.monotonic() + timeout
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx = client_context()
     ctx.check_hostname = False  # libpq judges host names; this only reads and checks the chain
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -288,6 +289,22 @@ def probe(
                 return ProbeResult(True, None, None, _chain(tls))
         except (OSError, ssl.SSLError):
             return None
+
+
+def offers_tls(address: str, port: int, *, timeout: float) -> bool | None:
+    """Whether the server at *address*:*port* answers PostgreSQL's SSLRequest with 'S'.
+
+    Reads the single answer byte and nothing else; needs no trust anchors, so it serves a
+    caller's own ``ssl.SSLContext`` too. None when the server cannot be reached in *timeout*.
+    """
+    try:
+        sock = _open(address, port, time.monotonic() + timeout, direct=False)
+    except _NoTLS:
+        return False
+    except OSError:
+        return None
+    sock.close()
+    return True
 
 
 def _is_ip(host: str) -> bool:

@@ -13,7 +13,7 @@ import ssl
 import weakref
 from os import PathLike
 
-from . import _trust
+from . import _stdssl, _trust
 from ._errors import ConfigurationError
 from ._params import _HOST, _idna_ok, _is_socket
 from ._trust import TrustSource
@@ -35,7 +35,7 @@ _CHANGING = ("load_", "set_", "_set_")
 _SEALED: weakref.WeakSet[ssl.SSLContext] = weakref.WeakSet()
 
 
-class SealedContext(ssl.SSLContext):
+class SealedContext(_stdssl.Context):
     """A context that refuses every change once sealed: shared by safepg's connections.
 
     asyncpg hands the context to whoever holds a connection
@@ -109,7 +109,9 @@ def new_context(trust: TrustSource, *, tls13: bool = False, sealed: bool = False
     Raises:
         ConfigurationError: OpenSSL cannot load *trust*'s file.
     """
-    ctx = (SealedContext if sealed else ssl.SSLContext)(ssl.PROTOCOL_TLS_CLIENT)
+    # The standard library's class, never what truststore or gevent put in ssl.SSLContext's
+    # place: theirs may trust the OS store on top of the anchors loaded here.
+    ctx = (SealedContext if sealed else _stdssl.Context)(ssl.PROTOCOL_TLS_CLIENT)
     # verify-full: the chain must lead to the trust anchors, and the certificate must name the
     # host dialled. PROTOCOL_TLS_CLIENT sets both already; said here so nobody wonders.
     ctx.verify_mode = ssl.CERT_REQUIRED

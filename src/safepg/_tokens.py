@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Iterable
 
+from . import _forksafe
 from ._errors import ConfigurationError
 from ._params import is_host_name
 from ._probe import _is_ip
@@ -87,6 +88,12 @@ class TokenCache:
         self._clock = clock
         self._lock = threading.Lock()
         self._tokens: dict[Hashable, tuple[str, float]] = {}
+        _forksafe.reset_in_child(self, TokenCache._after_fork)
+
+    def _after_fork(self) -> None:
+        # A parent's thread may have held the lock, fetching, when the child was forked. The
+        # tokens stay: they are as valid in the child.
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<TokenCache of {len(self._tokens)} token(s)>"  # never the tokens

@@ -30,7 +30,7 @@ try:
 except ImportError as _ex:  # pragma: no cover - the extra is missing
     raise ImportError("safepg.asyncpg needs asyncpg: pip install 'safepg-tls[asyncpg]'") from _ex
 
-from . import _diagnose, _errors, _password, _sslcontext
+from . import _diagnose, _errors, _password, _sslcontext, _stdssl
 from ._deadline import Deadline
 from ._errors import ConfigurationError, InsecureConnectionError, SafePGError
 from ._params import Plan, _raise_logged, as_optional_bool, build_plan
@@ -138,7 +138,7 @@ def _caller_context(ssl_arg: object, sslmode: object) -> ssl.SSLContext | None:
     for name, value in (("ssl", ssl_arg), ("sslmode", sslmode)):
         if value is None or value is True or value == "verify-full":
             continue
-        if isinstance(value, ssl.SSLContext) and name == "ssl":
+        if isinstance(value, _stdssl.SSLContext) and name == "ssl":
             if value.verify_mode != ssl.CERT_REQUIRED or not value.check_hostname:
                 raise ConfigurationError(
                     "the ssl.SSLContext passed as ssl= does not verify the server (it needs "
@@ -346,6 +346,14 @@ async def connect(
             )
         else:
             ctx = _sslcontext.cached_context(plan.trust, tls13=tls13)
+    if not isinstance(ctx, ssl.SSLContext):
+        # asyncpg (and asyncio's start_tls) test the name as bound now: a context of a class
+        # that something has put in its place since would be taken for no TLS at all.
+        raise ConfigurationError(
+            f"ssl.SSLContext is now {ssl.SSLContext.__module__}.{ssl.SSLContext.__qualname__}, "
+            "which asyncpg would not take this context for: it would connect without TLS. Make "
+            "the context after that replacement, or leave ssl= to safepg."
+        )
     deadline = Deadline(plan.timeout)
     try:
         try:

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from . import _forksafe
 from ._errors import ConfigurationError
 from ._password import ConnectTarget
 from ._tokens import TokenCache, elapsed_clock, margin_seconds
@@ -164,6 +165,17 @@ class IAMAuth:
         self._cache = TokenCache(clock)
         self._lock = threading.Lock()
         self._clients: dict[str, Any] = {}
+        self._own_session = session is None
+        _forksafe.reset_in_child(self, IAMAuth._after_fork)
+
+    def _after_fork(self) -> None:
+        # In a forked child: a parent's thread may have held the lock; the clients made here
+        # (and a session made here) hold HTTP pools and locks shared with the parent, so the
+        # child makes its own. A session the caller gave stays theirs.
+        self._lock = threading.Lock()
+        self._clients = {}
+        if self._own_session:
+            self._session = None
 
     def __repr__(self) -> str:
         return f"IAMAuth(region={self.region!r}, profile={self.profile!r})"

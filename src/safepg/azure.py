@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from . import _forksafe
 from ._errors import ConfigurationError
 from ._password import ConnectTarget
 from ._tokens import TokenCache, host_patterns, margin_seconds, refused_host
@@ -89,6 +90,16 @@ class EntraAuth:
         self._clock = clock
         self._cache = TokenCache(clock)
         self._lock = threading.Lock()
+        self._own_credential = credential is None
+        _forksafe.reset_in_child(self, EntraAuth._after_fork)
+
+    def _after_fork(self) -> None:
+        # In a forked child: a parent's thread may have held the lock, and a credential made
+        # here (its HTTP sessions, its own locks) is shared with the parent: the child makes
+        # its own. A credential the caller gave stays theirs.
+        self._lock = threading.Lock()
+        if self._own_credential:
+            self._credential = None
 
     def __repr__(self) -> str:
         return f"EntraAuth(credential={type(self._credential).__name__})"

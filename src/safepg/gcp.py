@@ -22,6 +22,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from . import _forksafe
 from ._errors import ConfigurationError
 from ._password import ConnectTarget
 from ._tokens import host_patterns, margin_seconds, refused_host
@@ -90,6 +91,19 @@ class IAMAuth:
         self._request = request
         self._clock = clock
         self._lock = threading.Lock()
+        self._own_credentials = credentials is None
+        self._own_request = request is None
+        _forksafe.reset_in_child(self, IAMAuth._after_fork)
+
+    def _after_fork(self) -> None:
+        # In a forked child: a parent's thread may have held the lock, refreshing; what was
+        # made here (credentials, the HTTP session of the request) is shared with the parent,
+        # so the child makes its own. What the caller gave stays theirs.
+        self._lock = threading.Lock()
+        if self._own_credentials:
+            self._credentials = None
+        if self._own_request:
+            self._request = None
 
     def __repr__(self) -> str:
         return f"IAMAuth(credentials={type(self._credentials).__name__})"

@@ -51,6 +51,7 @@ import psycopg
 import pytest
 from psycopg import pq
 
+from . import _forksafe
 from ._connect import connect
 
 __all__ = ["safepg_conn", "safepg_server", "safepg_url"]
@@ -130,6 +131,10 @@ class _Watch:
     def __init__(self) -> None:
         self.violations: list[_Violation] = []
         self._lock = threading.Lock()
+        _forksafe.reset_in_child(self, _Watch._after_fork)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()  # a thread of the parent may have held it
 
     def add(self, violation: _Violation) -> None:
         with self._lock:

@@ -40,10 +40,30 @@ def register(commands: Subparsers) -> None:
     )
     install.add_argument("file", help="the newer copy (PEM), checked before it is used")
     install.add_argument("--replace", choices=shipped, required=True, help="the file it replaces")
+    install.add_argument(
+        "--allow-new-root",
+        metavar="SHA256",
+        action="append",
+        default=[],
+        type=_fingerprint,
+        help="trust a certificate the file adds that is not among the provider's known issuers, "
+        "named by its SHA-256 fingerprint (check it against the provider's published one); "
+        "once for each such certificate",
+    )
     for action in (check, install):
         add_json(action)
         add_verbose(action)
         action.set_defaults(run=run)
+
+
+def _fingerprint(text: str) -> str:
+    """A SHA-256 fingerprint as given on the command line: 64 hex digits, colons allowed."""
+    value = text.replace(":", "").upper()
+    if len(value) != 64 or not all(c in "0123456789ABCDEF" for c in value):
+        raise argparse.ArgumentTypeError(
+            f"{shown(text)!r} is not a SHA-256 fingerprint (64 hexadecimal digits)"
+        )
+    return value
 
 
 def _fingerprints(path: str) -> dict[str, str]:
@@ -64,6 +84,41 @@ def _cert(cert: CheckedCert) -> dict[str, Any]:
         "not_after": iso(cert.not_after),
         "self_signed": cert.self_signed,
     }
+
+
+def _new_roots_refused(
+    replace: str, added: list[dict[str, Any]], allowed: list[str]
+) -> tuple[int, str, str] | None:
+    """Why an install must not go on, as (exit code, error class, message), or None.
+
+    A provider's file that gains a certificate safepg does not know as that provider's issuer
+    would make every connection to that provider trust it: only if the operator names each one.
+    An allowance that names no such certificate is refused too (a typo, or the wrong file).
+    """
+    from .._bundles import BundleError
+
+    unknown = {row["sha256"]: row["subject"] for row in added if not row["known"]}
+    stray = [fp for fp in dict.fromkeys(allowed) if fp not in unknown]
+    if stray:
+        return (
+            EXIT_USAGE,
+            "ConfigurationError",
+            "--allow-new-root names no certificate that this file adds to the known issuers "
+            f"of {replace}: " + ", ".join(stray),
+        )
+    missing = [fp for fp in sorted(unknown) if fp not in allowed]
+    if not missing:
+        return None
+    listing = "\n".join(f"- {shown(unknown[fp])}  SHA-256 {fp}" for fp in missing)
+    return (
+        EXIT_INSECURE,
+        BundleError.__name__,
+        f"the file adds {plural(len(missing), 'certificate')} that safepg does not know as an "
+        f"issuer of {replace}'s provider, and every connection to that provider would trust "
+        f"{'it' if len(missing) == 1 else 'them'}:\n{listing}\nCompare each fingerprint with "
+        "the one the provider publishes; if it is theirs, name it: "
+        + " ".join(f"--allow-new-root {fp}" for fp in missing),
+    )
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
@@ -96,9 +151,11 @@ def run(args: argparse.Namespace, out: Output) -> int:
     doc["certificates"] = [_cert(c) for c in certs]
     if args.replace:
         current = _fingerprints(providers.shipped_path(args.replace))
+        known = _bundles.known_issuers(args.replace)
         new = {c.sha256: c.subject for c in certs}
         doc["added"] = [
-            {"sha256": fp, "subject": new[fp]} for fp in sorted(set(new) - set(current))
+            {"sha256": fp, "subject": new[fp], "known": fp in known}
+            for fp in sorted(set(new) - set(current))
         ]
         doc["removed"] = [
             {"sha256": fp, "subject": current[fp]} for fp in sorted(set(current) - set(new))
@@ -110,8 +167,12 @@ def run(args: argparse.Namespace, out: Output) -> int:
         )
         for sign, key in (("+", "added"), ("-", "removed")):
             for row in doc[key]:
-                out.line(f"  {sign} {shown(row['subject'])}  {row['sha256'][:16]}")
+                unknown = "" if row.get("known", True) else "  (not a known issuer)"
+                out.line(f"  {sign} {shown(row['subject'])}  {row['sha256'][:16]}{unknown}")
     if args.bundle_command == "install":
+        refused = _new_roots_refused(args.replace, doc["added"], args.allow_new_root)
+        if refused is not None:
+            return out.refuse(*refused)
         directory = providers.override_dir()
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)

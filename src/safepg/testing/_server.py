@@ -29,6 +29,7 @@ import psycopg
 from cryptography.hazmat.primitives.serialization import Encoding
 from psycopg.conninfo import make_conninfo
 
+from .. import _stdssl
 from .._probe import request_tls
 from ._binaries import BinariesError, installed_release, server_bindir
 from ._certs import CertificateAuthority, IssuedCertificate
@@ -186,7 +187,7 @@ def probe_certificate(host: str, port: int, timeout: float = 5.0) -> bytes | Non
     with socket.create_connection((host, port), timeout=timeout) as sock:
         if not request_tls(sock):
             return None
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx = _stdssl.client_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE  # reads the certificate, trusts nothing
         with ctx.wrap_socket(sock) as tls:
