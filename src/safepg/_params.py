@@ -24,7 +24,7 @@ import psycopg
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from . import _environ, _trust
+from . import _environ, _options, _trust
 from ._environ import getenv
 from ._errors import ConfigurationError
 from ._redact import redact, redact_parse_error
@@ -577,6 +577,8 @@ def build_plan(
             return _env_origin(envvar)
         return _DEFAULT_ORIGIN
 
+    # The option policy: an option it does not know, or one it refuses, set anywhere.
+    _options.check(resolved, params, origin)
     _check_numbers(resolved, origin)
     sslmode = resolved.get("sslmode", "prefer")
     if sslmode != REQUIRED_SSLMODE:

@@ -7,9 +7,12 @@ verify-full.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 import ssl
+import tempfile
 import weakref
 from os import PathLike
 
@@ -22,9 +25,10 @@ __all__ = ["ssl_context"]
 
 logger = logging.getLogger("safepg")
 
-# (trust file path, its inode/size/mtime, TLS 1.3 only) -> a sealed context made from it. Only
-# the connect paths of safepg use these; callers of ssl_context always get a context of their own.
-_contexts: dict[tuple[str, tuple[int, int, int], bool], ssl.SSLContext] = {}
+# (trust file path, its inode/size/mtime, TLS 1.3 only, SHA-256 of the CRLs checked or "") -> a
+# sealed context made from it. Only the connect paths of safepg use these; callers of ssl_context
+# always get a context of their own.
+_contexts: dict[tuple[str, tuple[int, int, int], bool, str], ssl.SSLContext] = {}
 # Methods that change a context: loading CAs, keys or paths, and every set_* (ciphers, ALPN,
 # callbacks, PSK callbacks that would skip the certificate), the private C ones too
 # (_set_alpn_protocols).
@@ -102,12 +106,49 @@ def trust_for(host: str | None, sslrootcert: str | PathLike[str] | None) -> Trus
     )
 
 
-def new_context(trust: TrustSource, *, tls13: bool = False, sealed: bool = False) -> ssl.SSLContext:
-    """A new client context that verifies the chain against *trust* and the host name; with
-    *sealed*, a `SealedContext` that refuses every change.
+# A PEM block's label: a CRL file must hold CRLs and nothing else.
+_PEM_LABEL = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
+_MAX_CRL_FILE = 64 * 1024 * 1024
+
+
+def read_crl(path: str, origin: str) -> bytes:
+    """The CRLs of *path*, checked to be PEM CRLs only, as libpq reads them (``sslcrl``).
+
+    OpenSSL loads certificates from a CRL file too, as more trust anchors: libpq would, and
+    ``load_verify_locations`` would. A file that holds anything but CRLs is refused, and the
+    context loads the bytes checked here (see `new_context`), not the file again.
 
     Raises:
-        ConfigurationError: OpenSSL cannot load *trust*'s file.
+        ConfigurationError: the file cannot be read, or holds no CRL, or something else.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_CRL_FILE + 1)
+    except OSError as ex:
+        raise ConfigurationError(
+            f"the certificate revocation list {path!r} (sslcrl, from {origin}) cannot be read: "
+            f"{ex.strerror or ex}"
+        ) from None
+    labels = set(_PEM_LABEL.findall(data))
+    if len(data) > _MAX_CRL_FILE or labels != {b"X509 CRL"}:
+        found = ", ".join(sorted(label.decode() for label in labels)) or "no PEM block"
+        raise ConfigurationError(
+            f"the certificate revocation list {path!r} (sslcrl, from {origin}) must hold PEM "
+            f"CRLs (-----BEGIN X509 CRL-----) and nothing else; it holds {found}. OpenSSL "
+            "would take a certificate in it as one more trust anchor."
+        )
+    return data
+
+
+def new_context(
+    trust: TrustSource, *, tls13: bool = False, sealed: bool = False, crl: bytes = b""
+) -> ssl.SSLContext:
+    """A new client context that verifies the chain against *trust* and the host name; with
+    *sealed*, a `SealedContext` that refuses every change; with *crl* (PEM CRLs checked by
+    `read_crl`), one that refuses a certificate they revoke, as libpq's ``sslcrl`` does.
+
+    Raises:
+        ConfigurationError: OpenSSL cannot load *trust*'s file, or the CRLs.
     """
     ctx = (SealedContext if sealed else ssl.SSLContext)(ssl.PROTOCOL_TLS_CLIENT)
     # verify-full: the chain must lead to the trust anchors, and the certificate must name the
@@ -126,22 +167,43 @@ def new_context(trust: TrustSource, *, tls13: bool = False, sealed: bool = False
             f"OpenSSL could not load the trust anchors {trust}: {ex}. Fix the file, or name "
             "another with sslrootcert."
         ) from None
+    if crl:
+        _load_crl(ctx, crl)
     if isinstance(ctx, SealedContext):
         ctx.seal()
     return ctx
 
 
-def cached_context(trust: TrustSource, *, tls13: bool = False) -> ssl.SSLContext:
-    """A sealed `new_context`, made once per version of *trust*'s file: loading a bundle of
-    100-150 roots costs about 20 ms. A file changed on disk (new inode, size or mtime) gets a
-    new one. For safepg's own connect paths: shared by their connections, so sealed."""
+def _load_crl(ctx: ssl.SSLContext, crl: bytes) -> None:
+    """Load *crl* (checked: CRLs only) and check every certificate of the chain against it,
+    as libpq does (``X509_V_FLAG_CRL_CHECK | X509_V_FLAG_CRL_CHECK_ALL``)."""
+    # Python loads CRLs from a file only: the checked bytes, in a private directory.
+    with tempfile.TemporaryDirectory(prefix="safepg-crl-") as private:
+        path = os.path.join(private, "crl.pem")
+        with open(path, "wb") as f:
+            f.write(crl)
+        try:
+            ctx.load_verify_locations(cafile=path)
+        except (OSError, ssl.SSLError) as ex:
+            raise ConfigurationError(
+                f"OpenSSL could not load the certificate revocation list (sslcrl): {ex}"
+            ) from None
+    ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
+
+
+def cached_context(trust: TrustSource, *, tls13: bool = False, crl: bytes = b"") -> ssl.SSLContext:
+    """A sealed `new_context`, made once per version of *trust*'s file (and of the CRLs):
+    loading a bundle of 100-150 roots costs about 20 ms. A file changed on disk (new inode,
+    size or mtime) gets a new one. For safepg's own connect paths: shared by their
+    connections, so sealed."""
+    crl_key = hashlib.sha256(crl).hexdigest() if crl else ""
     try:
-        key = (trust.path, _trust._stat_key(os.stat(trust.path)), tls13)
+        key = (trust.path, _trust._stat_key(os.stat(trust.path)), tls13, crl_key)
     except OSError:
-        return new_context(trust, tls13=tls13, sealed=True)
+        return new_context(trust, tls13=tls13, sealed=True, crl=crl)
     ctx = _contexts.get(key)
     if ctx is None:
-        ctx = _contexts[key] = new_context(trust, tls13=tls13, sealed=True)
+        ctx = _contexts[key] = new_context(trust, tls13=tls13, sealed=True, crl=crl)
     return ctx
 
 
