@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -245,3 +247,74 @@ def test_settings_beside_your_own_context_are_refused(
     ctx = safepg.ssl_context(server.host, sslrootcert=server.ca_path)
     with pytest.raises(ConfigurationError, match=r"sslcrl is set .* beside your own"):
         _asyncpg_connect(server, ssl=ctx)()
+
+
+# -- libpq paths: a revocation list must not add trust anchors -----------------------------------
+
+
+@pytest.mark.parametrize("origin", ["url", "env", "service", "default"])
+def test_a_crl_file_holding_a_certificate_is_refused_before_libpq_trusts_it(
+    server: PostgresServer,
+    certs: Any,
+    rogue_ca: CertificateAuthority,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    clean_env: Path,
+    origin: str,
+) -> None:
+    # OpenSSL loads certificates from libpq's CRL file as trust anchors: with the rogue CA in
+    # it, libpq verified a rogue certificate while safepg reported "trusting sslrootcert".
+    certs.present("localhost", ca=rogue_ca, ip_addresses=["127.0.0.1"])
+    crl = tmp_path / "mixed.crl"
+    crl.write_bytes(
+        write_crl(tmp_path / "a.crl", server.ca).read_bytes()
+        + write_crl(tmp_path / "b.crl", rogue_ca).read_bytes()
+        + rogue_ca.cert_pem
+    )
+    url = server.url()
+    if origin == "url":
+        url += "&sslcrl=" + quote(str(crl), safe="")
+    elif origin == "default":  # libpq reads ~/.postgresql/root.crl when sslcrl is not set
+        (clean_env / ".postgresql").mkdir()
+        (clean_env / ".postgresql" / "root.crl").write_bytes(crl.read_bytes())
+    else:
+        _set_crl(origin, crl, tmp_path, monkeypatch)
+    with pytest.raises(ConfigurationError, match=r"must hold PEM CRLs .* and nothing else"):
+        safepg.connect(url).close()
+
+
+def test_a_crl_directory_holding_a_certificate_is_refused(
+    server: PostgresServer,
+    certs: Any,
+    rogue_ca: CertificateAuthority,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command for certificate hashes")
+    certs.present("localhost", ca=rogue_ca, ip_addresses=["127.0.0.1"])
+    crldir = tmp_path / "crls"
+    crldir.mkdir()
+    # How c_rehash names a CA certificate (subject hash .0): OpenSSL's directory lookup
+    # finds the issuer there, and libpq verified a rogue certificate with it.
+
+    def subject_hash(ca: CertificateAuthority) -> str:
+        return (
+            subprocess.run(
+                ["openssl", "x509", "-noout", "-subject_hash"],
+                input=ca.cert_pem,
+                capture_output=True,
+                check=True,
+            )
+            .stdout.decode()
+            .strip()
+        )
+
+    # The rogue CA's certificate, and a CRL of each CA (libpq checks the whole chain).
+    (crldir / f"{subject_hash(rogue_ca)}.0").write_bytes(rogue_ca.cert_pem)
+    write_crl(crldir / f"{subject_hash(rogue_ca)}.r0", rogue_ca)
+    write_crl(crldir / f"{subject_hash(server.ca)}.r0", server.ca)
+    rogue = subject_hash(rogue_ca)
+    monkeypatch.setenv("PGSSLCRLDIR", str(crldir))
+    with pytest.raises(ConfigurationError, match=rf"holds {rogue}\.0, which OpenSSL"):
+        safepg.connect(server.url()).close()

@@ -27,9 +27,13 @@ conninfo, a URL query, a keyword, its environment variable, a service file named
 from __future__ import annotations
 
 import enum
+import os
+import re
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from . import _trust
 from ._environ import getenv
 from ._errors import ConfigurationError
 
@@ -170,10 +174,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("sslpassword", None, 14, None, _P, _t("decrypts sslkey")),
     Option("sslcertmode", "PGSSLCERTMODE", 16, None, _P,
            _t("disable: no client certificate is loaded; require is refused")),
-    Option("sslcrl", "PGSSLCRL", 14, None, _P,
+    Option("sslcrl", "PGSSLCRL", 14, None,
+           _h("checked to hold CRLs only: OpenSSL takes a certificate in it as a trust anchor"),
            _t("its CRLs checked by the context (VERIFY_CRL_CHECK_CHAIN); a file that holds a "
               "certificate is refused")),
-    Option("sslcrldir", "PGSSLCRLDIR", 14, None, _P,
+    Option("sslcrldir", "PGSSLCRLDIR", 14, None,
+           _h("checked to hold no certificate (hash.N): OpenSSL would trust one"),
            _r("safepg.asyncpg cannot check a CRL directory as libpq does: put the CRLs in one "
               "file and name it with sslcrl")),
     Option("sslkeylogfile", None, 18, None, _r(_KEYLOG), _r(_KEYLOG)),
@@ -281,6 +287,7 @@ def check(
         value = resolved.get(option.keyword) or params.get(option.keyword)
         if option.refuses(value, option.libpq):
             raise refusal(option, option.libpq, origin)
+    check_crl_files(resolved, origin)
     for name in _REFUSED_ENV_LIBPQ:
         if getenv(name):
             rule = next(v.libpq for v in ENVIRONMENT if v.name == name)
@@ -331,3 +338,105 @@ def asyncpg_environment() -> dict[str, str]:
     """The variables asyncpg gets translated (PGTZ, PGDATESTYLE, PGGEQO), as set."""
     names = {"PGDATESTYLE": "datestyle", "PGTZ": "timezone", "PGGEQO": "geqo"}
     return {setting: value for name, setting in names.items() if (value := getenv(name))}
+
+
+# -- revocation lists: OpenSSL loads certificates from them too, as trust anchors ----------------
+
+# A PEM block's label: a CRL file must hold CRLs and nothing else.
+_PEM_LABEL = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
+_MAX_CRL_FILE = 64 * 1024 * 1024
+# A file X509_LOOKUP_hash_dir reads as a certificate ("<hash>.<n>"; CRLs are "<hash>.r<n>").
+_HASHED_CERT = re.compile(r"[0-9a-f]{8}\.[0-9]+")
+# (path, inode/size/mtime) of a file or directory checked and found clean.
+_CLEAN: set[tuple[str, tuple[int, int, int]]] = set()
+_CLEAN_LOCK = threading.Lock()
+
+
+def read_crl(path: str, origin: str) -> bytes:
+    """The CRLs of *path*, checked to be PEM CRLs only, as libpq reads them (``sslcrl``).
+
+    OpenSSL loads certificates from a CRL file too, as more trust anchors: libpq would (its
+    ``X509_STORE_load_locations``), and ``load_verify_locations`` would. A file that holds
+    anything but CRLs is refused; asyncpg's context loads the bytes checked here.
+
+    Raises:
+        ConfigurationError: the file cannot be read, or holds no CRL, or something else.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_CRL_FILE + 1)
+    except OSError as ex:
+        raise ConfigurationError(
+            f"the certificate revocation list {path!r} (sslcrl, from {origin}) cannot be read: "
+            f"{ex.strerror or ex}"
+        ) from None
+    labels = set(_PEM_LABEL.findall(data))
+    if len(data) > _MAX_CRL_FILE or labels != {b"X509 CRL"}:
+        found = ", ".join(sorted(label.decode() for label in labels)) or "no PEM block"
+        raise ConfigurationError(
+            f"the certificate revocation list {path!r} (sslcrl, from {origin}) must hold PEM "
+            f"CRLs (-----BEGIN X509 CRL-----) and nothing else; it holds {found}. OpenSSL "
+            "would take a certificate in it as one more trust anchor, beside sslrootcert."
+        )
+    return data
+
+
+def _stat(path: str) -> tuple[int, int, int] | None:
+    try:
+        return _trust._stat_key(os.stat(path))
+    except OSError:
+        return None
+
+
+def check_crl_files(resolved: Mapping[str, str], origin: Origin = _no_origin) -> None:
+    """Refuse a CRL file or directory that holds a certificate (libpq would trust it): the one
+    named by sslcrl, else libpq's default ``~/.postgresql/root.crl``, and sslcrldir. Each is
+    read once per version on disk (inode, size, mtime).
+
+    Raises:
+        ConfigurationError: naming the file and where it was set.
+    """
+    crl = resolved.get("sslcrl")
+    where = origin("sslcrl", "PGSSLCRL")
+    if not crl:
+        root = _trust.libpq_default_root()
+        crl = str(root.with_name("root.crl")) if root is not None else None
+        where = "libpq's default file"
+    if crl:
+        key = _stat(crl)
+        if key is not None and (crl, key) not in _CLEAN:
+            read_crl(crl, where)
+            _remember(crl, key)
+    crldir = resolved.get("sslcrldir")
+    if crldir:
+        key = _stat(crldir)
+        if key is not None and (crldir, key) not in _CLEAN:
+            try:
+                names = os.listdir(crldir)
+            except OSError:
+                names = []  # libpq cannot read it either
+            certs = sorted(n for n in names if _HASHED_CERT.fullmatch(n))
+            if certs:
+                raise ConfigurationError(
+                    f"the revocation list directory {crldir!r} (sslcrldir, from "
+                    f"{origin('sslcrldir', 'PGSSLCRLDIR')}) holds {', '.join(certs[:3])}"
+                    f"{', ...' if len(certs) > 3 else ''}, which OpenSSL reads as certificates "
+                    "and would trust beside sslrootcert. Keep only CRLs there (named hash.rN)."
+                )
+            _remember(crldir, key)
+
+
+def _after_fork() -> None:
+    global _CLEAN_LOCK
+    _CLEAN_LOCK = threading.Lock()  # a thread of the parent may have held it
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+def _remember(path: str, key: tuple[int, int, int]) -> None:
+    with _CLEAN_LOCK:
+        if len(_CLEAN) >= 256:
+            _CLEAN.clear()
+        _CLEAN.add((path, key))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import ssl
 import tempfile
 import weakref
@@ -106,46 +105,12 @@ def trust_for(host: str | None, sslrootcert: str | PathLike[str] | None) -> Trus
     )
 
 
-# A PEM block's label: a CRL file must hold CRLs and nothing else.
-_PEM_LABEL = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
-_MAX_CRL_FILE = 64 * 1024 * 1024
-
-
-def read_crl(path: str, origin: str) -> bytes:
-    """The CRLs of *path*, checked to be PEM CRLs only, as libpq reads them (``sslcrl``).
-
-    OpenSSL loads certificates from a CRL file too, as more trust anchors: libpq would, and
-    ``load_verify_locations`` would. A file that holds anything but CRLs is refused, and the
-    context loads the bytes checked here (see `new_context`), not the file again.
-
-    Raises:
-        ConfigurationError: the file cannot be read, or holds no CRL, or something else.
-    """
-    try:
-        with open(path, "rb") as f:
-            data = f.read(_MAX_CRL_FILE + 1)
-    except OSError as ex:
-        raise ConfigurationError(
-            f"the certificate revocation list {path!r} (sslcrl, from {origin}) cannot be read: "
-            f"{ex.strerror or ex}"
-        ) from None
-    labels = set(_PEM_LABEL.findall(data))
-    if len(data) > _MAX_CRL_FILE or labels != {b"X509 CRL"}:
-        found = ", ".join(sorted(label.decode() for label in labels)) or "no PEM block"
-        raise ConfigurationError(
-            f"the certificate revocation list {path!r} (sslcrl, from {origin}) must hold PEM "
-            f"CRLs (-----BEGIN X509 CRL-----) and nothing else; it holds {found}. OpenSSL "
-            "would take a certificate in it as one more trust anchor."
-        )
-    return data
-
-
 def new_context(
     trust: TrustSource, *, tls13: bool = False, sealed: bool = False, crl: bytes = b""
 ) -> ssl.SSLContext:
     """A new client context that verifies the chain against *trust* and the host name; with
     *sealed*, a `SealedContext` that refuses every change; with *crl* (PEM CRLs checked by
-    `read_crl`), one that refuses a certificate they revoke, as libpq's ``sslcrl`` does.
+    `_options.read_crl`), one that refuses a certificate they revoke, as libpq's ``sslcrl`` does.
 
     Raises:
         ConfigurationError: OpenSSL cannot load *trust*'s file, or the CRLs.

@@ -285,7 +285,7 @@ def _client_files(tls: dict[str, str]) -> tuple[str | None, str | None]:
 
 def _crl(tls: dict[str, str], plan: Plan) -> bytes:
     """The CRLs libpq would check: sslcrl, else libpq's default ``~/.postgresql/root.crl``
-    when it exists; checked by `_sslcontext.read_crl`."""
+    when it exists; checked by `_options.read_crl`."""
     path = tls.get("sslcrl")
     origin = _origin(plan)("sslcrl", "PGSSLCRL")
     if path is None:
@@ -294,7 +294,7 @@ def _crl(tls: dict[str, str], plan: Plan) -> bytes:
         if default is None or not default.is_file():
             return b""
         path, origin = str(default), "libpq's default file"
-    return _sslcontext.read_crl(path, origin)
+    return _options.read_crl(path, origin)
 
 
 def _direct_tls(plan: Plan, option: object, key: tuple[tuple[str, str], ...]) -> bool | None:
