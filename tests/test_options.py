@@ -46,6 +46,7 @@ def test_every_option_of_the_running_libpq_is_in_the_table() -> None:
 
 def test_the_table_names_each_option_and_variable_once() -> None:
     assert len(BY_KEYWORD) == len(OPTIONS)
+    assert frozenset(BY_KEYWORD) == _options._KNOWN
     names = [o.envvar for o in OPTIONS if o.envvar] + [v.name for v in ENVIRONMENT]
     assert len(names) == len(set(names))
 
@@ -63,6 +64,7 @@ def test_an_option_libpq_resolves_that_the_table_lacks_is_refused_by_name(
 ) -> None:
     # As a newer libpq's option would be: libpq resolves sslsni (default 1) on every connect.
     monkeypatch.delitem(BY_KEYWORD, "sslsni")
+    monkeypatch.setattr(_options, "_KNOWN", frozenset(BY_KEYWORD))
     with pytest.raises(ConfigurationError, match=r"option\(s\) sslsni, which safepg's option"):
         _params.build_plan("host=db.example.com", {})
 

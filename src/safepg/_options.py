@@ -27,6 +27,7 @@ conninfo, a URL query, a keyword, its environment variable, a service file named
 from __future__ import annotations
 
 import enum
+import functools
 import os
 import re
 import threading
@@ -247,7 +248,8 @@ BY_KEYWORD: dict[str, Option] = {o.keyword: o for o in OPTIONS}
 # Every keyword of libpq 14-18: what Django's OPTIONS may hand to libpq (dbshell too).
 KEYWORDS = frozenset(o.keyword for o in OPTIONS if o.until >= 14)
 # What each path refuses, read once: the check is a few dict look-ups per connect.
-_REFUSED_LIBPQ = tuple(o for o in OPTIONS if o.libpq.disposition is Disposition.REFUSE)
+_KNOWN = frozenset(BY_KEYWORD)
+_REFUSED_LIBPQ = tuple((o.keyword, o) for o in OPTIONS if o.libpq.disposition is Disposition.REFUSE)
 _REFUSED_ENV_LIBPQ = tuple(v.name for v in ENVIRONMENT if v.libpq.disposition is Disposition.REFUSE)
 
 Origin = Callable[[str, str], str]
@@ -280,21 +282,20 @@ def check(
     Raises:
         ConfigurationError: naming the option and where it came from, never its value.
     """
-    unknown = resolved.keys() - BY_KEYWORD.keys()
-    if unknown:
-        raise unknown_option(unknown)
-    for option in _REFUSED_LIBPQ:
-        value = resolved.get(option.keyword) or params.get(option.keyword)
-        if option.refuses(value, option.libpq):
+    if not resolved.keys() <= _KNOWN:
+        raise unknown_option(resolved.keys() - _KNOWN)
+    for keyword, option in _REFUSED_LIBPQ:
+        value = resolved.get(keyword) or params.get(keyword)
+        if value and option.refuses(value, option.libpq):
             raise refusal(option, option.libpq, origin)
     check_crl_files(resolved, origin)
-    for name in _REFUSED_ENV_LIBPQ:
-        if getenv(name):
-            rule = next(v.libpq for v in ENVIRONMENT if v.name == name)
-            raise ConfigurationError(
-                f"the {name} environment variable is set, and safepg refuses it: {rule.why}. "
-                f"Unset {name}."
-            )
+    if any(map(getenv, _REFUSED_ENV_LIBPQ)):
+        name = next(filter(getenv, _REFUSED_ENV_LIBPQ))
+        rule = next(v.libpq for v in ENVIRONMENT if v.name == name)
+        raise ConfigurationError(
+            f"the {name} environment variable is set, and safepg refuses it: {rule.why}. "
+            f"Unset {name}."
+        )
 
 
 def refusal(option: Option, rule: Rule, origin: Origin, what: str = "safepg") -> ConfigurationError:
@@ -381,6 +382,13 @@ def read_crl(path: str, origin: str) -> bytes:
     return data
 
 
+@functools.lru_cache(maxsize=4)
+def _default_crl(home: str | None, appdata: str | None) -> str | None:
+    """libpq's default CRL file, beside its default root.crt, for these HOME and APPDATA."""
+    root = _trust.libpq_default_root()
+    return str(root.with_name("root.crl")) if root is not None else None
+
+
 def _stat(path: str) -> tuple[int, int, int] | None:
     try:
         return _trust._stat_key(os.stat(path))
@@ -397,11 +405,14 @@ def check_crl_files(resolved: Mapping[str, str], origin: Origin = _no_origin) ->
         ConfigurationError: naming the file and where it was set.
     """
     crl = resolved.get("sslcrl")
-    where = origin("sslcrl", "PGSSLCRL")
-    if not crl:
-        root = _trust.libpq_default_root()
-        crl = str(root.with_name("root.crl")) if root is not None else None
+    if crl:
+        where = origin("sslcrl", "PGSSLCRL")
+    else:
+        crl = _default_crl(getenv("HOME"), getenv("APPDATA"))
         where = "libpq's default file"
+        # os.access: no exception (a few microseconds) on the usual path, a missing file.
+        if crl is not None and not os.access(crl, os.F_OK):
+            crl = None
     if crl:
         key = _stat(crl)
         if key is not None and (crl, key) not in _CLEAN:
