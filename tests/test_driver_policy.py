@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import shutil
+import ssl
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -244,9 +245,41 @@ def test_settings_beside_your_own_context_are_refused(
 ) -> None:
     crl = write_crl(tmp_path / "revoked.crl", server.ca, server.server_cert.cert)
     monkeypatch.setenv("PGSSLCRL", str(crl))
-    ctx = safepg.ssl_context(server.host, sslrootcert=server.ca_path)
+    # A context of your own that checks no CRL: asyncpg would use it as it is.
+    ctx = ssl.create_default_context(cafile=str(server.ca_path))
     with pytest.raises(ConfigurationError, match=r"sslcrl is set .* beside your own"):
         _asyncpg_connect(server, ssl=ctx)()
+    client = server.ca.issue(common_name=server.cert_user, client=True)
+    crt, key = client.write(tmp_path / "client.crt", tmp_path / "client.key")
+    monkeypatch.delenv("PGSSLCRL")
+    monkeypatch.setenv("PGSSLCERT", str(crt))
+    monkeypatch.setenv("PGSSLKEY", str(key))
+    with pytest.raises(ConfigurationError, match=r"sslcert, sslkey is set .* beside your own"):
+        _asyncpg_connect(server, ssl=ctx)()
+
+
+@pytest.mark.parametrize("origin", ["argument", "env"])
+def test_ssl_context_checks_the_crl(
+    server: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, origin: str
+) -> None:
+    crl = write_crl(tmp_path / "revoked.crl", server.ca, server.server_cert.cert)
+    if origin == "env":
+        monkeypatch.setenv("PGSSLCRL", str(crl))
+        ctx = safepg.ssl_context(server.host, sslrootcert=server.ca_path)
+    else:
+        ctx = safepg.ssl_context(server.host, sslrootcert=server.ca_path, sslcrl=crl)
+    assert ctx.verify_flags & ssl.VERIFY_CRL_CHECK_CHAIN == ssl.VERIFY_CRL_CHECK_CHAIN
+    # Your context checks CRLs: safepg.asyncpg uses it, and the revoked server is refused.
+    with pytest.raises(safepg.UntrustedCertificateError, match="revoked"):
+        _asyncpg_connect(server, ssl=ctx)()
+
+
+def test_ssl_context_refuses_a_crl_directory(
+    server: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PGSSLCRLDIR", str(tmp_path))
+    with pytest.raises(ConfigurationError, match="PGSSLCRLDIR is set"):
+        safepg.ssl_context(server.host, sslrootcert=server.ca_path)
 
 
 # -- libpq paths: a revocation list must not add trust anchors -----------------------------------

@@ -14,8 +14,12 @@ safepg opens a connection:
   hardened by safepg, or refused. Nothing is dropped.
 
 `ENVIRONMENT` does the same for the variables libpq reads that are not an option's (service
-files, settings sent at start-up, libpq 18's OAuth debugging). `ssl_context` reads only
-``sslrootcert``/``PGSSLROOTCERT`` and its explicit arguments; ``safepg inspect`` reads none.
+files, settings sent at start-up, libpq 18's OAuth debugging).
+
+Two paths read no conninfo: `ssl_context` takes its settings as arguments, and of the
+variables reads ``PGSSLROOTCERT`` (trust anchors) and ``PGSSLCRL`` (checked as for asyncpg,
+with libpq's default ``~/.postgresql/root.crl``), and refuses ``PGSSLCRLDIR``; ``safepg
+inspect`` reads none (it takes a host and port, and trusts nothing).
 
 An option the running libpq resolves (``PQconninfo``) that is not in the table, such as one a
 newer libpq adds, is refused by name: it may change what libpq sends, writes or trusts, and
@@ -387,6 +391,21 @@ def _default_crl(home: str | None, appdata: str | None) -> str | None:
     """libpq's default CRL file, beside its default root.crt, for these HOME and APPDATA."""
     root = _trust.libpq_default_root()
     return str(root.with_name("root.crl")) if root is not None else None
+
+
+def crls(path: str | None, origin: str) -> bytes:
+    """The CRLs to check for a context that is not libpq's: *path*'s (set by *origin*), else
+    libpq's default ``~/.postgresql/root.crl`` when it exists; none otherwise.
+
+    Raises:
+        ConfigurationError: as `read_crl`.
+    """
+    if path is None:
+        path = _default_crl(getenv("HOME"), getenv("APPDATA"))
+        if path is None or not os.access(path, os.F_OK):
+            return b""
+        origin = "libpq's default file"
+    return read_crl(path, origin)
 
 
 def _stat(path: str) -> tuple[int, int, int] | None:

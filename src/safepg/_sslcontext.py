@@ -15,7 +15,7 @@ import tempfile
 import weakref
 from os import PathLike
 
-from . import _trust
+from . import _options, _trust
 from ._errors import ConfigurationError
 from ._params import _HOST, _idna_ok, _is_socket
 from ._trust import TrustSource
@@ -207,6 +207,7 @@ def ssl_context(
     sslcert: str | PathLike[str] | None = None,
     sslkey: str | PathLike[str] | None = None,
     sslpassword: str | None = None,
+    sslcrl: str | PathLike[str] | None = None,
 ) -> ssl.SSLContext:
     """Return a new `ssl.SSLContext` that verifies a PostgreSQL server as verify-full does.
 
@@ -215,20 +216,33 @@ def ssl_context(
     1.2 or later, and trusts the anchors `safepg.connect` would use for *host*: *sslrootcert*
     (``"system"`` is the OS store), else ``PGSSLROOTCERT``, else ``~/.postgresql/root.crt``,
     else a bundled provider set chosen by the host name (Amazon RDS, Azure, Supabase), else the
-    OS store, else certifi. Each call returns a new context, which you may change; safepg's
-    own connects share cached ones.
+    OS store, else certifi. Certificates revoked by *sslcrl* (else ``PGSSLCRL``, else
+    ``~/.postgresql/root.crl``, as libpq) are refused. Each call returns a new context, which
+    you may change; safepg's own connects share cached ones.
 
     Args:
         host: the server's host name, which chooses a provider's CA set. None: no provider.
         sslrootcert: a PEM file of trust anchors, or ``"system"``.
         sslcert, sslkey, sslpassword: a client certificate, its key and the key's password.
+        sslcrl: a PEM file of certificate revocation lists (CRLs only).
 
     Raises:
-        ConfigurationError: *host* is not a TCP host name; a CA or client certificate file is
-            missing, empty, unreadable or not PEM.
+        ConfigurationError: *host* is not a TCP host name; a CA, CRL or client certificate
+            file is missing, empty, unreadable or not PEM; a CRL file holds a certificate;
+            ``PGSSLCRLDIR`` is set (a CRL directory is not supported here).
     """
     trust = trust_for(host, sslrootcert)
-    ctx = new_context(trust)
+    if os.environ.get("PGSSLCRLDIR"):
+        raise ConfigurationError(
+            "PGSSLCRLDIR is set, and ssl_context cannot check a CRL directory as libpq does: "
+            "put the CRLs in one file and pass it as sslcrl= (or PGSSLCRL)."
+        )
+    if sslcrl is not None:
+        crl = _options.crls(os.fspath(sslcrl), "the sslcrl argument")
+    else:
+        env = os.environ.get("PGSSLCRL") or None
+        crl = _options.crls(env, "the PGSSLCRL environment variable")
+    ctx = new_context(trust, crl=crl)
     load_client_cert(ctx, sslcert, sslkey, sslpassword)
     logger.debug("safepg: ssl_context for %s trusts %s", host or "any host", trust)
     return ctx

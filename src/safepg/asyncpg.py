@@ -255,9 +255,15 @@ def _asyncpg_kwargs(plan: Plan, kwargs: dict[str, Any]) -> tuple[dict[str, Any],
     return out, tls
 
 
-def _refuse_beside_caller_context(tls: dict[str, str]) -> None:
-    """Your own ssl.SSLContext is used as it is: settings it would have to carry are refused."""
-    given = sorted(k for k in ("sslcert", "sslkey", "sslpassword", "sslcrl") if k in tls)
+def _refuse_beside_caller_context(tls: dict[str, str], ctx: ssl.SSLContext) -> None:
+    """Your own ssl.SSLContext is used as it is: settings it would have to carry are refused
+    (a CRL only when your context checks none: safepg.ssl_context loads PGSSLCRL itself)."""
+    checks_crls = bool(ctx.verify_flags & ssl.VERIFY_CRL_CHECK_LEAF)
+    given = sorted(
+        k
+        for k in ("sslcert", "sslkey", "sslpassword", "sslcrl")
+        if k in tls and not (k == "sslcrl" and checks_crls)
+    )
     if given:
         raise ConfigurationError(
             f"{', '.join(given)} is set (DSN, keywords, environment or service file) beside "
@@ -286,15 +292,7 @@ def _client_files(tls: dict[str, str]) -> tuple[str | None, str | None]:
 def _crl(tls: dict[str, str], plan: Plan) -> bytes:
     """The CRLs libpq would check: sslcrl, else libpq's default ``~/.postgresql/root.crl``
     when it exists; checked by `_options.read_crl`."""
-    path = tls.get("sslcrl")
-    origin = _origin(plan)("sslcrl", "PGSSLCRL")
-    if path is None:
-        root = _trust.libpq_default_root()
-        default = root.with_name("root.crl") if root is not None else None
-        if default is None or not default.is_file():
-            return b""
-        path, origin = str(default), "libpq's default file"
-    return _options.read_crl(path, origin)
+    return _options.crls(tls.get("sslcrl"), _origin(plan)("sslcrl", "PGSSLCRL"))
 
 
 def _direct_tls(plan: Plan, option: object, key: tuple[tuple[str, str], ...]) -> bool | None:
@@ -429,7 +427,7 @@ async def connect(
     key = tuple((t.host, t.port) for t in plan.targets)
     direct = _direct_tls(plan, direct_option, key)
     if caller_ctx is not None:
-        _refuse_beside_caller_context(tls)
+        _refuse_beside_caller_context(tls, caller_ctx)
         ctx, plan = caller_ctx, dataclasses.replace(plan, trust=_CALLER_CONTEXT)
     else:
         tls13 = plan.params.get("ssl_min_protocol_version") == "TLSv1.3"
@@ -546,6 +544,6 @@ def check_arguments(
     plan = build_plan(dsn or "", libpq_kwargs, allow_unencrypted_unix_socket=allow_socket)
     _, tls = _asyncpg_kwargs(plan, rest)
     if caller_ctx is not None:
-        _refuse_beside_caller_context(tls)
+        _refuse_beside_caller_context(tls, caller_ctx)
     else:
         _crl(tls, plan)
