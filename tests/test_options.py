@@ -266,3 +266,22 @@ def test_keylog_cli(keylog: KeyLog, capsys: pytest.CaptureFixture[str]) -> None:
         assert "refuses the connection option sslkeylogfile" in err, (command, out, err)
         assert "export" not in out
     assert not keylog.path.exists()
+
+
+def test_a_driver_on_a_newer_libpq_is_refused(
+    server: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # psycopg2 reads the environment with its own libpq: one newer than the table could
+    # honour an option nobody reviewed.
+    psycopg2 = pytest.importorskip("psycopg2")
+    import safepg.psycopg2
+
+    newer = (_options.NEWEST_LIBPQ + 1) * 10000
+    monkeypatch.setattr(psycopg2, "__libpq_version__", newer)
+    with pytest.raises(ConfigurationError, match=f"psycopg2 uses libpq {newer // 10000}"):
+        safepg.psycopg2.connect(server.url())
+
+
+def test_the_newest_libpq_the_table_holds_is_the_newest_it_names() -> None:
+    assert max(o.since for o in OPTIONS) == _options.NEWEST_LIBPQ
+    assert pq.version() // 10000 <= _options.NEWEST_LIBPQ

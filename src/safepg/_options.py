@@ -60,6 +60,7 @@ class Rule:
     disposition: Disposition
     why: str = ""
     accepts: tuple[str, ...] = ()
+    to: str = ""  # for TRANSLATE: the driver's keyword argument, when it has one
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,8 @@ def _h(why: str) -> Rule:
     return Rule(Disposition.HARDEN, why)
 
 
-def _t(why: str) -> Rule:
-    return Rule(Disposition.TRANSLATE, why)
+def _t(why: str, to: str = "") -> Rule:
+    return Rule(Disposition.TRANSLATE, why, to=to)
 
 
 def _r(why: str, *accepts: str) -> Rule:
@@ -121,10 +122,10 @@ OPTIONS: tuple[Option, ...] = (
     # -- who and where ---------------------------------------------------------------------
     Option("service", "PGSERVICE", 14, None, _P,
            _t("read through libpq by safepg, which passes on what the service sets")),
-    Option("user", "PGUSER", 14, None, _P, _t("asyncpg's user")),
-    Option("password", "PGPASSWORD", 14, None, _P, _t("asyncpg's password")),
-    Option("passfile", "PGPASSFILE", 14, None, _P, _t("asyncpg's passfile")),
-    Option("dbname", "PGDATABASE", 14, None, _P, _t("asyncpg's database")),
+    Option("user", "PGUSER", 14, None, _P, _t("asyncpg's user", "user")),
+    Option("password", "PGPASSWORD", 14, None, _P, _t("asyncpg's password", "password")),
+    Option("passfile", "PGPASSFILE", 14, None, _P, _t("asyncpg's passfile", "passfile")),
+    Option("dbname", "PGDATABASE", 14, None, _P, _t("asyncpg's database", "database")),
     Option("host", "PGHOST", 14, None,
            _h("pinned as checked: a TCP host name to verify; a socket only when allowed"),
            _h("asyncpg gets the checked host list")),
@@ -134,7 +135,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("connect_timeout", "PGCONNECT_TIMEOUT", 14, None,
            _h("pinned as checked, so that psycopg enforces it"), _t("asyncpg's timeout")),
     Option("target_session_attrs", "PGTARGETSESSIONATTRS", 14, "any", _P,
-           _t("asyncpg's target_session_attrs")),
+           _t("asyncpg's target_session_attrs", "target_session_attrs")),
     Option("load_balance_hosts", "PGLOADBALANCEHOSTS", 16, "disable", _P,
            _r("asyncpg tries the hosts in order only", "disable")),
     # -- what the session starts with --------------------------------------------------------
@@ -209,8 +210,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("gssencmode", "PGGSSENCMODE", 14, "prefer",
            _h("always disable: GSS encryption would replace TLS, with no certificate check"),
            _h("asyncpg has no GSS encryption")),
-    Option("krbsrvname", "PGKRBSRVNAME", 14, "postgres", _P, _t("asyncpg's krbsrvname")),
-    Option("gsslib", "PGGSSLIB", 14, None, _P, _t("asyncpg's gsslib")),
+    Option("krbsrvname", "PGKRBSRVNAME", 14, "postgres", _P,
+           _t("asyncpg's krbsrvname", "krbsrvname")),
+    Option("gsslib", "PGGSSLIB", 14, None, _P, _t("asyncpg's gsslib", "gsslib")),
     Option("gssdelegation", "PGGSSDELEGATION", 16, "0", _P, _r(_NO_ASYNCPG, "0")),
     # -- gone before libpq 14 (kept so that a service file or code written for them is told) --
     Option("requiressl", "PGREQUIRESSL", 7, None, _r(_REMOVED), _r(_REMOVED), until=13),
@@ -248,7 +250,11 @@ ENVIRONMENT: tuple[Variable, ...] = (
 )
 # fmt: on
 
+# The newest libpq whose options the table holds: a driver on a newer one is refused.
+NEWEST_LIBPQ = 18
 BY_KEYWORD: dict[str, Option] = {o.keyword: o for o in OPTIONS}
+# libpq's options that asyncpg takes under a keyword of its own, by that keyword.
+ASYNCPG_KEYWORDS = {o.keyword: o.asyncpg.to for o in OPTIONS if o.asyncpg.to}
 # Every keyword of libpq 14-18: what Django's OPTIONS may hand to libpq (dbshell too).
 KEYWORDS = frozenset(o.keyword for o in OPTIONS if o.until >= 14)
 # What each path refuses, read once: the check is a few dict look-ups per connect.
@@ -261,6 +267,22 @@ Origin = Callable[[str, str], str]
 
 def _no_origin(key: str, envvar: str) -> str:
     return "the conninfo, a keyword, the environment or a service file"
+
+
+def check_driver_libpq(version: int, driver: str) -> None:
+    """Refuse a driver's own libpq (psycopg2's wheels bundle one) newer than the table: its
+    new options, set in the environment, would go unexamined.
+
+    Raises:
+        ConfigurationError: *version* (libpq's PQlibVersion) is past `NEWEST_LIBPQ`.
+    """
+    if version // 10000 > NEWEST_LIBPQ:
+        raise ConfigurationError(
+            f"{driver} uses libpq {version // 10000}, newer than the libpq {NEWEST_LIBPQ} whose "
+            "options safepg's option policy knows: options it added could change what libpq "
+            "sends, writes or trusts unexamined. Upgrade safepg, or use a build of the driver "
+            f"with libpq {NEWEST_LIBPQ} or older."
+        )
 
 
 def unknown_option(names: list[str] | set[str]) -> ConfigurationError:

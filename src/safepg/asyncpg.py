@@ -56,17 +56,6 @@ _AS_LIBPQ = {
     "krbsrvname": "krbsrvname",
     "service": "service",
 }
-# The options (from the DSN, keywords, environment or a service file) that asyncpg takes under
-# its own name; what asyncpg does with every other one is in the option policy (`_options`).
-_ASYNCPG_NAMES = {
-    "user": "user",
-    "password": "password",
-    "dbname": "database",
-    "passfile": "passfile",
-    "target_session_attrs": "target_session_attrs",
-    "krbsrvname": "krbsrvname",
-    "gsslib": "gsslib",
-}
 # ssl= strings that verify less than verify-full (asyncpg's own modes).
 _WEAK_MODES = ("disable", "allow", "prefer", "require", "verify-ca")
 _CALLER_CONTEXT = TrustSource(
@@ -227,7 +216,7 @@ def _asyncpg_kwargs(plan: Plan, kwargs: dict[str, Any]) -> tuple[dict[str, Any],
         raise ConfigurationError("gsslib needs asyncpg 0.29 or later")
     out: dict[str, Any] = {
         name: settings[key]
-        for key, name in _ASYNCPG_NAMES.items()
+        for key, name in _options.ASYNCPG_KEYWORDS.items()
         if key in settings and kwargs.get(name) is None
     }
     out.update(

@@ -228,13 +228,13 @@ def create_async_engine(url: str | URL, **kw: Any) -> AsyncEngine:
 
 # -- asyncpg -----------------------------------------------------------------------------------
 
-# A postgresql+asyncpg:// URL's query options that safepg.asyncpg.connect takes, as strings;
-# sslmode and ssl weaker than verify-full are raised there. Anything else is refused.
+# A postgresql+asyncpg:// URL's query options that safepg.asyncpg.connect takes, besides
+# libpq's; sslmode and ssl weaker than verify-full are raised there. Anything else is refused.
+# libpq's own options (sslmode, sslrootcert, sslcrl, ...) are taken by name, under the policy.
 _ASYNCPG_URL_OPTIONS = {
-    "sslmode": str, "ssl": str, "sslrootcert": str, "sslcert": str, "sslkey": str,
-    "target_session_attrs": str, "passfile": str, "timeout": "seconds",
-    "command_timeout": "seconds", "statement_cache_size": "count", "connect_timeout": "count",
-    "application_name": str, "direct_tls": str,
+    "ssl": str, "timeout": "seconds", "command_timeout": "seconds",
+    "statement_cache_size": "count", "connect_timeout": "count", "application_name": str,
+    "direct_tls": str,
 }  # fmt: skip
 # Numbers in a URL, parsed strictly: ASCII digits only (no nan, inf, signs or other scripts).
 _SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?")
@@ -279,8 +279,8 @@ def asyncpg_creator(url: str | URL, **kwargs: Any) -> Callable[[], Awaitable[Any
         if kind is None:
             raise ConfigurationError(
                 f"the URL's query option {key!r} is not one safepg passes to asyncpg; it takes "
-                f"{', '.join(sorted(_ASYNCPG_URL_OPTIONS))}. Give other asyncpg arguments as "
-                "connect_args."
+                f"libpq's options and {', '.join(sorted(_ASYNCPG_URL_OPTIONS))}. Give other "
+                "asyncpg arguments as connect_args."
             )
         if not isinstance(value, str):
             raise ConfigurationError(f"the URL gives {key} more than once")
