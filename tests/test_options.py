@@ -285,3 +285,22 @@ def test_a_driver_on_a_newer_libpq_is_refused(
 def test_the_newest_libpq_the_table_holds_is_the_newest_it_names() -> None:
     assert max(o.since for o in OPTIONS) == _options.NEWEST_LIBPQ
     assert pq.version() // 10000 <= _options.NEWEST_LIBPQ
+
+
+def test_a_service_named_by_pgservice_is_named_as_the_origin(
+    server: PostgresServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # PQconndefaults applies the service PGSERVICE names: compared with it, the service's
+    # settings looked like libpq's defaults (a weak sslmode raised silently, the trust
+    # anchors labelled "libpq's default").
+    services = tmp_path / "pg_service.conf"
+    services.write_text(f"[app]\nsslrootcert={server.ca_path}\nsslmode=disable\n")
+    monkeypatch.setenv("PGSERVICEFILE", str(services))
+    monkeypatch.setenv("PGSERVICE", "app")
+    with caplog.at_level(logging.WARNING, logger="safepg"):
+        plan = _params.build_plan("host=db.example.com", {})
+    assert plan.trust.label == "sslrootcert from service 'app' in the service file"
+    assert "sslmode=disable (from service 'app' in the service file) raised" in caplog.text

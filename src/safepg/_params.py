@@ -566,12 +566,17 @@ def build_plan(
             return "the conninfo string"
         if service:
             if not defaults:
-                # PQconndefaults: environment variables and compiled defaults, no service file.
+                # libpq's compiled-in defaults: PQconndefaults' values would include the
+                # service named by PGSERVICE, whose settings then looked like defaults.
                 defaults.update(
-                    (o.keyword.decode(), o.val.decode("utf-8", "replace") if o.val else None)
+                    (
+                        o.keyword.decode(),
+                        o.compiled.decode("utf-8", "replace") if o.compiled else None,
+                    )
                     for o in pq.Conninfo.get_defaults()
                 )
-            if resolved.get(key) != defaults.get(key):
+            # Without the service, libpq would take the variable, else the compiled default.
+            if resolved.get(key) != (getenv(envvar) or defaults.get(key)):
                 return f"service {service!r} in the service file"
         if getenv(envvar):
             return _env_origin(envvar)
