@@ -175,12 +175,14 @@ def test_asyncpg_refuses_what_it_cannot_honour_by_name(
     value: str,
     option: str,
 ) -> None:
-    if option not in LIBPQ:
-        pytest.skip(f"libpq {pq.version()} does not read {variable}")
+    # Refused even where the running libpq does not read the variable (libpq 15 has no
+    # PGREQUIREAUTH): a newer libpq would honour it, so asyncpg must not drop it.
     monkeypatch.setenv(variable, value.format(tmp=tmp_path))
     with pytest.raises(ConfigurationError, match=rf"\b{option}\b") as info:
         _asyncpg_connect(server)()
     assert f"the {variable} environment variable" in str(info.value) or option == "sslcertmode"
+    if option not in LIBPQ:
+        return  # libpq itself refuses a service-file key it does not know
     # The same from a service file, which only libpq's resolution shows.
     monkeypatch.delenv(variable)
     services = tmp_path / "pg_service.conf"
@@ -351,3 +353,13 @@ def test_a_crl_directory_holding_a_certificate_is_refused(
     monkeypatch.setenv("PGSSLCRLDIR", str(crldir))
     with pytest.raises(ConfigurationError, match=rf"holds {rogue}\.0, which OpenSSL"):
         safepg.connect(server.url()).close()
+
+
+def test_asyncpg_reads_pgsslnegotiation_whatever_libpq_runs(
+    server: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # libpq 15 has no PGSSLNEGOTIATION; asyncpg gets it all the same.
+    monkeypatch.setenv("PGSSLNEGOTIATION", "direct")
+    monkeypatch.setenv("PGSSLMODE", "verify-full")  # libpq 17+ refuses direct with prefer
+    with pytest.raises(ConfigurationError, match="direct_tls=False and sslnegotiation=direct"):
+        _asyncpg_connect(server, direct_tls=False)()

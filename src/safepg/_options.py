@@ -38,6 +38,8 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from psycopg import pq
+
 from . import _trust
 from ._environ import getenv
 from ._errors import ConfigurationError
@@ -253,6 +255,12 @@ ENVIRONMENT: tuple[Variable, ...] = (
 # The newest libpq whose options the table holds: a driver on a newer one is refused.
 NEWEST_LIBPQ = 18
 BY_KEYWORD: dict[str, Option] = {o.keyword: o for o in OPTIONS}
+# Options of the table whose variable the running libpq does not read (libpq 15 has no
+# PGREQUIREAUTH): for asyncpg, which reads no variable itself, safepg reads them.
+_RUNNING = frozenset(o.keyword.decode() for o in pq.Conninfo.get_defaults())
+UNSEEN_VARIABLES = tuple(
+    (o.keyword, o.envvar) for o in OPTIONS if o.envvar and o.keyword not in _RUNNING
+)
 # libpq's options that asyncpg takes under a keyword of its own, by that keyword.
 ASYNCPG_KEYWORDS = {o.keyword: o.asyncpg.to for o in OPTIONS if o.asyncpg.to}
 # Every keyword of libpq 14-18: what Django's OPTIONS may hand to libpq (dbshell too).
@@ -343,13 +351,16 @@ def asyncpg_settings(
     resolved: Mapping[str, str], params: Mapping[str, str], origin: Origin = _no_origin
 ) -> dict[str, str]:
     """The options set to other than their default that asyncpg must be given (disposition
-    TRANSLATE), after refusing those it cannot honour.
+    TRANSLATE), after refusing those it cannot honour. The variables of options the running
+    libpq does not know (``PGREQUIREAUTH`` with libpq 15) are read too: asyncpg must not
+    drop what a newer libpq would honour.
 
     Raises:
         ConfigurationError: an option asyncpg cannot honour, named with where it came from.
     """
     out: dict[str, str] = {}
-    for key, value in {**resolved, **params}.items():
+    unseen = {k: v for k, name in UNSEEN_VARIABLES if k not in params and (v := getenv(name))}
+    for key, value in {**resolved, **unseen, **params}.items():
         option = BY_KEYWORD.get(key)
         if option is None:
             raise unknown_option({key})

@@ -238,7 +238,7 @@ def _asyncpg_kwargs(plan: Plan, kwargs: dict[str, Any]) -> tuple[dict[str, Any],
         )
     tls: dict[str, str] = {
         k: settings[k]
-        for k in ("sslcert", "sslkey", "sslpassword", "sslcertmode", "sslcrl")
+        for k in ("sslcert", "sslkey", "sslpassword", "sslcertmode", "sslcrl", "sslnegotiation")
         if k in settings
     }
     return out, tls
@@ -284,13 +284,14 @@ def _crl(tls: dict[str, str], plan: Plan) -> bytes:
     return _options.crls(tls.get("sslcrl"), _origin(plan)("sslcrl", "PGSSLCRL"))
 
 
-def _direct_tls(plan: Plan, option: object, key: tuple[tuple[str, str], ...]) -> bool | None:
-    """asyncpg's direct_tls for this connect: the caller's choice, a sslnegotiation=direct in
-    the DSN, or what was learned for these hosts; None when this asyncpg lacks it."""
+def _direct_tls(negotiation: str, option: object, key: tuple[tuple[str, str], ...]) -> bool | None:
+    """asyncpg's direct_tls for this connect: the caller's choice, a sslnegotiation=direct
+    (DSN, keyword, PGSSLNEGOTIATION, service file), or what was learned for these hosts; None
+    when this asyncpg lacks it."""
     chosen = as_optional_bool("direct_tls", option)
-    if plan.resolved.get("sslnegotiation", "postgres") not in ("postgres", "direct"):
+    if negotiation not in ("postgres", "direct"):
         raise ConfigurationError("sslnegotiation must be postgres or direct")
-    if plan.resolved.get("sslnegotiation") == "direct":
+    if negotiation == "direct":
         if chosen is False:
             raise ConfigurationError("direct_tls=False and sslnegotiation=direct disagree")
         chosen = True
@@ -414,7 +415,8 @@ async def connect(
     # A token provider: never over a socket; called for each attempt, in _open.
     target = _password.target(plan) if provider is not None else None
     key = tuple((t.host, t.port) for t in plan.targets)
-    direct = _direct_tls(plan, direct_option, key)
+    negotiation = tls.get("sslnegotiation") or plan.resolved.get("sslnegotiation", "postgres")
+    direct = _direct_tls(negotiation, direct_option, key)
     if caller_ctx is not None:
         _refuse_beside_caller_context(tls, caller_ctx)
         ctx, plan = caller_ctx, dataclasses.replace(plan, trust=_CALLER_CONTEXT)
