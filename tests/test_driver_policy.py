@@ -363,3 +363,13 @@ def test_asyncpg_reads_pgsslnegotiation_whatever_libpq_runs(
     monkeypatch.setenv("PGSSLMODE", "verify-full")  # libpq 17+ refuses direct with prefer
     with pytest.raises(ConfigurationError, match="direct_tls=False and sslnegotiation=direct"):
         _asyncpg_connect(server, direct_tls=False)()
+
+
+def test_variables_no_supported_libpq_reads_are_left_alone(
+    server: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PGREQUIRESSL, PGTTY, PGAUTHTYPE: gone before libpq 14; a leftover in a shell profile.
+    for name in ("PGREQUIRESSL", "PGTTY", "PGAUTHTYPE"):
+        monkeypatch.setenv(name, "1")
+    assert _asyncpg_connect(server)() == server.user
+    safepg.connect(server.url()).close()

@@ -259,7 +259,9 @@ BY_KEYWORD: dict[str, Option] = {o.keyword: o for o in OPTIONS}
 # PGREQUIREAUTH): for asyncpg, which reads no variable itself, safepg reads them.
 _RUNNING = frozenset(o.keyword.decode() for o in pq.Conninfo.get_defaults())
 UNSEEN_VARIABLES = tuple(
-    (o.keyword, o.envvar) for o in OPTIONS if o.envvar and o.keyword not in _RUNNING
+    (o.keyword, o.envvar)
+    for o in OPTIONS
+    if o.envvar and o.keyword not in _RUNNING and o.until >= 14  # PGREQUIRESSL: read by none
 )
 # libpq's options that asyncpg takes under a keyword of its own, by that keyword.
 ASYNCPG_KEYWORDS = {o.keyword: o.asyncpg.to for o in OPTIONS if o.asyncpg.to}
