@@ -263,6 +263,8 @@ UNSEEN_VARIABLES = tuple(
     for o in OPTIONS
     if o.envvar and o.keyword not in _RUNNING and o.until >= 14  # PGREQUIRESSL: read by none
 )
+# keyword -> (libpq's default, asyncpg's rule, the option): asyncpg_settings' look-up.
+_ASYNCPG_RULES = {o.keyword: (o.default, o.asyncpg, o) for o in OPTIONS}
 # libpq's options that asyncpg takes under a keyword of its own, by that keyword.
 ASYNCPG_KEYWORDS = {o.keyword: o.asyncpg.to for o in OPTIONS if o.asyncpg.to}
 # Every keyword of libpq 14-18: what Django's OPTIONS may hand to libpq (dbshell too).
@@ -363,13 +365,16 @@ def asyncpg_settings(
     out: dict[str, str] = {}
     unseen = {k: v for k, name in UNSEEN_VARIABLES if k not in params and (v := getenv(name))}
     for key, value in {**resolved, **unseen, **params}.items():
-        option = BY_KEYWORD.get(key)
-        if option is None:
+        entry = _ASYNCPG_RULES.get(key)
+        if entry is None:
             raise unknown_option({key})
-        rule = option.asyncpg
-        if option.refuses(value, rule):
-            raise refusal(option, rule, origin, "safepg.asyncpg")
-        if rule.disposition is Disposition.TRANSLATE and value and value != option.default:
+        default, rule, option = entry
+        if not value or value == default:
+            continue
+        if rule.disposition is Disposition.REFUSE:
+            if value not in rule.accepts:
+                raise refusal(option, rule, origin, "safepg.asyncpg")
+        elif rule.disposition is Disposition.TRANSLATE:
             out[key] = value
     return out
 
