@@ -188,6 +188,26 @@ def test_keylog_pool(keylog: KeyLog, caplog: pytest.LogCaptureFixture) -> None:
     assert not keylog.path.exists()
 
 
+def test_keylog_async_pool(keylog: KeyLog, caplog: pytest.LogCaptureFixture) -> None:
+    from psycopg_pool import PoolTimeout
+
+    from safepg.pool import AsyncConnectionPool
+
+    async def go() -> None:
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            keylog.url, kwargs=keylog.kwargs, min_size=1, open=False
+        )
+        try:
+            await pool.open(wait=True, timeout=1.5)
+        finally:
+            await pool.close()
+
+    with caplog.at_level(logging.WARNING), pytest.raises(PoolTimeout):
+        asyncio.run(go())
+    assert "refuses the connection option sslkeylogfile" in caplog.text
+    assert not keylog.path.exists()
+
+
 def test_keylog_sqlalchemy(keylog: KeyLog) -> None:
     from safepg.sqlalchemy import create_engine
 
