@@ -24,7 +24,7 @@ import psycopg
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from . import _environ, _trust
+from . import _environ, _options, _trust
 from ._environ import getenv
 from ._errors import ConfigurationError
 from ._redact import redact, redact_parse_error
@@ -566,17 +566,24 @@ def build_plan(
             return "the conninfo string"
         if service:
             if not defaults:
-                # PQconndefaults: environment variables and compiled defaults, no service file.
+                # libpq's compiled-in defaults: PQconndefaults' values would include the
+                # service named by PGSERVICE, whose settings then looked like defaults.
                 defaults.update(
-                    (o.keyword.decode(), o.val.decode("utf-8", "replace") if o.val else None)
+                    (
+                        o.keyword.decode(),
+                        o.compiled.decode("utf-8", "replace") if o.compiled else None,
+                    )
                     for o in pq.Conninfo.get_defaults()
                 )
-            if resolved.get(key) != defaults.get(key):
+            # Without the service, libpq would take the variable, else the compiled default.
+            if resolved.get(key) != (getenv(envvar) or defaults.get(key)):
                 return f"service {service!r} in the service file"
         if getenv(envvar):
             return _env_origin(envvar)
         return _DEFAULT_ORIGIN
 
+    # The option policy: an option it does not know, or one it refuses, set anywhere.
+    _options.check(resolved, params, origin)
     _check_numbers(resolved, origin)
     sslmode = resolved.get("sslmode", "prefer")
     if sslmode != REQUIRED_SSLMODE:

@@ -7,13 +7,15 @@ verify-full.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import ssl
+import tempfile
 import weakref
 from os import PathLike
 
-from . import _stdssl, _trust
+from . import _options, _stdssl, _trust
 from ._errors import ConfigurationError
 from ._params import _HOST, _idna_ok, _is_socket
 from ._trust import TrustSource
@@ -22,9 +24,10 @@ __all__ = ["ssl_context"]
 
 logger = logging.getLogger("safepg")
 
-# (trust file path, its inode/size/mtime, TLS 1.3 only) -> a sealed context made from it. Only
-# the connect paths of safepg use these; callers of ssl_context always get a context of their own.
-_contexts: dict[tuple[str, tuple[int, int, int], bool], ssl.SSLContext] = {}
+# (trust file path, its inode/size/mtime, TLS 1.3 only, SHA-256 of the CRLs checked or "") -> a
+# sealed context made from it. Only the connect paths of safepg use these; callers of ssl_context
+# always get a context of their own.
+_contexts: dict[tuple[str, tuple[int, int, int], bool, str], ssl.SSLContext] = {}
 # Methods that change a context: loading CAs, keys or paths, and every set_* (ciphers, ALPN,
 # callbacks, PSK callbacks that would skip the certificate), the private C ones too
 # (_set_alpn_protocols).
@@ -102,12 +105,15 @@ def trust_for(host: str | None, sslrootcert: str | PathLike[str] | None) -> Trus
     )
 
 
-def new_context(trust: TrustSource, *, tls13: bool = False, sealed: bool = False) -> ssl.SSLContext:
+def new_context(
+    trust: TrustSource, *, tls13: bool = False, sealed: bool = False, crl: bytes = b""
+) -> ssl.SSLContext:
     """A new client context that verifies the chain against *trust* and the host name; with
-    *sealed*, a `SealedContext` that refuses every change.
+    *sealed*, a `SealedContext` that refuses every change; with *crl* (PEM CRLs checked by
+    `_options.read_crl`), one that refuses a certificate they revoke, as libpq's ``sslcrl`` does.
 
     Raises:
-        ConfigurationError: OpenSSL cannot load *trust*'s file.
+        ConfigurationError: OpenSSL cannot load *trust*'s file, or the CRLs.
     """
     # The standard library's class, never what truststore or gevent put in ssl.SSLContext's
     # place: theirs may trust the OS store on top of the anchors loaded here.
@@ -128,22 +134,43 @@ def new_context(trust: TrustSource, *, tls13: bool = False, sealed: bool = False
             f"OpenSSL could not load the trust anchors {trust}: {ex}. Fix the file, or name "
             "another with sslrootcert."
         ) from None
+    if crl:
+        _load_crl(ctx, crl)
     if isinstance(ctx, SealedContext):
         ctx.seal()
     return ctx
 
 
-def cached_context(trust: TrustSource, *, tls13: bool = False) -> ssl.SSLContext:
-    """A sealed `new_context`, made once per version of *trust*'s file: loading a bundle of
-    100-150 roots costs about 20 ms. A file changed on disk (new inode, size or mtime) gets a
-    new one. For safepg's own connect paths: shared by their connections, so sealed."""
+def _load_crl(ctx: ssl.SSLContext, crl: bytes) -> None:
+    """Load *crl* (checked: CRLs only) and check every certificate of the chain against it,
+    as libpq does (``X509_V_FLAG_CRL_CHECK | X509_V_FLAG_CRL_CHECK_ALL``)."""
+    # Python loads CRLs from a file only: the checked bytes, in a private directory.
+    with tempfile.TemporaryDirectory(prefix="safepg-crl-") as private:
+        path = os.path.join(private, "crl.pem")
+        with open(path, "wb") as f:
+            f.write(crl)
+        try:
+            ctx.load_verify_locations(cafile=path)
+        except (OSError, ssl.SSLError) as ex:
+            raise ConfigurationError(
+                f"OpenSSL could not load the certificate revocation list (sslcrl): {ex}"
+            ) from None
+    ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
+
+
+def cached_context(trust: TrustSource, *, tls13: bool = False, crl: bytes = b"") -> ssl.SSLContext:
+    """A sealed `new_context`, made once per version of *trust*'s file (and of the CRLs):
+    loading a bundle of 100-150 roots costs about 20 ms. A file changed on disk (new inode,
+    size or mtime) gets a new one. For safepg's own connect paths: shared by their
+    connections, so sealed."""
+    crl_key = hashlib.sha256(crl).hexdigest() if crl else ""
     try:
-        key = (trust.path, _trust._stat_key(os.stat(trust.path)), tls13)
+        key = (trust.path, _trust._stat_key(os.stat(trust.path)), tls13, crl_key)
     except OSError:
-        return new_context(trust, tls13=tls13, sealed=True)
+        return new_context(trust, tls13=tls13, sealed=True, crl=crl)
     ctx = _contexts.get(key)
     if ctx is None:
-        ctx = _contexts[key] = new_context(trust, tls13=tls13, sealed=True)
+        ctx = _contexts[key] = new_context(trust, tls13=tls13, sealed=True, crl=crl)
     return ctx
 
 
@@ -182,6 +209,7 @@ def ssl_context(
     sslcert: str | PathLike[str] | None = None,
     sslkey: str | PathLike[str] | None = None,
     sslpassword: str | None = None,
+    sslcrl: str | PathLike[str] | None = None,
 ) -> ssl.SSLContext:
     """Return a new `ssl.SSLContext` that verifies a PostgreSQL server as verify-full does.
 
@@ -190,20 +218,33 @@ def ssl_context(
     1.2 or later, and trusts the anchors `safepg.connect` would use for *host*: *sslrootcert*
     (``"system"`` is the OS store), else ``PGSSLROOTCERT``, else ``~/.postgresql/root.crt``,
     else a bundled provider set chosen by the host name (Amazon RDS, Azure, Supabase), else the
-    OS store, else certifi. Each call returns a new context, which you may change; safepg's
-    own connects share cached ones.
+    OS store, else certifi. Certificates revoked by *sslcrl* (else ``PGSSLCRL``, else
+    ``~/.postgresql/root.crl``, as libpq) are refused. Each call returns a new context, which
+    you may change; safepg's own connects share cached ones.
 
     Args:
         host: the server's host name, which chooses a provider's CA set. None: no provider.
         sslrootcert: a PEM file of trust anchors, or ``"system"``.
         sslcert, sslkey, sslpassword: a client certificate, its key and the key's password.
+        sslcrl: a PEM file of certificate revocation lists (CRLs only).
 
     Raises:
-        ConfigurationError: *host* is not a TCP host name; a CA or client certificate file is
-            missing, empty, unreadable or not PEM.
+        ConfigurationError: *host* is not a TCP host name; a CA, CRL or client certificate
+            file is missing, empty, unreadable or not PEM; a CRL file holds a certificate;
+            ``PGSSLCRLDIR`` is set (a CRL directory is not supported here).
     """
     trust = trust_for(host, sslrootcert)
-    ctx = new_context(trust)
+    if os.environ.get("PGSSLCRLDIR"):
+        raise ConfigurationError(
+            "PGSSLCRLDIR is set, and ssl_context cannot check a CRL directory as libpq does: "
+            "put the CRLs in one file and pass it as sslcrl= (or PGSSLCRL)."
+        )
+    if sslcrl is not None:
+        crl = _options.crls(os.fspath(sslcrl), "the sslcrl argument")
+    else:
+        env = os.environ.get("PGSSLCRL") or None
+        crl = _options.crls(env, "the PGSSLCRL environment variable")
+    ctx = new_context(trust, crl=crl)
     load_client_cert(ctx, sslcert, sslkey, sslpassword)
     logger.debug("safepg: ssl_context for %s trusts %s", host or "any host", trust)
     return ctx

@@ -30,8 +30,9 @@ try:
 except ImportError as _ex:  # pragma: no cover - the extra is missing
     raise ImportError("safepg.asyncpg needs asyncpg: pip install 'safepg-tls[asyncpg]'") from _ex
 
-from . import _diagnose, _errors, _password, _sslcontext, _stdssl
+from . import _diagnose, _errors, _options, _password, _sslcontext, _stdssl, _trust
 from ._deadline import Deadline
+from ._environ import getenv
 from ._errors import ConfigurationError, InsecureConnectionError, SafePGError
 from ._params import Plan, _raise_logged, as_optional_bool, build_plan
 from ._trust import TrustSource
@@ -55,21 +56,6 @@ _AS_LIBPQ = {
     "krbsrvname": "krbsrvname",
     "service": "service",
 }
-# Options of the DSN (or service file) that asyncpg gets from safepg; the others are refused.
-_ASYNCPG_OPTIONS = {
-    "user": "user",
-    "password": "password",
-    "dbname": "database",
-    "passfile": "passfile",
-    "target_session_attrs": "target_session_attrs",
-    "krbsrvname": "krbsrvname",
-    "service": "service",
-}
-# Options safepg itself acts on (where to connect, TLS) or that do not apply to asyncpg.
-_HANDLED = {
-    "host", "port", "connect_timeout", "application_name", "sslmode", "sslrootcert", "sslcert",
-    "sslkey", "sslpassword", "ssl_min_protocol_version", "sslnegotiation", "gssencmode",
-}  # fmt: skip
 # ssl= strings that verify less than verify-full (asyncpg's own modes).
 _WEAK_MODES = ("disable", "allow", "prefer", "require", "verify-ca")
 _CALLER_CONTEXT = TrustSource(
@@ -81,6 +67,35 @@ _POOL_OPTIONS = (
     "setup", "init", "reset", "loop", "connection_class", "record_class",
 )  # fmt: skip
 _HAS_DIRECT_TLS = "direct_tls" in inspect.signature(asyncpg.connect).parameters
+_HAS_GSSLIB = "gsslib" in inspect.signature(asyncpg.connect).parameters
+# libpq's options that asyncpg does not take as keywords (sslcrl, application_name, ...): read
+# as libpq options, under the option policy, rather than handed to asyncpg, which has no
+# such argument.
+_LIBPQ_ONLY = (
+    _options.KEYWORDS
+    - set(inspect.signature(asyncpg.connect).parameters)
+    - {"sslmode", "sslpassword", "password"}
+)
+
+
+def _libpq_keywords(kwargs: dict[str, Any], *, pop: bool) -> dict[str, str]:
+    """The keywords that are libpq's options, by their libpq names, as libpq takes them."""
+    out = {
+        libpq: _libpq_form(name, kwargs[name])
+        for name, libpq in _AS_LIBPQ.items()
+        if kwargs.get(name) is not None
+    }
+    out.update(
+        (name, _libpq_form(name, kwargs[name]))
+        for name in _LIBPQ_ONLY
+        if kwargs.get(name) is not None
+    )
+    if pop:
+        for name in (*_AS_LIBPQ, *_LIBPQ_ONLY):
+            kwargs.pop(name, None)
+    return out
+
+
 _DIRECT_TLS_SERVER = 17
 # The hosts (and ports) of a connection -> whether they take direct TLS (PostgreSQL 17+).
 _direct: dict[tuple[tuple[str, str], ...], bool] = {}
@@ -163,30 +178,46 @@ def _caller_context(ssl_arg: object, sslmode: object) -> ssl.SSLContext | None:
     return None
 
 
-def _asyncpg_kwargs(plan: Plan, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """What asyncpg gets besides ssl=: explicit hosts and ports, and the DSN's options.
+def _origin(plan: Plan) -> _options.Origin:
+    """Where an option of *plan* came from, for a refusal (the value is never shown)."""
+
+    def origin(key: str, envvar: str) -> str:
+        if key in plan.params and plan.resolved.get(key) == plan.params[key]:
+            return "the DSN or the keyword arguments"
+        if envvar and getenv(envvar):
+            return f"the {envvar} environment variable"
+        return "a service file (PGSERVICE, PGSERVICEFILE)"
+
+    return origin
+
+
+def _asyncpg_kwargs(plan: Plan, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """What asyncpg gets besides ssl=: explicit hosts and ports, and every option set in the
+    DSN, the keywords, the environment or a service file, as asyncpg names it; and the TLS
+    settings the context must honour (sslcert, sslkey, sslpassword, sslcertmode, sslcrl).
 
     Raises:
-        ConfigurationError: an option asyncpg cannot honour as libpq would.
+        ConfigurationError: an option asyncpg cannot honour as libpq would, by name.
     """
     if any(t.hostaddr for t in plan.targets):
         raise ConfigurationError(
             "asyncpg has no hostaddr: give the name in the server's certificate as host, and "
             "let DNS (or /etc/hosts) resolve it."
         )
-    params = plan.params
-    unknown = sorted(set(params) - set(_ASYNCPG_OPTIONS) - _HANDLED)
-    if unknown:
-        raise ConfigurationError(
-            f"safepg.asyncpg cannot pass {', '.join(unknown)} to asyncpg as libpq would use "
-            f"it. It takes these options in a DSN: "
-            f"{', '.join(sorted(set(_ASYNCPG_OPTIONS) | _HANDLED))}; give asyncpg's own "
-            "keyword arguments (server_settings=..., timeout=...) for the rest."
-        )
+    resolved = dict(plan.resolved)
+    # safepg's resolution sets target_session_attrs itself (see _params._libpq_view): the
+    # caller's is the DSN's or keyword's, else PGTARGETSESSIONATTRS.
+    attrs = plan.params.get("target_session_attrs") or getenv("PGTARGETSESSIONATTRS")
+    resolved.pop("target_session_attrs", None)
+    if attrs:
+        resolved["target_session_attrs"] = attrs
+    settings = _options.asyncpg_settings(resolved, plan.params, _origin(plan))
+    if "gsslib" in settings and not _HAS_GSSLIB:
+        raise ConfigurationError("gsslib needs asyncpg 0.29 or later")
     out: dict[str, Any] = {
-        name: params[key]
-        for key, name in _ASYNCPG_OPTIONS.items()
-        if key in params and kwargs.get(name) is None
+        name: settings[key]
+        for key, name in _options.ASYNCPG_KEYWORDS.items()
+        if key in settings and kwargs.get(name) is None
     }
     out.update(
         host=[t.host for t in plan.targets],
@@ -194,20 +225,73 @@ def _asyncpg_kwargs(plan: Plan, kwargs: dict[str, Any]) -> dict[str, Any]:
     )
     if "connect_timeout" in plan.resolved and "timeout" not in kwargs and plan.timeout:
         out["timeout"] = plan.timeout
-    if "application_name" in params:
-        settings = dict(kwargs.get("server_settings") or {})
-        settings.setdefault("application_name", params["application_name"])
-        out["server_settings"] = settings
-    return out
+    startup = _options.asyncpg_environment()
+    name = settings.get("application_name") or settings.get("fallback_application_name")
+    if name:
+        startup["application_name"] = name
+    if startup:
+        out["server_settings"] = {**startup, **dict(kwargs.get("server_settings") or {})}
+    if settings.get("sslcertmode", "allow") not in ("allow", "disable"):
+        raise ConfigurationError(
+            "safepg.asyncpg refuses sslcertmode=require: Python's ssl module cannot require "
+            "the server to ask for the client certificate. Remove it."
+        )
+    tls: dict[str, str] = {
+        k: settings[k]
+        for k in ("sslcert", "sslkey", "sslpassword", "sslcertmode", "sslcrl", "sslnegotiation")
+        if k in settings
+    }
+    return out, tls
 
 
-def _direct_tls(plan: Plan, option: object, key: tuple[tuple[str, str], ...]) -> bool | None:
-    """asyncpg's direct_tls for this connect: the caller's choice, a sslnegotiation=direct in
-    the DSN, or what was learned for these hosts; None when this asyncpg lacks it."""
+def _refuse_beside_caller_context(tls: dict[str, str], ctx: ssl.SSLContext) -> None:
+    """Your own ssl.SSLContext is used as it is: settings it would have to carry are refused
+    (a CRL only when your context checks none: safepg.ssl_context loads PGSSLCRL itself)."""
+    checks_crls = bool(ctx.verify_flags & ssl.VERIFY_CRL_CHECK_LEAF)
+    given = sorted(
+        k
+        for k in ("sslcert", "sslkey", "sslpassword", "sslcrl")
+        if k in tls and not (k == "sslcrl" and checks_crls)
+    )
+    if given:
+        raise ConfigurationError(
+            f"{', '.join(given)} is set (DSN, keywords, environment or service file) beside "
+            "your own ssl.SSLContext, which safepg uses as it is and cannot add it to. Load it "
+            "into your context (load_cert_chain, load_verify_locations with "
+            "verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN) and unset it, or drop ssl=."
+        )
+
+
+def _client_files(tls: dict[str, str]) -> tuple[str | None, str | None]:
+    """The client certificate and key libpq would send: those named, else libpq's default
+    ``~/.postgresql/postgresql.crt`` and ``.key`` when the certificate exists; none with
+    sslcertmode=disable."""
+    if tls.get("sslcertmode") == "disable":
+        return None, None
+    cert, key = tls.get("sslcert"), tls.get("sslkey")
+    root = _trust.libpq_default_root()
+    if cert is None and root is not None:
+        default = root.with_name("postgresql.crt")
+        if default.is_file():
+            cert = str(default)
+            key = key or str(root.with_name("postgresql.key"))
+    return cert, key
+
+
+def _crl(tls: dict[str, str], plan: Plan) -> bytes:
+    """The CRLs libpq would check: sslcrl, else libpq's default ``~/.postgresql/root.crl``
+    when it exists; checked by `_options.read_crl`."""
+    return _options.crls(tls.get("sslcrl"), _origin(plan)("sslcrl", "PGSSLCRL"))
+
+
+def _direct_tls(negotiation: str, option: object, key: tuple[tuple[str, str], ...]) -> bool | None:
+    """asyncpg's direct_tls for this connect: the caller's choice, a sslnegotiation=direct
+    (DSN, keyword, PGSSLNEGOTIATION, service file), or what was learned for these hosts; None
+    when this asyncpg lacks it."""
     chosen = as_optional_bool("direct_tls", option)
-    if plan.resolved.get("sslnegotiation", "postgres") not in ("postgres", "direct"):
+    if negotiation not in ("postgres", "direct"):
         raise ConfigurationError("sslnegotiation must be postgres or direct")
-    if plan.resolved.get("sslnegotiation") == "direct":
+    if negotiation == "direct":
         if chosen is False:
             raise ConfigurationError("direct_tls=False and sslnegotiation=direct disagree")
         chosen = True
@@ -298,8 +382,9 @@ async def connect(
     Args:
         dsn: a ``postgresql://`` URL (or a libpq conninfo string).
         allow_unencrypted_unix_socket: accept a Unix-domain socket host, never encrypted.
-        **kwargs: asyncpg's keyword arguments; also sslmode, sslrootcert, sslcert, sslkey,
-            sslpassword.
+        **kwargs: asyncpg's keyword arguments; also sslmode, sslpassword and libpq's other
+            options by their libpq names (sslcrl, application_name, ...), each passed on with
+            the same meaning or refused (see the option policy).
 
     Raises:
         ConfigurationError: bad input, a socket host, an option asyncpg cannot honour, an
@@ -318,34 +403,34 @@ async def connect(
     direct_option = kwargs.pop("direct_tls", None)
     sslpassword = kwargs.pop("sslpassword", None)
     provider = kwargs.pop("password") if callable(kwargs.get("password")) else None
-    libpq_kwargs = {
-        libpq: _libpq_form(name, kwargs.pop(name))
-        for name, libpq in _AS_LIBPQ.items()
-        if kwargs.get(name) is not None
-    }
+    libpq_kwargs = _libpq_keywords(kwargs, pop=True)
     for name in _TIMEOUTS:
         if kwargs.get(name) is not None:
             kwargs[name] = _seconds(name, kwargs[name])
     plan = build_plan(
         dsn or "", libpq_kwargs, allow_unencrypted_unix_socket=allow_unencrypted_unix_socket
     )
-    options = {**kwargs, **_asyncpg_kwargs(plan, kwargs)}
+    translated, tls = _asyncpg_kwargs(plan, kwargs)
+    options = {**kwargs, **translated}
     # A token provider: never over a socket; called for each attempt, in _open.
     target = _password.target(plan) if provider is not None else None
     key = tuple((t.host, t.port) for t in plan.targets)
-    direct = _direct_tls(plan, direct_option, key)
+    negotiation = tls.get("sslnegotiation") or plan.resolved.get("sslnegotiation", "postgres")
+    direct = _direct_tls(negotiation, direct_option, key)
     if caller_ctx is not None:
+        _refuse_beside_caller_context(tls, caller_ctx)
         ctx, plan = caller_ctx, dataclasses.replace(plan, trust=_CALLER_CONTEXT)
     else:
         tls13 = plan.params.get("ssl_min_protocol_version") == "TLSv1.3"
-        cert = plan.params.get("sslcert")
+        cert, keyfile = _client_files(tls)
+        crl = _crl(tls, plan)
         if cert:
-            ctx = _sslcontext.new_context(plan.trust, tls13=tls13)
-            _sslcontext.load_client_cert(
-                ctx, cert, plan.params.get("sslkey"), sslpassword or plan.params.get("sslpassword")
-            )
+            ctx = _sslcontext.new_context(plan.trust, tls13=tls13, crl=crl)
+            _sslcontext.load_client_cert(ctx, cert, keyfile, sslpassword or tls.get("sslpassword"))
         else:
-            ctx = _sslcontext.cached_context(plan.trust, tls13=tls13)
+            if keyfile is not None:
+                raise ConfigurationError("sslkey was given without sslcert; give both, or neither")
+            ctx = _sslcontext.cached_context(plan.trust, tls13=tls13, crl=crl)
     if not isinstance(ctx, ssl.SSLContext):
         # asyncpg (and asyncio's start_tls) test the name as bound now: a context of a class
         # that something has put in its place since would be taken for no TLS at all.
@@ -450,14 +535,14 @@ def check_arguments(
         )
         or allow_unencrypted_unix_socket
     )
-    _caller_context(rest.pop("ssl", None), rest.pop("sslmode", None))
+    caller_ctx = _caller_context(rest.pop("ssl", None), rest.pop("sslmode", None))
     as_optional_bool("direct_tls", rest.pop("direct_tls", None))
     for name in _TIMEOUTS:
         _seconds(name, rest.get(name))
-    libpq_kwargs = {
-        libpq: _libpq_form(name, rest[name])
-        for name, libpq in _AS_LIBPQ.items()
-        if rest.get(name) is not None
-    }
+    libpq_kwargs = _libpq_keywords(rest, pop=False)
     plan = build_plan(dsn or "", libpq_kwargs, allow_unencrypted_unix_socket=allow_socket)
-    _asyncpg_kwargs(plan, rest)
+    _, tls = _asyncpg_kwargs(plan, rest)
+    if caller_ctx is not None:
+        _refuse_beside_caller_context(tls, caller_ctx)
+    else:
+        _crl(tls, plan)

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import psycopg2
 import psycopg2.extensions
 
-from . import _check, _errors, _password
+from . import _check, _errors, _options, _password
 from ._connect import _failure
 from ._deadline import Deadline
 from ._params import REQUIRED_SSLMODE, Plan, build_plan
@@ -174,6 +174,8 @@ def connect(
         kwargs["dbname"] = kwargs.pop("database")
     hardened, provider = _password.split(kwargs)
     try:
+        # psycopg2 has a libpq of its own, which reads the environment itself.
+        _options.check_driver_libpq(psycopg2.__libpq_version__, "psycopg2")
         plan = build_plan(
             dsn or "",
             hardened,

@@ -29,6 +29,7 @@ from django.db.backends.postgresql.client import DatabaseClient as _PostgreSQLCl
 from django.db.backends.postgresql.psycopg_any import is_psycopg3
 
 from .._errors import ConfigurationError
+from .._options import KEYWORDS
 from .._params import REQUIRED_SSLMODE, _join, build_plan
 from .._password import target, with_password
 
@@ -38,13 +39,6 @@ __all__ = ["DatabaseClient", "DatabaseWrapper"]
 _SAFEPG_OPTIONS = ("allow_unencrypted_unix_socket", "fast_path", "verify_as", "direct_tls")
 # Never on psql's command line: other users of the machine can read it.
 _SECRETS = ("password", "sslpassword")
-
-
-def _libpq_keywords() -> frozenset[str]:
-    """The connection keywords libpq knows: the OPTIONS that go on psql's conninfo."""
-    from psycopg import pq  # here: Django's psycopg2 mode may hide psycopg from its modules
-
-    return frozenset(o.keyword.decode() for o in pq.Conninfo.get_defaults())
 
 
 def _driver() -> types.ModuleType:
@@ -128,9 +122,10 @@ class DatabaseClient(_PostgreSQLClient):
                 "psql the connection to open, hardened; set NAME or OPTIONS instead."
             )
         options = settings_dict.get("OPTIONS") or {}
-        keywords = _libpq_keywords()
+        # Every libpq option of the policy table goes to build_plan, which refuses what it
+        # refuses (a libpq that does not know one refuses it too): none is dropped.
         where: dict[str, Any] = {
-            k: v for k, v in options.items() if k in keywords and k not in _SECRETS
+            k: v for k, v in options.items() if k in KEYWORDS and k not in _SECRETS
         }
         where.update(
             host=settings_dict.get("HOST") or None,

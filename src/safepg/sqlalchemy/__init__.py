@@ -69,7 +69,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 from sqlalchemy.pool import Pool
 
-from .. import _check
+from .. import _check, _options
 from .._connect import connect, connect_async, open_verified, open_verified_async
 from .._errors import ConfigurationError, InsecureConnectionError
 from .._libpq import ssl_attribute
@@ -228,13 +228,13 @@ def create_async_engine(url: str | URL, **kw: Any) -> AsyncEngine:
 
 # -- asyncpg -----------------------------------------------------------------------------------
 
-# A postgresql+asyncpg:// URL's query options that safepg.asyncpg.connect takes, as strings;
-# sslmode and ssl weaker than verify-full are raised there. Anything else is refused.
+# A postgresql+asyncpg:// URL's query options that safepg.asyncpg.connect takes, besides
+# libpq's; sslmode and ssl weaker than verify-full are raised there. Anything else is refused.
+# libpq's own options (sslmode, sslrootcert, sslcrl, ...) are taken by name, under the policy.
 _ASYNCPG_URL_OPTIONS = {
-    "sslmode": str, "ssl": str, "sslrootcert": str, "sslcert": str, "sslkey": str,
-    "target_session_attrs": str, "passfile": str, "timeout": "seconds",
-    "command_timeout": "seconds", "statement_cache_size": "count", "connect_timeout": "count",
-    "application_name": str, "direct_tls": str,
+    "ssl": str, "timeout": "seconds", "command_timeout": "seconds",
+    "statement_cache_size": "count", "connect_timeout": "count", "application_name": str,
+    "direct_tls": str,
 }  # fmt: skip
 # Numbers in a URL, parsed strictly: ASCII digits only (no nan, inf, signs or other scripts).
 _SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?")
@@ -254,9 +254,9 @@ def asyncpg_creator(url: str | URL, **kwargs: Any) -> Callable[[], Awaitable[Any
     (``?host=a:5432&host=b:5433`` too).
 
     *kwargs* are `safepg.asyncpg.connect`'s and override the URL's. Query options other than
-    sslmode, ssl, sslrootcert, sslcert, sslkey, target_session_attrs, passfile, timeout,
-    command_timeout, statement_cache_size, connect_timeout, application_name and direct_tls
-    are refused: they would go to the server as settings, or mean something else to asyncpg.
+    libpq's (each passed on with the same meaning or refused, see the option policy), ssl,
+    timeout, command_timeout, statement_cache_size and direct_tls are refused: they would go
+    to the server as settings, or mean something else to asyncpg.
 
     Raises:
         ConfigurationError: not a postgresql+asyncpg URL, or an option safepg does not take.
@@ -274,12 +274,13 @@ def asyncpg_creator(url: str | URL, **kwargs: Any) -> Callable[[], Awaitable[Any
         if key in ("user", "password", "host", "port", "database"):
             params[key] = value
             continue
-        kind = _ASYNCPG_URL_OPTIONS.get(key)
+        # libpq's options go to safepg.asyncpg.connect by name, under the option policy.
+        kind = _ASYNCPG_URL_OPTIONS.get(key) or (str if key in _options.KEYWORDS else None)
         if kind is None:
             raise ConfigurationError(
                 f"the URL's query option {key!r} is not one safepg passes to asyncpg; it takes "
-                f"{', '.join(sorted(_ASYNCPG_URL_OPTIONS))}. Give other asyncpg arguments as "
-                "connect_args."
+                f"libpq's options and {', '.join(sorted(_ASYNCPG_URL_OPTIONS))}. Give other "
+                "asyncpg arguments as connect_args."
             )
         if not isinstance(value, str):
             raise ConfigurationError(f"the URL gives {key} more than once")
