@@ -150,17 +150,6 @@ def _start(
     return _with_direct_tls(plan, direct_tls), Deadline(plan.timeout), provider, target
 
 
-def _attempt_params(used: Plan, deadline: Deadline, retry: bool) -> dict[str, str] | None:
-    """libpq's parameters for an attempt; a retry gets what is left of the deadline, and None
-    means too little is left to start one."""
-    if not retry:
-        return used.params
-    limit = deadline.attempt_timeout()
-    if limit == 0:
-        return None
-    return used.params if limit is None else {**used.params, "connect_timeout": str(limit)}
-
-
 def _scrubbed(ex: E) -> E:
     """libpq's error without what could leak the password: psycopg keeps a snapshot of the
     failed connection (``ex.pgconn``) whose repr and ``info`` hold the password and
@@ -170,7 +159,7 @@ def _scrubbed(ex: E) -> E:
     return ex.with_traceback(None)
 
 
-def _failure(
+def failure(
     ex: Exception,
     used: Plan,
     budget: float,
@@ -214,7 +203,7 @@ def open_verified(
     route = _fastpath.route(plan, fast_path)
     failed: tuple[psycopg.OperationalError, Plan] | None = None
     for used in route:
-        params = _attempt_params(used, deadline, retry=failed is not None)
+        params = deadline.params_for(used.params, retry=failed is not None)
         if params is None:
             break
         try:
@@ -232,7 +221,7 @@ def open_verified(
     if failed is not None:
         # Raised here, outside the except clause, so that libpq's error is only the scrubbed
         # cause and not also the implicit context.
-        raise _password.rejected(_failure(*failed, deadline.diagnosis_budget()), provider)
+        raise _password.rejected(failure(*failed, deadline.diagnosis_budget()), provider)
     learn = route.verified(_fastpath.PsycopgSession(conn.pgconn))
     if learn is not None:
         learn(deadline.probe_budget())
@@ -262,7 +251,7 @@ async def open_verified_async(
     route = _fastpath.route(plan, fast_path)
     failed: tuple[psycopg.OperationalError, Plan] | None = None
     for used in route:
-        params = _attempt_params(used, deadline, retry=failed is not None)
+        params = deadline.params_for(used.params, retry=failed is not None)
         if params is None:
             break
         try:
@@ -280,7 +269,7 @@ async def open_verified_async(
         failed = None
         break
     if failed is not None:
-        err = await asyncio.to_thread(_failure, *failed, deadline.diagnosis_budget())
+        err = await asyncio.to_thread(failure, *failed, deadline.diagnosis_budget())
         raise _password.rejected(err, provider)
     # The session's facts are read here, while nothing else uses the connection; parsing the
     # trust set and writing the cache run in a thread, off the event loop.

@@ -45,7 +45,7 @@ from typing import Protocol
 
 from psycopg import pq
 
-from . import _cache, _diagnose, _x509
+from . import _cache, _diagnose, _trust, _x509
 from ._environ import getenv
 from ._errors import ConfigurationError
 from ._params import Plan, Target, as_bool
@@ -316,6 +316,7 @@ def _write_records(
         "digest": index.digest,
     }
     _write_json(_trust_record_name(full.path), trust_record, f"the digest of {full.path}")
+    _trust.record_checked(full.path)
     small_sha = None
     if source.path != full.path:
         try:
