@@ -136,9 +136,8 @@ def test_psycopg2_fast_path_off(server: PostgresServer, big_bundle: Path, cache:
         conn.close()
 
 
-def _learned_direct(server: PostgresServer, directory: Path) -> _params.Plan:
+def _learned_direct(conninfo: str, directory: Path) -> _params.Plan:
     """A host learned (its entry then marked as taking direct TLS), and its plan."""
-    conninfo = server.conninfo()
     safepg.connect(conninfo).close()
     wait_for_threads()
     for entry_path in sorted(directory.glob("host-*.json")):
@@ -151,17 +150,23 @@ def _learned_direct(server: PostgresServer, directory: Path) -> _params.Plan:
     return _params.build_plan(conninfo, {})
 
 
-def test_direct_tls_only_for_a_libpq_that_knows_it(server: PostgresServer, cache: Path) -> None:
+def test_direct_tls_only_for_a_libpq_that_knows_it(
+    server: PostgresServer, big_bundle: Path, cache: Path
+) -> None:
     # The route asks the driver's own libpq: psycopg2's may be older than psycopg's.
     if not _fastpath.libpq_has_direct():
         pytest.skip("psycopg's libpq does not learn direct TLS")
-    plan = _learned_direct(server, cache)
-    (first, *_rest) = _fastpath.route(plan, None, libpq=160000)
-    assert "sslnegotiation" not in first.params
-    assert not first.learned_direct
-    _fastpath.clear_memory()
-    (first, *_rest) = _fastpath.route(plan, None, libpq=170000)
-    assert first.params.get("sslnegotiation") == "direct"
+    plan = _learned_direct(server.conninfo(sslrootcert=str(big_bundle)), cache)
+    for fresh in (False, True):  # from memory, or a fresh start from the disk records
+        (first, *_rest) = _fastpath.route(plan, None, libpq=160000)
+        assert "narrowed" in first.trust.label
+        assert "sslnegotiation" not in first.params
+        assert not first.learned_direct
+        (first, *_rest) = _fastpath.route(plan, None, libpq=170000)
+        assert first.params.get("sslnegotiation") == "direct"
+        if not fresh:
+            wait_for_threads()
+            _fastpath.clear_memory()
 
 
 def test_psycopg2_falls_back_when_a_host_stops_taking_direct_tls(
@@ -171,7 +176,7 @@ def test_psycopg2_falls_back_when_a_host_stops_taking_direct_tls(
         pytest.skip("a libpq without sslnegotiation")
     if server.major_version >= 17:
         pytest.skip("the session's server takes direct TLS")
-    _learned_direct(server, cache)
+    _learned_direct(server.conninfo(), cache)
     with caplog.at_level(logging.INFO, logger="safepg"):
         conn = safepg.psycopg2.connect(server.conninfo())
     try:
