@@ -63,6 +63,8 @@ _ENTRY_VERSION = 1
 _DIRECT_TLS_SERVER = 170000
 # libpq 17 is the first to know sslnegotiation=direct.
 _DIRECT_TLS_LIBPQ = 170000
+# A fresh start's background check of the full set waits this long (seconds) before parsing it.
+_CHECK_DELAY = 0.05
 
 
 def enabled(option: object) -> bool:
@@ -400,9 +402,28 @@ def _warm_start(plan: Plan, libpq: int) -> Plan | None:
 
 
 _checking: set[str] = set()
+# Checks of a fresh start, not started yet: they start once the connect that used the small file
+# is over (`Route.verified`, `Route.failed`), so that parsing the set in a thread does not hold
+# the GIL while that connect runs.
+_pending: list[Callable[[], None]] = []
 
 
 def _verify_later(
+    plan: Plan, keys: tuple[_HostKey, ...], digest: str, anchors: Sequence[str], source: TrustSource
+) -> None:
+    _pending.append(lambda: _start_check(plan, keys, digest, anchors, source))
+
+
+def _start_pending() -> None:
+    while _pending:
+        try:
+            start = _pending.pop()
+        except IndexError:  # another thread took the last one
+            return
+        start()
+
+
+def _start_check(
     plan: Plan, keys: tuple[_HostKey, ...], digest: str, anchors: Sequence[str], source: TrustSource
 ) -> None:
     with _locks_guard:
@@ -412,6 +433,9 @@ def _verify_later(
 
     def run() -> None:
         try:
+            # Parsing the set holds the GIL for milliseconds: not while the caller's thread
+            # finishes the connect that started this check.
+            time.sleep(_CHECK_DELAY)
             _verify(plan, keys, digest, anchors, source)
         except Exception as ex:  # whatever it was, nothing is kept unchecked
             logger.warning("safepg: cannot check the fast path's records (%s); forgetting them", ex)
@@ -855,6 +879,7 @@ def _after_fork() -> None:
     _locks.clear()
     _probing.clear()
     _checking.clear()
+    _pending.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -942,6 +967,7 @@ class Route:
 
     def failed(self, ex: Exception) -> bool:
         """Whether to go on after libpq's failure *ex* on the current attempt."""
+        _start_pending()
         used, full = self.used, self.full
         where = ", ".join(f"{t.host}:{t.port}" for t in full.targets)
         if used.learned_direct and _diagnose.handshake_failed(ex):  # type: ignore[arg-type]
@@ -964,6 +990,7 @@ class Route:
         """Take note of the session libpq verified on the current attempt. Cheap, on the
         caller's thread; returns the rest of the work (parsing the trust set, writing the
         cache: run it off an event loop, with the probe budget), or None when there is none."""
+        _start_pending()
         used, full = self.used, self.full
         if used is not full:
             _check_landing(full, session, self._libpq)
@@ -1007,5 +1034,6 @@ def clear_memory(*, keep_indexes: bool = False) -> None:
     _memo.clear()
     _unlearnable.clear()
     _known.clear()
+    _pending.clear()
     if not keep_indexes:
         _indexes.clear()
