@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import certifi
+import psycopg
 import psycopg2
 import psycopg2.extensions
 import pytest
@@ -379,3 +380,77 @@ def test_the_ca_file_check_is_recorded_by_stat(
     ca.write_bytes(b"not a certificate, and a new stat key\n")
     with pytest.raises(safepg.ConfigurationError, match="holds no PEM certificate"):
         safepg.connect(server.conninfo(sslrootcert=str(ca)))
+
+
+# -- plans remembered per input (_plans) ---------------------------------------------------------
+
+
+@pytest.fixture
+def remembering(caplog: pytest.LogCaptureFixture) -> None:
+    """Plans are remembered only while safepg's debug messages are off (the suite turns them on
+    for every test, to check that no password reaches them)."""
+    caplog.set_level(logging.INFO, logger="safepg")
+
+
+def test_a_remembered_plan_follows_the_environment(
+    server: PostgresServer,
+    second_ca: CertificateAuthority,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    remembering: None,
+) -> None:
+    from safepg import _plans
+
+    conninfo = server.conninfo(sslrootcert=None)
+    monkeypatch.setenv("SSL_CERT_FILE", str(server.ca_path))
+    assert learned(conninfo).path == str(server.ca_path)
+    assert learned(conninfo).path == str(server.ca_path)
+    assert len(_plans._memo) == 1  # remembered
+    other = tmp_path / "other.pem"
+    other.write_bytes(server.ca.cert_pem + second_ca.cert_pem)
+    monkeypatch.setenv("PGSSLROOTCERT", str(other))  # the environment changed: built again
+    assert learned(conninfo).path.startswith((str(other), str(tmp_path / "cache")))
+    assert learned(conninfo).origin == "PGSSLROOTCERT"
+
+
+def test_a_remembered_plan_follows_the_trust_file(
+    server: PostgresServer, tmp_path: Path, clean_env: Path, remembering: None
+) -> None:
+    from safepg import _plans
+
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(server.ca.cert_pem)
+    conninfo = server.conninfo(sslrootcert=str(ca))
+    learned(conninfo)
+    learned(conninfo)
+    assert len(_plans._memo) == 1
+    ca.write_bytes(b"no certificate here any more\n")  # a new stat key: checked again
+    with pytest.raises(safepg.ConfigurationError, match="holds no PEM certificate"):
+        safepg.connect(conninfo)
+    # libpq's default file appearing changes what an unnamed set resolves to.
+    monkeypatch_free = server.conninfo(sslrootcert=None)
+    for _ in range(2):  # remembered the second time
+        with pytest.raises(safepg.UntrustedCertificateError):
+            safepg.connect(monkeypatch_free)  # the OS store/certifi: not the test CA
+    root = clean_env / ".postgresql" / "root.crt"
+    root.parent.mkdir()
+    root.write_bytes(server.ca.cert_pem)
+    assert learned(monkeypatch_free).path == str(root)
+
+
+def test_a_remembered_plan_keeps_no_keyword_password(
+    server: PostgresServer, remembering: None
+) -> None:
+    from safepg import _plans
+
+    conninfo = server.conninfo(sslrootcert=str(server.ca_path), password=None)
+    password = server.password
+    for _ in range(2):
+        with safepg.connect(conninfo, password=password) as conn:
+            assert safepg.check(conn).verified
+    assert _plans._memo
+    assert all("password" not in plan.params for plan, *_ in _plans._memo.values())
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        safepg.connect(conninfo, password="not the password")  # the new value reaches libpq
+    with pytest.raises(safepg.ConfigurationError, match="NUL byte"):
+        safepg.connect(conninfo, password="bad\x00value")  # and is checked as build_plan does

@@ -19,6 +19,7 @@ from ._deadline import Deadline
 from ._errors import ConfigurationError, InsecureConnectionError
 from ._params import Plan, as_optional_bool, build_plan
 from ._password import AsyncPasswordSource, ConnectTarget, PasswordSource
+from ._plans import plan_for
 from ._text import shown_lines
 from ._trust import TrustSource
 
@@ -140,7 +141,7 @@ def _start(
 ) -> tuple[Plan, Deadline, Callable[..., Any] | None, ConnectTarget | None]:
     """The plan and deadline, and a password callable with the target to call it for."""
     kwargs, provider = _password.split(kwargs)
-    plan = build_plan(
+    plan = plan_for(
         conninfo,
         kwargs,
         allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,

@@ -32,6 +32,7 @@ reuses an old answer. ``SAFEPG_FAST_PATH=0`` or ``connect(..., fast_path=False)`
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -185,20 +186,22 @@ class _HostKey:
         return f"{self.host}:{self.port}"
 
 
-def _host_key(plan: Plan, target: Target, digest: str) -> _HostKey:
+def _host_keys(plan: Plan, digest: str) -> tuple[_HostKey, ...]:
     opts = plan.resolved
-    return _HostKey(
-        host=target.host,
-        hostaddr=target.hostaddr or "",
-        port=target.port,
-        sni=opts.get("sslsni", "1") != "0",
-        direct=opts.get("sslnegotiation") == "direct",
-        trust_digest=digest,
+    return _keys_for(
+        plan.targets,
+        opts.get("sslsni", "1") != "0",
+        opts.get("sslnegotiation") == "direct",
+        digest,
     )
 
 
-def _host_keys(plan: Plan, digest: str) -> tuple[_HostKey, ...]:
-    return tuple(_host_key(plan, t, digest) for t in plan.targets)
+@functools.lru_cache(maxsize=64)
+def _keys_for(
+    targets: tuple[Target, ...], sni: bool, direct: bool, digest: str
+) -> tuple[_HostKey, ...]:
+    """The host keys of *targets*, made once per warm plan (a connect looks them up)."""
+    return tuple(_HostKey(t.host, t.hostaddr or "", t.port, sni, direct, digest) for t in targets)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,8 @@ import psycopg2.extensions
 from . import _check, _errors, _fastpath, _password
 from ._connect import failure
 from ._deadline import Deadline
-from ._params import REQUIRED_SSLMODE, Plan, build_plan
+from ._params import REQUIRED_SSLMODE, Plan
+from ._plans import plan_for
 
 __all__ = [
     "CertificateExpiredError",
@@ -200,7 +201,7 @@ def connect(
         kwargs["dbname"] = kwargs.pop("database")
     hardened, provider = _password.split(kwargs)
     try:
-        plan = build_plan(
+        plan = plan_for(
             dsn or "",
             hardened,
             allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
