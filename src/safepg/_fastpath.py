@@ -27,6 +27,15 @@ narrowed connect lands on another host than the first (see `check_landing`).
 What is learned is kept in memory and in safepg's private cache directory, keyed by host,
 host address, port, SNI, negotiation and the digest of the full set, so a changed set never
 reuses an old answer. ``SAFEPG_FAST_PATH=0`` or ``connect(..., fast_path=False)`` turns it off.
+
+A process that has not parsed the full set yet starts warm from the disk cache (`_warm_start`):
+the set's stat key and digest, recorded by a process that parsed it, stand in for parsing it,
+and a background thread then checks what a parsing process checks (`_verify`).
+
+Every driver takes the same `Route` for a connect (psycopg, sync and async, its pools and
+engines, and psycopg2): the route yields the attempts, decides what to retry after a failure,
+and what to learn from a verified session. The drivers only run libpq and tell the route how
+it went.
 """
 
 from __future__ import annotations
