@@ -454,3 +454,17 @@ def test_a_remembered_plan_keeps_no_keyword_password(
         safepg.connect(conninfo, password="not the password")  # the new value reaches libpq
     with pytest.raises(safepg.ConfigurationError, match="NUL byte"):
         safepg.connect(conninfo, password="bad\x00value")  # and is checked as build_plan does
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["db.example.com", "db.example.com.", "a" * 63 + ".x", "a" * 64 + ".x", "x." + "a" * 64,
+     "x." + "a" * 63, "a..b", ".a", "", ".", "127.0.0.1", "::1", "fe80::1%eth0", "-a-.b"],
+)  # fmt: skip
+def test_ascii_host_names_are_checked_as_the_idna_codec_checks_them(host: str) -> None:
+    try:
+        host.encode("idna")
+        codec = True
+    except UnicodeError:
+        codec = False
+    assert _params._idna_ok(host) is codec
