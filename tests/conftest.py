@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from safepg import _bundles, _cache, _fastpath, _params, _trust, _x509
+from safepg import _bundles, _cache, _fastpath, _params, _plans, _trust, _x509
 from safepg.testing import CertificateAuthority, IssuedCertificate, PostgresServer
 
 pytest_plugins = ["pytester"]
@@ -60,6 +60,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     _params._warned.clear()
     _cache.clear_memory()
     _fastpath.clear_memory()
+    _plans.clear_memory()
     _x509._expiry_warned.clear()
     _trust._expiry_checked.clear()
     _bundles._passed.clear()

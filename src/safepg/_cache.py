@@ -306,6 +306,34 @@ def write_trust_file(stem: str, pem: bytes) -> Path:
     return path
 
 
+def existing_trust_file(name: str, sha256: str) -> Path | None:
+    """The trust file *name* that `write_trust_file` made, if it is still a private file of
+    this user's, in the private cache directory, whose content hashes to *sha256* (and *name*
+    is ``<stem>-<first 32 hex digits of sha256>.pem``); None otherwise."""
+    stem, _, rest = name.partition("-")
+    if (
+        not stem.isalpha()
+        or rest != f"{sha256[:32]}.pem"
+        or len(sha256) != 64
+        or any(c not in "0123456789abcdef" for c in sha256)
+    ):
+        return None
+    directory = usable()
+    if directory is None:
+        return None
+    path = directory / name
+    if unchanged(str(path)):
+        return path
+    try:
+        data, stamp = _read(path)
+    except OSError:
+        return None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        return None
+    _written[str(path)] = stamp
+    return path
+
+
 def clear_memory() -> None:
     """Forget which directories and files were checked (the next use checks them again)."""
     _verified.clear()

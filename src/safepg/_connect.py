@@ -19,11 +19,11 @@ from ._deadline import Deadline
 from ._errors import ConfigurationError, InsecureConnectionError
 from ._params import Plan, as_optional_bool, build_plan
 from ._password import AsyncPasswordSource, ConnectTarget, PasswordSource
+from ._plans import plan_for
 from ._text import shown_lines
 from ._trust import TrustSource
 
 logger = logging.getLogger("safepg")
-_DIRECT_TLS_SERVER = _fastpath._DIRECT_TLS_SERVER
 CT = TypeVar("CT", bound="Connection[Any]")
 E = TypeVar("E", bound=Exception)
 ACT = TypeVar("ACT", bound="AsyncConnection[Any]")
@@ -132,55 +132,6 @@ def _with(kwargs: Mapping[str, Any], password: object) -> Mapping[str, Any]:
     return kwargs if password is None else {**kwargs, "password": password}
 
 
-def _retry(ex: psycopg.OperationalError, used: Plan, full: Plan, attempts: list[Plan]) -> bool:
-    """Whether to try again after *ex*, queueing the next attempt in *attempts*. Two cases:
-
-    - direct TLS was learned for these hosts, and the TLS handshake failed: the host no longer
-      takes it (a pooler in front, an older server). Remember that, and retry the SSLRequest.
-    - libpq rejected the chain with the fast path's small file: the server may have moved to
-      another root of the full set (a CA rotation). Forget what was learned, retry the full set.
-
-    Nothing else is retried: authentication failures, refusals, timeouts.
-    """
-    where = ", ".join(f"{t.host}:{t.port}" for t in full.targets)
-    if used.learned_direct and _diagnose.handshake_failed(ex):
-        logger.info("safepg: %s refused direct TLS; using the SSLRequest from now on", where)
-        _fastpath.set_direct(full, False)
-        params = {k: v for k, v in used.params.items() if k != "sslnegotiation"}
-        retry = dataclasses.replace(used, params=params, learned_direct=False)
-        attempts.insert(attempts.index(used) + 1, retry)
-        return True
-    if used is full or not _diagnose.rejected_chain(ex):
-        return False
-    logger.info(
-        "safepg: %s did not verify with the anchors learned for it; retrying once with %s",
-        where,
-        full.trust,
-    )
-    _fastpath.forget(full)
-    return True
-
-
-def _teaches(used: Plan, full: Plan, fast: bool) -> bool:
-    """Whether a successful connect has something to teach the fast path (never when warm):
-    it verified with the full set (a first contact, or a rotation), or learned direct TLS."""
-    return (fast and used is full and _fastpath.may_learn(full)) or used.direct_unknown
-
-
-def _learn_after(
-    used: Plan,
-    full: Plan,
-    facts: tuple[int | None, list[bytes] | None],
-    version: int,
-    budget: float,
-) -> None:
-    """Learn from the session libpq just verified: no round trip, no probe (see `_fastpath`)."""
-    if used is full:
-        _fastpath.learn_from_session(full, *facts, version, budget)
-    elif used.direct_unknown:
-        _fastpath.set_direct(full, version >= _DIRECT_TLS_SERVER)
-
-
 def _start(
     conninfo: str,
     kwargs: Mapping[str, Any],
@@ -190,7 +141,7 @@ def _start(
 ) -> tuple[Plan, Deadline, Callable[..., Any] | None, ConnectTarget | None]:
     """The plan and deadline, and a password callable with the target to call it for."""
     kwargs, provider = _password.split(kwargs)
-    plan = build_plan(
+    plan = plan_for(
         conninfo,
         kwargs,
         allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
@@ -198,17 +149,6 @@ def _start(
     )
     target = _password.target(plan) if provider is not None else None
     return _with_direct_tls(plan, direct_tls), Deadline(plan.timeout), provider, target
-
-
-def _attempt_params(used: Plan, deadline: Deadline, retry: bool) -> dict[str, str] | None:
-    """libpq's parameters for an attempt; a retry gets what is left of the deadline, and None
-    means too little is left to start one."""
-    if not retry:
-        return used.params
-    limit = deadline.attempt_timeout()
-    if limit == 0:
-        return None
-    return used.params if limit is None else {**used.params, "connect_timeout": str(limit)}
 
 
 def _scrubbed(ex: E) -> E:
@@ -220,7 +160,7 @@ def _scrubbed(ex: E) -> E:
     return ex.with_traceback(None)
 
 
-def _failure(
+def failure(
     ex: Exception,
     used: Plan,
     budget: float,
@@ -261,12 +201,10 @@ def open_verified(
     plan, deadline, provider, target = _start(
         conninfo, kwargs, allow_unencrypted_unix_socket, verify_as, direct_tls
     )
-    use_fast = _fastpath.enabled(fast_path)
-    fast = _fastpath.cached(plan) if use_fast else None
-    attempts = [fast, plan] if fast else [plan]
+    route = _fastpath.route(plan, fast_path)
     failed: tuple[psycopg.OperationalError, Plan] | None = None
-    for used in attempts:
-        params = _attempt_params(used, deadline, retry=failed is not None)
+    for used in route:
+        params = deadline.params_for(used.params, retry=failed is not None)
         if params is None:
             break
         try:
@@ -276,7 +214,7 @@ def open_verified(
             raise
         except psycopg.OperationalError as ex:
             failed = (ex, used)
-            if _retry(ex, used, plan, attempts):
+            if route.failed(ex):
                 continue
             break
         failed = None
@@ -284,12 +222,10 @@ def open_verified(
     if failed is not None:
         # Raised here, outside the except clause, so that libpq's error is only the scrubbed
         # cause and not also the implicit context.
-        raise _password.rejected(_failure(*failed, deadline.diagnosis_budget()), provider)
-    if _teaches(used, plan, use_fast):
-        facts = _fastpath.session_facts(plan, conn.pgconn)
-        _learn_after(used, plan, facts, conn.info.server_version, deadline.probe_budget())
-    elif used is not plan:
-        _fastpath.check_landing(plan, conn.pgconn)
+        raise _password.rejected(failure(*failed, deadline.diagnosis_budget()), provider)
+    learn = route.verified(_fastpath.PsycopgSession(conn.pgconn))
+    if learn is not None:
+        learn(deadline.probe_budget())
     refusal = _admit(conn, used)
     if refusal:
         conn.close()
@@ -313,12 +249,10 @@ async def open_verified_async(
         _start, conninfo, kwargs, allow_unencrypted_unix_socket, verify_as, direct_tls
     )
     plan, deadline, provider, target = await asyncio.to_thread(start) if verify_as else start()
-    use_fast = _fastpath.enabled(fast_path)
-    fast = _fastpath.cached(plan) if use_fast else None
-    attempts = [fast, plan] if fast else [plan]
+    route = _fastpath.route(plan, fast_path)
     failed: tuple[psycopg.OperationalError, Plan] | None = None
-    for used in attempts:
-        params = _attempt_params(used, deadline, retry=failed is not None)
+    for used in route:
+        params = deadline.params_for(used.params, retry=failed is not None)
         if params is None:
             break
         try:
@@ -330,23 +264,19 @@ async def open_verified_async(
             raise
         except psycopg.OperationalError as ex:
             failed = (ex, used)
-            if _retry(ex, used, plan, attempts):
+            if route.failed(ex):
                 continue
             break
         failed = None
         break
     if failed is not None:
-        err = await asyncio.to_thread(_failure, *failed, deadline.diagnosis_budget())
+        err = await asyncio.to_thread(failure, *failed, deadline.diagnosis_budget())
         raise _password.rejected(err, provider)
-    if _teaches(used, plan, use_fast):
-        # The chain is read here, while nothing else uses the connection; parsing the trust
-        # set and writing the cache run in a thread, off the event loop.
-        facts = _fastpath.session_facts(plan, conn.pgconn)
-        await asyncio.to_thread(
-            _learn_after, used, plan, facts, conn.info.server_version, deadline.probe_budget()
-        )
-    elif used is not plan:
-        _fastpath.check_landing(plan, conn.pgconn)
+    # The session's facts are read here, while nothing else uses the connection; parsing the
+    # trust set and writing the cache run in a thread, off the event loop.
+    learn = route.verified(_fastpath.PsycopgSession(conn.pgconn))
+    if learn is not None:
+        await asyncio.to_thread(learn, deadline.probe_budget())
     refusal = _admit(conn, used)
     if refusal:
         await conn.close()

@@ -51,3 +51,14 @@ class Deadline:
         if left >= self.attempt:
             return None
         return math.floor(left) if left >= MIN_ATTEMPT else 0
+
+    def params_for(self, params: dict[str, str], retry: bool) -> dict[str, str] | None:
+        """libpq's parameters for an attempt: *params* as they are for the first; a retry gets
+        what is left of the deadline as its connect_timeout, and None means too little is left
+        to start one."""
+        if not retry:
+            return params
+        limit = self.attempt_timeout()
+        if limit == 0:
+            return None
+        return params if limit is None else {**params, "connect_timeout": str(limit)}

@@ -27,23 +27,35 @@ narrowed connect lands on another host than the first (see `check_landing`).
 What is learned is kept in memory and in safepg's private cache directory, keyed by host,
 host address, port, SNI, negotiation and the digest of the full set, so a changed set never
 reuses an old answer. ``SAFEPG_FAST_PATH=0`` or ``connect(..., fast_path=False)`` turns it off.
+
+A process that has not parsed the full set yet starts warm from the disk cache (`_warm_start`):
+the set's stat key and digest, recorded by a process that parsed it, stand in for parsing it,
+and a background thread then checks what a parsing process checks (`_verify`).
+
+Every driver takes the same `Route` for a connect (psycopg, sync and async, its pools and
+engines, and psycopg2): the route yields the attempts, decides what to retry after a failure,
+and what to learn from a verified session. The drivers only run libpq and tell the route how
+it went.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Protocol
 
 from psycopg import pq
 
-from . import _cache, _x509
+from . import _cache, _diagnose, _trust, _x509
 from ._environ import getenv
 from ._errors import ConfigurationError
 from ._params import Plan, Target, as_bool
@@ -59,6 +71,10 @@ _DEFAULT_TIMEOUT = 10.0
 _ENTRY_VERSION = 1
 # PostgreSQL 17 is the first server to accept TLS without the SSLRequest.
 _DIRECT_TLS_SERVER = 170000
+# libpq 17 is the first to know sslnegotiation=direct.
+_DIRECT_TLS_LIBPQ = 170000
+# A fresh start's background check of the full set waits this long (seconds) before parsing it.
+_CHECK_DELAY = 0.05
 
 
 def enabled(option: object) -> bool:
@@ -83,15 +99,34 @@ class _Index:
     by_subject: dict[bytes, tuple[_x509.Cert, ...]]
 
 
-_indexes: dict[str, tuple[tuple[int, int, int], _Index]] = {}
+_StatKey = tuple[int, int, int, int]
+_indexes: dict[str, tuple[_StatKey, _Index]] = {}
+# Full sets this process has not parsed yet, known from a trust record on disk (see
+# `_warm_start`): path -> its stat key and digest as recorded.
+_known: dict[str, tuple[_StatKey, str]] = {}
 
 
-def _stat_key(path: str) -> tuple[int, int, int] | None:
+def _stat_key(path: str) -> _StatKey | None:
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _digest(path: str) -> str | None:
+    """The digest of the full set at *path*, if known in this process for its current stat key:
+    parsed here, or recorded by a process that parsed it (`_warm_start`)."""
+    key = _stat_key(path)
+    if key is None:
+        return None
+    parsed = _indexes.get(path)
+    if parsed is not None and parsed[0] == key:
+        return parsed[1].digest
+    known = _known.get(path)
+    if known is not None and known[0] == key:
+        return known[1]
+    return None
 
 
 def _index(path: str) -> _Index | None:
@@ -160,16 +195,22 @@ class _HostKey:
         return f"{self.host}:{self.port}"
 
 
-def _host_key(plan: Plan, target: Target, index: _Index) -> _HostKey:
+def _host_keys(plan: Plan, digest: str) -> tuple[_HostKey, ...]:
     opts = plan.resolved
-    return _HostKey(
-        host=target.host,
-        hostaddr=target.hostaddr or "",
-        port=target.port,
-        sni=opts.get("sslsni", "1") != "0",
-        direct=opts.get("sslnegotiation") == "direct",
-        trust_digest=index.digest,
+    return _keys_for(
+        plan.targets,
+        opts.get("sslsni", "1") != "0",
+        opts.get("sslnegotiation") == "direct",
+        digest,
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _keys_for(
+    targets: tuple[Target, ...], sni: bool, direct: bool, digest: str
+) -> tuple[_HostKey, ...]:
+    """The host keys of *targets*, made once per warm plan (a connect looks them up)."""
+    return tuple(_HostKey(t.host, t.hostaddr or "", t.port, sni, direct, digest) for t in targets)
 
 
 @dataclass(frozen=True)
@@ -178,13 +219,44 @@ class _Learned:
     direct: bool | None = None  # takes direct TLS (PostgreSQL 17+); None: not known yet
 
 
-def _read_entry(key: _HostKey, index: _Index) -> _Learned | None:
-    """What was learned for *key*, from the disk cache, if the entry is sound."""
+def _read_json(name: str) -> dict[str, object] | None:
+    """A JSON object safepg wrote in its private cache directory, or None."""
     directory = _cache.usable()
     if directory is None:
         return None
     try:
-        entry = json.loads(_cache.read_private_file(directory / key.filename()))
+        entry = json.loads(_cache.read_private_file(directory / name))
+    except (OSError, ValueError):
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
+def _write_json(name: str, entry: dict[str, object], what: str) -> None:
+    directory = _cache.usable()
+    if directory is None:
+        return
+    try:
+        _cache.write_private_file(directory / name, json.dumps(entry, indent=1).encode())
+    except (OSError, ConfigurationError) as ex:
+        logger.debug("safepg: cannot store %s: %s", what, ex)
+
+
+def _remove(*names: str) -> None:
+    directory = _cache.usable()
+    if directory is None:
+        return
+    for name in names:
+        with contextlib.suppress(OSError):
+            (directory / name).unlink(missing_ok=True)
+
+
+def _read_entry(key: _HostKey, index: _Index | None) -> _Learned | None:
+    """What was learned for *key*, from the disk cache, if the entry is sound. Without *index*
+    (a warm start, see `_warm_start`), the subset check waits for `_verify_later`."""
+    entry = _read_json(key.filename())
+    if entry is None:
+        return None
+    try:
         ok = (
             entry.get("version") == _ENTRY_VERSION
             and entry.get("host") == key.host
@@ -192,20 +264,28 @@ def _read_entry(key: _HostKey, index: _Index) -> _Learned | None:
             and entry.get("port") == key.port
             and entry.get("trust_digest") == key.trust_digest
         )
-        anchors = tuple(entry["anchors"]) if ok else ()
+        raw = entry.get("anchors")
+        anchors: tuple[object, ...] = tuple(raw) if ok and isinstance(raw, list) else ()
         direct = entry.get("direct_tls")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, TypeError):
         return None
-    if not anchors or not all(isinstance(a, str) and a in index.by_fingerprint for a in anchors):
+    if not anchors or not all(
+        isinstance(a, str) and (a in index.by_fingerprint if index else _is_fingerprint(a))
+        for a in anchors
+    ):
         # Subset only: a fingerprint the full set lacks means the entry was tampered with, or
         # belongs to another set. Ignore it; the host is learned again.
         logger.debug("safepg: ignoring the learned anchors in %s", key.filename())
         return None
-    return _Learned(anchors, direct if isinstance(direct, bool) else None)
+    return _Learned(tuple(str(a) for a in anchors), direct if isinstance(direct, bool) else None)
+
+
+def _is_fingerprint(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def _write_entry(key: _HostKey, learned: _Learned) -> None:
-    entry = {
+    entry: dict[str, object] = {
         "version": _ENTRY_VERSION,
         "host": key.host,
         "hostaddr": key.hostaddr,
@@ -217,52 +297,254 @@ def _write_entry(key: _HostKey, learned: _Learned) -> None:
         "direct_tls": learned.direct,
         "learned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    directory = _cache.usable()
-    if directory is None:
+    _write_json(key.filename(), entry, f"what was learned for {key.where()}")
+
+
+# --- records that let a fresh process start warm --------------------------------------------
+#
+# A trust record (per full set path) holds the set's stat key and digest as a process that
+# parsed it saw them; a plan record (per tuple of host keys, which hold that digest) names the
+# small file built for those hosts, with its SHA-256. See `_warm_start`.
+
+
+def _trust_record_name(path: str) -> str:
+    return f"trust-{hashlib.sha256(os.fsencode(path)).hexdigest()[:32]}.json"
+
+
+def _plan_record_name(keys: tuple[_HostKey, ...]) -> str:
+    names = json.dumps([k.filename() for k in keys])
+    return f"plan-{hashlib.sha256(names.encode()).hexdigest()[:32]}.json"
+
+
+def _write_records(
+    full: TrustSource, keys: tuple[_HostKey, ...], anchors: Sequence[str], source: TrustSource
+) -> None:
+    parsed = _indexes.get(full.path)
+    if parsed is None:
         return
-    try:
-        _cache.write_private_file(directory / key.filename(), json.dumps(entry, indent=1).encode())
-    except (OSError, ConfigurationError) as ex:
-        logger.debug("safepg: cannot store what was learned for %s: %s", key.where(), ex)
+    stat_key, index = parsed
+    trust_record: dict[str, object] = {
+        "version": _ENTRY_VERSION,
+        "path": full.path,
+        "stat": list(stat_key),
+        "digest": index.digest,
+    }
+    _write_json(_trust_record_name(full.path), trust_record, f"the digest of {full.path}")
+    _trust.record_checked(full.path)
+    small_sha = None
+    if source.path != full.path:
+        try:
+            small_sha = hashlib.sha256(_cache.read_private_file(Path(source.path))).hexdigest()
+        except OSError:
+            return
+    plan_record: dict[str, object] = {
+        "version": _ENTRY_VERSION,
+        "hosts": [k.filename() for k in keys],
+        "anchors": sorted(anchors),
+        "file": os.path.basename(source.path) if small_sha else None,
+        "sha256": small_sha,
+    }
+    _write_json(_plan_record_name(keys), plan_record, "the small file's name")
+
+
+def _warm_start(plan: Plan, libpq: int) -> Plan | None:
+    """*plan* narrowed from the records on disk, without parsing the full set: for a process
+    that has not parsed it yet, and finds a valid learned entry for each host.
+
+    Checked here, before libpq gets the small file: the full set's stat key (device, inode,
+    size, mtime in ns) equals the one recorded with its digest (as in a process that parsed it,
+    where a changed stat key means parsing it again); each host's entry is sound and holds that
+    digest; the plan record lists the same anchors as the entries; and the small file is a
+    private file of this user's whose content hashes to the SHA-256 recorded. Then, in a
+    background thread, `_verify_later` parses the full set and checks what a process that
+    parsed it would have checked (the digest, anchors that are a subset of the set, the small
+    file's certificates): if anything differs, all of it is forgotten.
+    """
+    full = plan.trust
+    record = _read_json(_trust_record_name(full.path))
+    stat_key = _stat_key(full.path)
+    if record is None or stat_key is None:
+        return None
+    digest = record.get("digest")
+    if (
+        record.get("version") != _ENTRY_VERSION
+        or record.get("path") != full.path
+        or record.get("stat") != list(stat_key)
+        or not isinstance(digest, str)
+        or not _is_fingerprint(digest)
+    ):
+        return None
+    keys = _host_keys(plan, digest)
+    learned = [_read_entry(k, None) for k in keys]
+    items = [item for item in learned if item is not None]
+    if len(items) != len(keys):
+        return None
+    anchors = sorted({a for item in items for a in item.anchors})
+    record = _read_json(_plan_record_name(keys))
+    if (
+        record is None
+        or record.get("version") != _ENTRY_VERSION
+        or record.get("hosts") != [k.filename() for k in keys]
+        or record.get("anchors") != anchors
+    ):
+        return None
+    name, sha = record.get("file"), record.get("sha256")
+    if name is None and sha is None:
+        source = full  # the whole set was learned: the caller's own file
+    elif isinstance(name, str) and isinstance(sha, str):
+        path = _cache.existing_trust_file(name, sha)
+        if path is None:
+            return None
+        source = TrustSource(str(path), _label(full, len(anchors), keys), full.origin)
+    else:
+        return None
+    small_key = _stat_key(source.path)
+    if small_key is None:
+        return None
+    _known[full.path] = (stat_key, digest)
+    direct = _direct_of(items)
+    _memo[keys] = (source, small_key, direct)
+    logger.debug(
+        "safepg: fast path: warm (disk cache) for %s, a fresh start: checking %s in the background",
+        ", ".join(k.where() for k in keys),
+        full,
+    )
+    _verify_later(plan, keys, digest, anchors, source)
+    return _narrowed(plan, source, direct, libpq)
+
+
+_checking: set[str] = set()
+# Checks of a fresh start, not started yet: they start once the connect that used the small file
+# is over (`Route.verified`, `Route.failed`), so that parsing the set in a thread does not hold
+# the GIL while that connect runs.
+_pending: list[Callable[[], None]] = []
+
+
+def _verify_later(
+    plan: Plan, keys: tuple[_HostKey, ...], digest: str, anchors: Sequence[str], source: TrustSource
+) -> None:
+    _pending.append(lambda: _start_check(plan, keys, digest, anchors, source))
+
+
+def _start_pending() -> None:
+    while _pending:
+        try:
+            start = _pending.pop()
+        except IndexError:  # another thread took the last one
+            return
+        start()
+
+
+def _start_check(
+    plan: Plan, keys: tuple[_HostKey, ...], digest: str, anchors: Sequence[str], source: TrustSource
+) -> None:
+    with _locks_guard:
+        if plan.trust.path in _checking:
+            return  # the set is being parsed: the first check covers what this one would
+        _checking.add(plan.trust.path)
+
+    def run() -> None:
+        try:
+            # Parsing the set holds the GIL for milliseconds: not while the caller's thread
+            # finishes the connect that started this check.
+            time.sleep(_CHECK_DELAY)
+            _verify(plan, keys, digest, anchors, source)
+        except Exception as ex:  # whatever it was, nothing is kept unchecked
+            logger.warning("safepg: cannot check the fast path's records (%s); forgetting them", ex)
+            _known.pop(plan.trust.path, None)
+            _drop(keys, plan.trust.path)
+        finally:
+            with _locks_guard:
+                _checking.discard(plan.trust.path)
+
+    threading.Thread(target=run, name="safepg-fast-path-check", daemon=True).start()
+
+
+def _verify(
+    plan: Plan, keys: tuple[_HostKey, ...], digest: str, anchors: Sequence[str], source: TrustSource
+) -> None:
+    """`_warm_start`'s second half: what a process that parsed the full set checks."""
+    index = _index(plan.trust.path)
+    problem = None
+    if index is None:
+        problem = "it cannot be read"
+    elif index.digest != digest:
+        problem = "it changed since it was recorded"
+    elif not all(a in index.by_fingerprint for a in anchors):
+        problem = "the learned anchors are not all in it"
+    elif source.path != plan.trust.path:
+        try:
+            data = _cache.read_private_file(Path(source.path))  # a private file, never a FIFO
+            small = {c.sha256 for c in _x509.parse_pem(data)}
+        except OSError:
+            small = set()
+        if small != set(anchors):
+            problem = "the small file holds other certificates"
+    if index is not None and problem is None:
+        _x509.warn_if_expiring([index.by_fingerprint[a] for a in anchors], plan.trust.label)
+        return
+    logger.warning(
+        "safepg: what was learned for %s does not match the trust set %s (%s); it is "
+        "forgotten, and the next connect uses the full set",
+        ", ".join(k.where() for k in keys),
+        plan.trust,
+        problem,
+    )
+    _known.pop(plan.trust.path, None)
+    _drop(keys, plan.trust.path)
+
+
+def _drop(keys: tuple[_HostKey, ...], trust_path: str | None = None) -> None:
+    _memo.pop(keys, None)
+    names = [k.filename() for k in keys] + [_plan_record_name(keys)]
+    _remove(*names, *([_trust_record_name(trust_path)] if trust_path else []))
+
+
+def _label(full: TrustSource, count: int, keys: Sequence[_HostKey]) -> str:
+    where = ", ".join(k.where() for k in keys)
+    return f"{full.label}, narrowed to the {count} anchor(s) that verify {where}"
 
 
 # --- the small files, per plan -----------------------------------------------------------------
 
 # host keys (holding the full set's digest) -> the trust to use, its stat key, and whether
 # every host takes direct TLS (None: not known yet for one of them).
-_memo: dict[tuple[_HostKey, ...], tuple[TrustSource, tuple[int, int, int], bool | None]] = {}
+_memo: dict[tuple[_HostKey, ...], tuple[TrustSource, _StatKey, bool | None]] = {}
 # host key -> when it may be probed again, after a probe that taught nothing.
 _unlearnable: dict[_HostKey, float] = {}
 _locks: dict[tuple[_HostKey, ...], threading.Lock] = {}
 _locks_guard = threading.Lock()
 
 
-def libpq_has_direct() -> bool:
-    """This libpq knows sslnegotiation=direct (17+); older ones reject the keyword."""
-    from psycopg import pq
+def libpq_has_direct(libpq: int | None = None) -> bool:
+    """This libpq (psycopg's, unless *libpq* gives another's version) knows
+    sslnegotiation=direct (17+); older ones reject the keyword."""
+    return (pq.version() if libpq is None else libpq) >= _DIRECT_TLS_LIBPQ
 
-    return pq.version() >= 170000
 
-
-def auto_direct(plan: Plan) -> bool:
+def auto_direct(plan: Plan, libpq: int | None = None) -> bool:
     """Learn and use direct TLS for *plan*: not chosen by the caller either way, libpq >= 17."""
-    return plan.direct_tls is None and not plan.negotiation_chosen and libpq_has_direct()
+    return plan.direct_tls is None and not plan.negotiation_chosen and libpq_has_direct(libpq)
 
 
-def _applicable(plan: Plan) -> tuple[_Index, tuple[_HostKey, ...]] | None:
-    if not plan.targets or any(t.socket for t in plan.targets):
+def _tcp_only(plan: Plan) -> bool:
+    return bool(plan.targets) and not any(t.socket for t in plan.targets)
+
+
+def _applicable(plan: Plan, libpq: int | None = None) -> tuple[_Index, tuple[_HostKey, ...]] | None:
+    if not _tcp_only(plan):
         return None
     index = _index(plan.trust.path)
     if index is None:
         return None
-    if len(index.by_fingerprint) <= 1 and not auto_direct(plan):
+    if len(index.by_fingerprint) <= 1 and not auto_direct(plan, libpq):
         return None  # nothing to gain: the set is as small as it gets, no direct TLS to learn
-    return index, tuple(_host_key(plan, t, index) for t in plan.targets)
+    return index, _host_keys(plan, index.digest)
 
 
-def _narrowed(plan: Plan, source: TrustSource, direct: bool | None) -> Plan:
+def _narrowed(plan: Plan, source: TrustSource, direct: bool | None, libpq: int | None) -> Plan:
     params = {**plan.params, "sslrootcert": source.path}
-    auto = auto_direct(plan)
+    auto = auto_direct(plan, libpq)
     if auto and direct:
         params["sslnegotiation"] = "direct"
     return replace(
@@ -274,12 +556,20 @@ def _narrowed(plan: Plan, source: TrustSource, direct: bool | None) -> Plan:
     )
 
 
+def _direct_of(learned: Sequence[_Learned]) -> bool | None:
+    flags = {item.direct for item in learned}
+    return False if False in flags else (None if None in flags else True)
+
+
 def _build(
-    plan: Plan, keys: tuple[_HostKey, ...], index: _Index, learned: Sequence[_Learned]
+    plan: Plan,
+    keys: tuple[_HostKey, ...],
+    index: _Index,
+    learned: Sequence[_Learned],
+    libpq: int | None,
 ) -> Plan | None:
     fingerprints = sorted({a for item in learned for a in item.anchors})
-    flags = {item.direct for item in learned}
-    direct = False if False in flags else (None if None in flags else True)
+    direct = _direct_of(learned)
     certs = [index.by_fingerprint[fp] for fp in fingerprints]
     _x509.warn_if_expiring(certs, plan.trust.label)
     if len(fingerprints) == len(index.by_fingerprint):
@@ -293,20 +583,17 @@ def _build(
         except (OSError, ConfigurationError) as ex:
             logger.debug("safepg: cannot write a small trust file, using the full set: %s", ex)
             return None
-        where = ", ".join(k.where() for k in keys)
         source = TrustSource(
-            str(path),
-            f"{plan.trust.label}, narrowed to the {len(fingerprints)} anchor(s) that verify "
-            f"{where}",
-            plan.trust.origin,
+            str(path), _label(plan.trust, len(fingerprints), keys), plan.trust.origin
         )
     stat_key = _stat_key(source.path)
     if stat_key is not None:
         _memo[keys] = (source, stat_key, direct)
-    return _narrowed(plan, source, direct)
+        _write_records(plan.trust, keys, fingerprints, source)
+    return _narrowed(plan, source, direct, libpq)
 
 
-def _still_good(source: TrustSource, stat_key: tuple[int, int, int], full: TrustSource) -> bool:
+def _still_good(source: TrustSource, stat_key: _StatKey, full: TrustSource) -> bool:
     """The memoized trust file is as it was: a small file safepg wrote is checked with its
     directories (`_cache.unchanged`); the caller's own file by its stat key."""
     if source.path == full.path:
@@ -314,22 +601,37 @@ def _still_good(source: TrustSource, stat_key: tuple[int, int, int], full: Trust
     return _cache.unchanged(source.path)
 
 
-def cached(plan: Plan) -> Plan | None:
-    """*plan* with what was learned for its hosts, if every one is learned; no network I/O."""
-    found = _applicable(plan)
+def cached(plan: Plan, libpq: int | None = None) -> Plan | None:
+    """*plan* with what was learned for its hosts, if every one is learned; no network I/O.
+
+    In memory first; in a process that has not parsed the full set yet, from the records on
+    disk without parsing it (`_warm_start`); else from the host entries, parsing the set.
+    """
+    if not _tcp_only(plan):
+        logger.debug("safepg: fast path not used: %s", _not_applicable(plan))
+        return None
+    libpq = pq.version() if libpq is None else libpq
+    digest = _digest(plan.trust.path)
+    if digest is not None:
+        keys = _host_keys(plan, digest)
+        memo = _memo.get(keys)
+        if memo is not None:
+            source, stat_key, direct = memo
+            if _still_good(source, stat_key, plan.trust):
+                logger.debug("safepg: fast path: warm (in memory), trusting %s", source)
+                return _narrowed(plan, source, direct, libpq)
+            # Changed on disk: rebuild it from the full set below. pop, not del: another
+            # thread may have dropped the entry while this one was looking at the file.
+            _memo.pop(keys, None)
+    if plan.trust.path not in _indexes:
+        fast = _warm_start(plan, libpq)
+        if fast is not None:
+            return fast
+    found = _applicable(plan, libpq)
     if found is None:
         logger.debug("safepg: fast path not used: %s", _not_applicable(plan))
         return None
     index, keys = found
-    memo = _memo.get(keys)
-    if memo is not None:
-        source, stat_key, direct = memo
-        if _still_good(source, stat_key, plan.trust):
-            logger.debug("safepg: fast path: warm (in memory), trusting %s", source)
-            return _narrowed(plan, source, direct)
-        # Changed on disk: rebuild it from the full set below. pop, not del: another thread
-        # may have dropped the entry while this one was looking at the file.
-        _memo.pop(keys, None)
     learned = []
     for key in keys:
         item = _read_entry(key, index)
@@ -337,31 +639,31 @@ def cached(plan: Plan) -> Plan | None:
             return None
         learned.append(item)
     logger.debug("safepg: fast path: warm (disk cache) for %s", ", ".join(k.where() for k in keys))
-    return _build(plan, keys, index, learned)
+    return _build(plan, keys, index, learned, libpq)
 
 
 def _not_applicable(plan: Plan) -> str:
-    if not plan.targets or any(t.socket for t in plan.targets):
+    if not _tcp_only(plan):
         return "a Unix-domain socket host"
     return f"{plan.trust.path} holds one certificate (as small as it gets), or cannot be read"
 
 
-def worth_learning(plan: Plan) -> bool:
+def worth_learning(plan: Plan, libpq: int | None = None) -> bool:
     """Whether a connect with the full set should teach the fast path: it applies, and no host
     failed to teach lately."""
-    found = _applicable(plan)
+    found = _applicable(plan, libpq)
     if found is None:
         return False
     now = time.monotonic()
     return all(_unlearnable.get(k, 0.0) <= now for k in found[1])
 
 
-def may_learn(plan: Plan) -> bool:
+def may_learn(plan: Plan, libpq: int | None = None) -> bool:
     """`worth_learning`, without parsing the trust set when it is not parsed yet (then
     `learn_from_session` decides, off an event loop)."""
-    if not plan.targets or any(t.socket for t in plan.targets):
+    if not _tcp_only(plan):
         return False
-    return plan.trust.path not in _indexes or worth_learning(plan)
+    return plan.trust.path not in _indexes or worth_learning(plan, libpq)
 
 
 def _from_chain(
@@ -420,47 +722,91 @@ def _probe_host(
     return _from_chain(plan, key, index, presented.chain, None)
 
 
-def _landed(plan: Plan, pgconn: pq.abc.PGconn) -> int | None:
-    """Which of *plan*'s targets a live session went to (libpq reports host, address, port)."""
+# --- what a live session tells -----------------------------------------------------------------
+
+
+class Session(Protocol):
+    """A session libpq just verified, as its driver reports it (read on the caller's thread,
+    while nothing else uses the connection)."""
+
+    def where(self) -> tuple[str, str | None, str]:
+        """The host (the name verified), the address (None: the driver does not say), the port."""
+        ...
+
+    def server_version(self) -> int:
+        """The server's version number (170000 for PostgreSQL 17.0)."""
+        ...
+
+    def chain(self) -> Sequence[bytes] | None:
+        """The chain libpq verified, as DER, or None where the driver cannot hand it over."""
+        ...
+
+
+class PsycopgSession:
+    """`Session` for a psycopg 3 connection's pgconn: libpq's facts, read when asked."""
+
+    def __init__(self, pgconn: pq.abc.PGconn) -> None:
+        self.pgconn = pgconn
+
+    def where(self) -> tuple[str, str | None, str]:
+        pgconn = self.pgconn
+        return (
+            (pgconn.host or b"").decode("utf-8", "replace"),
+            (pgconn.hostaddr or b"").decode("utf-8", "replace"),
+            (pgconn.port or b"").decode("utf-8", "replace"),
+        )
+
+    def server_version(self) -> int:
+        return self.pgconn.server_version
+
+    def chain(self) -> Sequence[bytes] | None:
+        from . import _libpq
+
+        return _libpq.presented_chain(self.pgconn)
+
+
+def _landed(plan: Plan, session: Session) -> int | None:
+    """Which of *plan*'s targets a live session went to; None if it cannot be told (a driver
+    that does not report the address, and two targets with the same host and port)."""
     if len(plan.targets) == 1:
         return 0
-    host = (pgconn.host or b"").decode("utf-8", "replace")
-    hostaddr = (pgconn.hostaddr or b"").decode("utf-8", "replace")
-    port = (pgconn.port or b"").decode("utf-8", "replace")
-    return next(
-        (
-            i
-            for i, t in enumerate(plan.targets)
-            if t.host == host and t.port == port and t.hostaddr in (None, "", hostaddr)
-        ),
-        None,
-    )
+    host, hostaddr, port = session.where()
+    found = [
+        i
+        for i, t in enumerate(plan.targets)
+        if t.host == host
+        and t.port == port
+        and (hostaddr is None or t.hostaddr in (None, "", hostaddr))
+    ]
+    return found[0] if len(found) == 1 or (found and hostaddr is not None) else None
 
 
-def session_facts(plan: Plan, pgconn: pq.abc.PGconn) -> tuple[int | None, list[bytes] | None]:
-    """Which of *plan*'s targets a live session went to, and the chain libpq verified (see
-    `_libpq.presented_chain`; None where it cannot be read). Cheap, and on the caller's
-    thread: the connection must not be in use elsewhere."""
-    from . import _libpq
-
-    here = _landed(plan, pgconn)
-    return here, (_libpq.presented_chain(pgconn) if here is not None else None)
+def session_facts(plan: Plan, pgconn: pq.abc.PGconn) -> tuple[int | None, Sequence[bytes] | None]:
+    """Which of *plan*'s targets a psycopg session went to, and the chain libpq verified."""
+    session = PsycopgSession(pgconn)
+    here = _landed(plan, session)
+    return here, (session.chain() if here is not None else None)
 
 
 def check_landing(plan: Plan, pgconn: pq.abc.PGconn) -> None:
+    """`Route.verified`'s landing check, for a psycopg session of a narrowed *plan*."""
+    _check_landing(plan, PsycopgSession(pgconn))
+
+
+def _check_landing(plan: Plan, session: Session, libpq: int | None = None) -> None:
     """After a connect with the learned anchors of a multi-host *plan*: if libpq did not land
     on the first host, forget what was learned, so that the next connect tries every host
     with the full set. The first host may have failed only because its anchors changed
     (another root of the set), and libpq then went on to the next host without a word."""
-    if len(plan.targets) > 1 and _landed(plan, pgconn) != 0:
+    if len(plan.targets) > 1 and _landed(plan, session) != 0:
         logger.info(
             "safepg: %s answered instead of %s:%s with the learned anchors; the next connect "
             "uses the full trust set",
-            (pgconn.host or b"").decode("utf-8", "replace"),
+            session.where()[0],
             plan.targets[0].host,
             plan.targets[0].port,
         )
-        forget(plan)
+        forget(plan, libpq)
 
 
 def learn_from_session(
@@ -469,23 +815,24 @@ def learn_from_session(
     chain: Sequence[bytes] | None,
     server_version: int,
     timeout: float = _DEFAULT_TIMEOUT,
+    libpq: int | None = None,
 ) -> None:
     """Learn *plan*'s hosts from a session libpq just verified against the full set.
 
-    *here* and *chain* come from `session_facts`: the chain libpq verified, read from the live
+    *here* and *chain* come from the session: the chain libpq verified, read from the live
     session, with no network I/O and no second handshake. Whether the host takes direct TLS
     comes from its server version. A multi-host plan uses the full set until a verified
     session has been seen on each of its hosts. A single host whose session cannot be read
-    (another TLS library) is probed in a background thread, off the caller's path.
+    (another TLS library, psycopg2) is probed in a background thread, off the caller's path.
     """
-    found = _applicable(plan)
+    found = _applicable(plan, libpq)
     if found is None:
         return
     index, keys = found
     now = time.monotonic()
     if any(_unlearnable.get(k, 0.0) > now for k in keys):
         return  # taught nothing a moment ago: the full set, without trying again yet
-    direct = server_version >= _DIRECT_TLS_SERVER if auto_direct(plan) else None
+    direct = server_version >= _DIRECT_TLS_SERVER if auto_direct(plan, libpq) else None
     with _lock_for(keys):
         learned: list[_Learned | None] = [_read_entry(k, index) for k in keys]
         if here is not None and chain is not None:
@@ -494,7 +841,7 @@ def learn_from_session(
                 _log_direct(keys[here : here + 1], direct)
         missing = [i for i, item in enumerate(learned) if item is None]
         if not missing:
-            _build(plan, keys, index, [item for item in learned if item is not None])
+            _build(plan, keys, index, [item for item in learned if item is not None], libpq)
             return
     if len(keys) > 1:
         # Every host of a multi-host plan is learned from a session verified on it, never by
@@ -544,6 +891,8 @@ def _after_fork() -> None:
     _locks_guard = threading.Lock()
     _locks.clear()
     _probing.clear()
+    _checking.clear()
+    _pending.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -555,30 +904,24 @@ def _lock_for(keys: tuple[_HostKey, ...]) -> threading.Lock:
         return _locks.setdefault(keys, threading.Lock())
 
 
-def forget(plan: Plan) -> None:
+def forget(plan: Plan, libpq: int | None = None) -> None:
     """Drop what was learned for *plan*'s hosts: libpq rejected the chain with the small file."""
-    found = _applicable(plan)
+    found = _applicable(plan, libpq)
     if found is None:
         return
-    keys = found[1]
-    _memo.pop(keys, None)
-    directory = _cache.usable()
-    if directory is None:
-        return
-    for key in keys:
-        with contextlib.suppress(OSError):
-            (directory / key.filename()).unlink(missing_ok=True)
+    _drop(found[1])
 
 
-def set_direct(plan: Plan, direct: bool) -> None:
+def set_direct(plan: Plan, direct: bool, libpq: int | None = None) -> None:
     """Remember whether *plan*'s hosts take direct TLS: from the first connect's server version
     (PostgreSQL 17+), or False when a host refused it after all (a pooler put in front, an older
     server): then the SSLRequest is used from now on."""
-    found = _applicable(plan)
+    found = _applicable(plan, libpq)
     if found is None:
         return
     index, keys = found
     _memo.pop(keys, None)
+    _remove(_plan_record_name(keys))  # names the old answer: made again by the next build
     _log_direct(keys, direct)
     for key in keys:
         item = _read_entry(key, index)
@@ -595,6 +938,106 @@ def _log_direct(keys: Sequence[_HostKey], direct: bool) -> None:
     )
 
 
+# --- the route: one connect's attempts, and what each outcome teaches ----------------------------
+
+
+class Route:
+    """The attempts of one connect, in order, and every decision about them.
+
+    The driver's loop (`safepg._connect`, `safepg.psycopg2`) iterates over the route, hands
+    each attempt's parameters to libpq, and tells the route how it went: `failed` answers
+    whether to go on to the next attempt, `verified` returns what to learn from the session.
+    Which trust file, which negotiation, what to retry and what to learn are decided here:
+
+    - warm: the anchors learned for the hosts (a subset of the full set), with direct TLS
+      where it was learned and the driver's libpq knows it; the full set is the fallback;
+    - a learned direct TLS refused in the handshake: remembered, and the SSLRequest retried;
+    - the chain rejected with the learned anchors (a CA rotation within the set): forgotten,
+      and the full set retried once;
+    - nothing else is retried (authentication failures, refusals, timeouts).
+
+    A further retry rule goes in `failed`: it may queue an attempt with `_then`.
+    """
+
+    def __init__(self, plan: Plan, use: bool, libpq: int) -> None:
+        self.full = plan
+        self.used = plan
+        self._use = use
+        self._libpq = libpq
+        fast = cached(plan, libpq) if use else None
+        self._attempts = [fast, plan] if fast else [plan]
+
+    def __iter__(self) -> Iterator[Plan]:
+        i = 0
+        while i < len(self._attempts):
+            self.used = self._attempts[i]
+            yield self.used
+            i += 1
+
+    def _then(self, attempt: Plan) -> None:
+        """Queue *attempt* right after the current one."""
+        self._attempts.insert(self._attempts.index(self.used) + 1, attempt)
+
+    def failed(self, ex: Exception) -> bool:
+        """Whether to go on after libpq's failure *ex* on the current attempt."""
+        _start_pending()
+        used, full = self.used, self.full
+        where = ", ".join(f"{t.host}:{t.port}" for t in full.targets)
+        if used.learned_direct and _diagnose.handshake_failed(ex):  # type: ignore[arg-type]
+            logger.info("safepg: %s refused direct TLS; using the SSLRequest from now on", where)
+            set_direct(full, False, self._libpq)
+            params = {k: v for k, v in used.params.items() if k != "sslnegotiation"}
+            self._then(replace(used, params=params, learned_direct=False))
+            return True
+        if used is full or not _diagnose.rejected_chain(ex):
+            return False
+        logger.info(
+            "safepg: %s did not verify with the anchors learned for it; retrying once with %s",
+            where,
+            full.trust,
+        )
+        forget(full, self._libpq)
+        return True  # the full set is the next attempt
+
+    def verified(self, session: Session) -> Callable[[float], None] | None:
+        """Take note of the session libpq verified on the current attempt. Cheap, on the
+        caller's thread; returns the rest of the work (parsing the trust set, writing the
+        cache: run it off an event loop, with the probe budget), or None when there is none."""
+        _start_pending()
+        used, full = self.used, self.full
+        if used is not full:
+            _check_landing(full, session, self._libpq)
+        if self._use and used is full and may_learn(full, self._libpq):
+            here = _landed(full, session)
+            chain = session.chain() if here is not None else None
+            version = session.server_version()
+            libpq = self._libpq
+
+            def learn(budget: float) -> None:
+                learn_from_session(full, here, chain, version, budget, libpq)
+
+            return learn
+        if used.direct_unknown:
+            direct = session.server_version() >= _DIRECT_TLS_SERVER
+            libpq = self._libpq
+            return lambda budget: set_direct(full, direct, libpq)
+        return None
+
+
+def route(plan: Plan, fast_path: object = None, *, libpq: int | None = None) -> Route:
+    """The route for one connect of *plan*.
+
+    Args:
+        plan: the hardened plan (`_params.build_plan`).
+        fast_path: the caller's ``fast_path`` argument (see `enabled`).
+        libpq: the version of the driver's libpq (psycopg's when None).
+
+    Raises:
+        ConfigurationError: *fast_path* or ``SAFEPG_FAST_PATH`` is not a boolean.
+    """
+    return Route(plan, enabled(fast_path), pq.version() if libpq is None else libpq)
+
+
 def clear_memory(*, keep_indexes: bool = False) -> None:
     """Forget everything learned in this process (the disk cache stays).
 
@@ -603,5 +1046,7 @@ def clear_memory(*, keep_indexes: bool = False) -> None:
     """
     _memo.clear()
     _unlearnable.clear()
+    _known.clear()
+    _pending.clear()
     if not keep_indexes:
         _indexes.clear()

@@ -375,6 +375,11 @@ def is_host_name(host: str) -> bool:
 def _idna_ok(host: str) -> bool:
     """*host* can be looked up: Python's resolver (the probe) and psycopg encode names with
     IDNA, which refuses empty labels and labels over 63 characters with a UnicodeError."""
+    if host.isascii():
+        # The codec's own rule for ASCII names, without importing it (and unicodedata): a cost
+        # every fresh process would pay on its first connect.
+        labels = host.split(".")
+        return all(0 < len(label) < 64 for label in labels[:-1]) and len(labels[-1]) < 64
     try:
         host.encode("idna")
     except UnicodeError:

@@ -19,6 +19,8 @@ no PEM certificate is an error that names it: safepg never falls back from it to
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import stat
@@ -80,8 +82,58 @@ def _stat_key(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def _record_name(path: str) -> str:
+    return f"ca-{hashlib.sha256(os.fsencode(path)).hexdigest()[:32]}.json"
+
+
+def _record(path: str, st: os.stat_result) -> bytes:
+    stat_key = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+    return json.dumps({"version": 1, "path": path, "stat": stat_key}).encode()
+
+
+def _recorded_valid(path: str, st: os.stat_result) -> bool:
+    """*path* was found valid by an earlier process, with the same device, inode, size and
+    mtime (ns): the record in safepg's private cache directory, if that exists (a process
+    that checks a CA file never creates it)."""
+    if not os.path.isdir(_cache.cache_location()):
+        return False
+    directory = _cache.usable()
+    if directory is None:
+        return False
+    try:
+        return _cache.read_private_file(directory / _record_name(path)) == _record(path, st)
+    except OSError:
+        return False
+
+
+def _record_valid(path: str, st: os.stat_result) -> None:
+    if not os.path.isdir(_cache.cache_location()):
+        return
+    directory = _cache.usable()
+    if directory is None:
+        return
+    try:
+        _cache.write_private_file(directory / _record_name(path), _record(path, st))
+    except (OSError, ConfigurationError) as ex:
+        logger.debug("safepg: cannot record that %s was checked: %s", path, ex)
+
+
+def record_checked(path: str) -> None:
+    """Record on disk that *path* passed `check_ca_file` in this process, as it is now (the
+    fast path calls it once it has learned a host with it, when the cache directory exists)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    if _valid_files.get(path) == _stat_key(st):
+        _record_valid(path, st)
+
+
 def check_ca_file(path: str, named_by: str) -> None:
     """Check that *path* is a readable, non-empty file holding at least one PEM certificate.
+
+    Once per file version: in this process, by its inode, size and mtime; across processes, by
+    its device, inode, size and mtime (ns), recorded in safepg's cache directory.
 
     Raises:
         ConfigurationError: naming the file and *named_by*, where its name came from.
@@ -90,6 +142,9 @@ def check_ca_file(path: str, named_by: str) -> None:
     try:
         st = os.stat(path)
         if _valid_files.get(path) == _stat_key(st):
+            return
+        if stat.S_ISREG(st.st_mode) and _recorded_valid(path, st):
+            _valid_files[path] = _stat_key(st)
             return
         if not stat.S_ISREG(st.st_mode):
             problem = "is not a regular file"
@@ -111,6 +166,7 @@ def check_ca_file(path: str, named_by: str) -> None:
             "setting to let safepg choose."
         )
     _valid_files[path] = _stat_key(st)
+    _record_valid(path, st)
 
 
 def _pem_problem(data: bytes) -> str | None:

@@ -17,8 +17,16 @@ the same name and ``psycopg2.OperationalError``, so ``except safepg.HostnameMism
 ``except psycopg2.OperationalError`` both catch ``safepg.psycopg2.HostnameMismatchError``.
 (They are psycopg 3's ``OperationalError`` as well, like every safepg connect error.)
 
-The fast path (trust anchors narrowed per host) and direct TLS are psycopg 3 only: psycopg2
-connections get the full resolved trust set, and the SSLRequest.
+psycopg2 takes the same route as `safepg.connect` (see `safepg._fastpath.Route`): once a host
+is learned, libpq gets only the anchors that verify it, with direct TLS where the host takes it
+and psycopg2's own libpq is 17 or later (``psycopg2.extensions.libpq_version()``); a CA rotation
+within the trust set, or a host that stops taking direct TLS, is retried once as for psycopg.
+psycopg2 cannot hand over the chain libpq verified (its ``conn.info`` has TLS attributes but no
+peer chain), so a host is learned from a psycopg 3 session to it (the cache is shared, in
+memory and on disk), or else, for a single host, by a probe in a background thread after the
+first verified psycopg2 session: it reads the chain the server presents and verifies nothing;
+libpq still verifies everything. A multi-host DSN is narrowed only once a psycopg 3 session, or
+a single-host psycopg2 connect, has taught each of its hosts.
 """
 
 from __future__ import annotations
@@ -28,10 +36,11 @@ from typing import Any, TypeVar
 import psycopg2
 import psycopg2.extensions
 
-from . import _check, _errors, _options, _password
-from ._connect import _failure
+from . import _check, _errors, _fastpath, _options, _password
+from ._connect import failure
 from ._deadline import Deadline
-from ._params import REQUIRED_SSLMODE, Plan, build_plan
+from ._params import REQUIRED_SSLMODE, Plan
+from ._plans import plan_for
 
 __all__ = [
     "CertificateExpiredError",
@@ -132,6 +141,23 @@ def _session_problem(conn: psycopg2.extensions.connection, plan: Plan) -> str | 
     return None
 
 
+class _Session:
+    """`_fastpath.Session` for a psycopg2 connection: no address, no chain (see above)."""
+
+    def __init__(self, conn: psycopg2.extensions.connection) -> None:
+        self.conn = conn
+
+    def where(self) -> tuple[str, str | None, str]:
+        info = self.conn.info
+        return info.host or "", None, str(info.port)
+
+    def server_version(self) -> int:
+        return int(self.conn.server_version)
+
+    def chain(self) -> None:
+        return None
+
+
 def connect(
     dsn: str | None = None,
     connection_factory: Any = None,
@@ -139,6 +165,7 @@ def connect(
     *,
     allow_unencrypted_unix_socket: bool = False,
     verify_as: str | None = None,
+    fast_path: bool | None = None,
     **kwargs: Any,
 ) -> Any:
     """Connect like ``psycopg2.connect``, always with a verified TLS session.
@@ -146,7 +173,7 @@ def connect(
     Args:
         dsn: a libpq conninfo string or a ``postgresql://`` URL.
         connection_factory, cursor_factory: passed to ``psycopg2.connect`` untouched.
-        allow_unencrypted_unix_socket, verify_as: as for `safepg.connect`.
+        allow_unencrypted_unix_socket, verify_as, fast_path: as for `safepg.connect`.
         **kwargs: libpq connection parameters (``database`` too, as psycopg2 takes it),
             overriding those in *dsn*. ``password`` may be a callable, called for this
             connection, as for `safepg.connect` (never over a Unix-domain socket).
@@ -176,43 +203,58 @@ def connect(
     try:
         # psycopg2 has a libpq of its own, which reads the environment itself.
         _options.check_driver_libpq(psycopg2.__libpq_version__, "psycopg2")
-        plan = build_plan(
+        plan = plan_for(
             dsn or "",
             hardened,
             allow_unencrypted_unix_socket=allow_unencrypted_unix_socket,
             verify_as=verify_as,
         )
         target = _password.target(plan) if provider is not None else None
+        route = _fastpath.route(plan, fast_path, libpq=psycopg2.extensions.libpq_version())
     except _errors.SafePGError as ex:
         raise as_psycopg2_error(ex) from ex.__cause__
     deadline = Deadline(plan.timeout)
-    failed: psycopg2.OperationalError | None = None
+    failed: tuple[psycopg2.OperationalError, Plan] | None = None
     failed_config: _errors.SafePGError | None = None
-    try:
-        # A token from the callable goes into a temporary dict only: no local names it, and
-        # psycopg2's frames (which do) are dropped from the error below.
-        conn = psycopg2.connect(
-            connection_factory=connection_factory,
-            cursor_factory=cursor_factory,
-            **_password.with_password(plan.params, provider, target),
-        )
-    except _errors.SafePGError as ex:  # the callable's ConfigurationError
-        failed_config = ex
-    except psycopg2.OperationalError as ex:
-        failed = ex
+    for used in route:
+        params = deadline.params_for(used.params, retry=failed is not None)
+        if params is None:
+            break
+        try:
+            # A token from the callable goes into a temporary dict only: no local names it, and
+            # psycopg2's frames (which do) are dropped from the error below.
+            conn = psycopg2.connect(
+                connection_factory=connection_factory,
+                cursor_factory=cursor_factory,
+                **_password.with_password(params, provider, target),
+            )
+        except _errors.SafePGError as ex:  # the callable's ConfigurationError
+            failed_config = ex
+            break
+        except psycopg2.OperationalError as ex:
+            failed = (ex, used)
+            if route.failed(ex):
+                continue
+            break
+        failed = None
+        break
     if failed_config is not None:
         raise as_psycopg2_error(failed_config) from failed_config.__cause__
     if failed is not None:
         # Raised here, outside the except clause: libpq's error is only the (scrubbed) cause.
-        err = _failure(
-            _password.without_frames(failed),
-            plan,
+        err = failure(
+            _password.without_frames(failed[0]),
+            failed[1],
             deadline.diagnosis_budget(),
             psycopg2.OperationalError,
         )
         raise as_psycopg2_error(
             _password.rejected(err, provider, psycopg2.OperationalError, TokenRejectedError)
         )
+    learn = route.verified(_Session(conn))
+    if learn is not None:
+        learn(deadline.probe_budget())
+    plan = route.used
     problem = _session_problem(conn, plan)
     if problem is not None:
         refusal = InsecureConnectionError(

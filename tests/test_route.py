@@ -1,0 +1,501 @@
+"""One route for every libpq driver: psycopg2 on the fast path, and fresh processes that start warm.
+
+Performance is measured by benchmarks/route_cost.py and benchmarks/connect_latency.py, never by
+timed tests here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import certifi
+import psycopg
+import psycopg2
+import psycopg2.extensions
+import pytest
+
+import safepg
+import safepg.psycopg2
+from safepg import _fastpath, _params, _trust, _x509
+from safepg.testing import CertificateAuthority, PostgresServer
+
+from .conftest import CertificateShop
+from .test_fastpath import fingerprints, learned, warm
+
+
+@pytest.fixture(scope="module")
+def second_ca() -> CertificateAuthority:
+    """Another CA in the same trust set: the one the server rotates to."""
+    return CertificateAuthority("safepg route rotated root CA")
+
+
+@pytest.fixture(scope="module")
+def big_bundle(
+    server: PostgresServer,
+    second_ca: CertificateAuthority,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
+    """certifi plus both test CAs: a large set, like the ones safepg resolves by default."""
+    path = tmp_path_factory.mktemp("bundle") / "bundle.pem"
+    path.write_bytes(Path(certifi.where()).read_bytes() + server.ca.cert_pem + second_ca.cert_pem)
+    return path
+
+
+@pytest.fixture
+def cache(clean_env: Path) -> Path:
+    return Path(os.environ["SAFEPG_CACHE_DIR"])
+
+
+def wait_for_threads() -> None:
+    """Join the fast path's background threads (probes, checks of a fresh start)."""
+    for thread in threading.enumerate():
+        if thread.name.startswith("safepg-fast-path-"):
+            thread.join(30)
+
+
+def psycopg2_trust(conninfo: str) -> str:
+    """The sslrootcert a safepg.psycopg2 connect gave libpq (checked to be verified)."""
+    conn = safepg.psycopg2.connect(conninfo)
+    try:
+        assert conn.info.ssl_in_use
+        dsn = conn.get_dsn_parameters()
+        assert dsn["sslmode"] == "verify-full"
+        return str(dsn["sslrootcert"])
+    finally:
+        conn.close()
+
+
+# -- psycopg2 takes the same route ---------------------------------------------------------------
+
+
+def test_psycopg2_uses_the_anchors_a_psycopg_session_taught(
+    server: PostgresServer, big_bundle: Path, cache: Path
+) -> None:
+    conninfo = server.conninfo(sslrootcert=str(big_bundle))
+    small = warm(conninfo)
+    path = psycopg2_trust(conninfo)
+    assert path == small.path
+    assert fingerprints(path) == fingerprints(server.ca_path)  # a subset of the full set
+
+
+def test_psycopg2_alone_learns_a_single_host_by_a_background_probe(
+    server: PostgresServer, big_bundle: Path, cache: Path
+) -> None:
+    # psycopg2 cannot hand over the chain libpq verified: the first connect uses the full set,
+    # and a probe in the background reads what the host presents.
+    conninfo = server.conninfo(sslrootcert=str(big_bundle))
+    assert psycopg2_trust(conninfo) == str(big_bundle)
+    wait_for_threads()
+    assert fingerprints(psycopg2_trust(conninfo)) == fingerprints(server.ca_path)
+
+
+def test_psycopg2_retries_the_full_set_after_a_rotation(
+    server: PostgresServer,
+    certs: CertificateShop,
+    big_bundle: Path,
+    second_ca: CertificateAuthority,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    conninfo = server.conninfo(sslrootcert=str(big_bundle))
+    warm(conninfo)
+    certs.present("localhost", ip_addresses=["127.0.0.1"], ca=second_ca)
+    with caplog.at_level(logging.INFO, logger="safepg"):
+        assert psycopg2_trust(conninfo) == str(big_bundle)
+    assert "retrying once with" in caplog.text
+
+
+def test_psycopg2_rotation_to_an_untrusted_root_fails_closed(
+    server: PostgresServer,
+    certs: CertificateShop,
+    big_bundle: Path,
+    rogue_ca: CertificateAuthority,
+) -> None:
+    conninfo = server.conninfo(sslrootcert=str(big_bundle))
+    warm(conninfo)
+    certs.present("localhost", ip_addresses=["127.0.0.1"], ca=rogue_ca)
+    with pytest.raises(safepg.psycopg2.UntrustedCertificateError) as info:
+        safepg.psycopg2.connect(conninfo)
+    assert isinstance(info.value, psycopg2.OperationalError)
+    assert info.value.trust is not None
+    assert info.value.trust.path == str(big_bundle)  # the error names the full set
+
+
+def test_psycopg2_fast_path_off(server: PostgresServer, big_bundle: Path, cache: Path) -> None:
+    conninfo = server.conninfo(sslrootcert=str(big_bundle))
+    warm(conninfo)
+    conn = safepg.psycopg2.connect(conninfo, fast_path=False)
+    try:
+        assert conn.get_dsn_parameters()["sslrootcert"] == str(big_bundle)
+    finally:
+        conn.close()
+
+
+def _learned_direct(conninfo: str, directory: Path) -> _params.Plan:
+    """A host learned (its entry then marked as taking direct TLS), and its plan."""
+    safepg.connect(conninfo).close()
+    wait_for_threads()
+    for entry_path in sorted(directory.glob("host-*.json")):
+        entry = json.loads(entry_path.read_text())
+        entry["direct_tls"] = True
+        entry_path.write_text(json.dumps(entry))
+    for record in directory.glob("plan-*.json"):
+        record.unlink()
+    _fastpath.clear_memory()
+    return _params.build_plan(conninfo, {})
+
+
+def test_direct_tls_only_for_a_libpq_that_knows_it(
+    server: PostgresServer, big_bundle: Path, cache: Path
+) -> None:
+    # The route asks the driver's own libpq: psycopg2's may be older than psycopg's.
+    if not _fastpath.libpq_has_direct():
+        pytest.skip("psycopg's libpq does not learn direct TLS")
+    plan = _learned_direct(server.conninfo(sslrootcert=str(big_bundle)), cache)
+    for fresh in (False, True):  # from memory, or a fresh start from the disk records
+        (first, *_rest) = _fastpath.route(plan, None, libpq=160000)
+        assert "narrowed" in first.trust.label
+        assert "sslnegotiation" not in first.params
+        assert not first.learned_direct
+        (first, *_rest) = _fastpath.route(plan, None, libpq=170000)
+        assert first.params.get("sslnegotiation") == "direct"
+        if not fresh:
+            wait_for_threads()
+            _fastpath.clear_memory()
+
+
+def test_psycopg2_falls_back_when_a_host_stops_taking_direct_tls(
+    server: PostgresServer, cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    if psycopg2.extensions.libpq_version() < 170000 or not _fastpath.libpq_has_direct():
+        pytest.skip("a libpq without sslnegotiation")
+    if server.major_version >= 17:
+        pytest.skip("the session's server takes direct TLS")
+    _learned_direct(server.conninfo(), cache)
+    with caplog.at_level(logging.INFO, logger="safepg"):
+        conn = safepg.psycopg2.connect(server.conninfo())
+    try:
+        assert conn.get_dsn_parameters().get("sslnegotiation", "postgres") == "postgres"
+    finally:
+        conn.close()
+    assert "refused direct TLS" in caplog.text
+    assert [json.loads(p.read_text())["direct_tls"] for p in cache.glob("host-*.json")] == [False]
+
+
+class _Where:
+    """A session as psycopg2 reports it: host and port, no address."""
+
+    def __init__(self, host: str, port: str) -> None:
+        self.host, self.port = host, port
+
+    def where(self) -> tuple[str, str | None, str]:
+        return self.host, None, self.port
+
+    def server_version(self) -> int:
+        return 160000
+
+    def chain(self) -> None:
+        return None
+
+
+def test_a_landing_that_cannot_be_told_counts_as_elsewhere() -> None:
+    # Two targets with the same name and port (different addresses), and a driver that does
+    # not say which address it used: not known to be the first host, so a narrowed plan is
+    # forgotten (never kept on a guess).
+    plan = _params.build_plan(
+        "host=db.example.test,db.example.test hostaddr=192.0.2.1,192.0.2.2 port=5432,5432", {}
+    )
+    assert _fastpath._landed(plan, _Where("db.example.test", "5432")) is None
+    other = _params.build_plan("host=a.example.test,b.example.test port=5432,5433", {})
+    assert _fastpath._landed(other, _Where("b.example.test", "5433")) == 1
+
+
+# -- fresh processes start warm ------------------------------------------------------------------
+
+
+def fresh_process() -> None:
+    """What a new process knows: nothing in memory, the disk cache only."""
+    _fastpath.clear_memory()
+    _trust._valid_files.clear()
+    _x509.read_certificates.cache_clear()
+
+
+@pytest.fixture
+def debug_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    with caplog.at_level(logging.DEBUG, logger="safepg"):
+        yield caplog
+
+
+def test_a_fresh_process_connects_warm_without_parsing_the_set(
+    server: PostgresServer,
+    big_bundle: Path,
+    cache: Path,
+    debug_log: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    conninfo = server.conninfo(sslrootcert=str(big_bundle))
+    small = warm(conninfo)
+    fresh_process()
+    parsed: list[str] = []
+    caller = threading.get_ident()
+    read = _x509.read_certificates.__wrapped__
+
+    def spy(data: bytes) -> object:
+        if threading.get_ident() == caller:
+            parsed.append("on the connect's thread")
+        return read(data)
+
+    monkeypatch.setattr(_x509, "read_certificates", spy)
+    debug_log.clear()
+    assert learned(conninfo) == small
+    assert parsed == []  # neither the CA file check nor the fast path parsed the set
+    assert "a fresh start" in debug_log.text
+    wait_for_threads()
+    assert "does not match" not in debug_log.text  # checked in the background, and kept
+    assert str(big_bundle) in _fastpath._indexes
+    assert learned(conninfo) == small
+
+
+def test_a_fresh_process_in_another_interpreter_starts_warm(
+    server: PostgresServer, big_bundle: Path, cache: Path
+) -> None:
+    conninfo = server.conninfo(sslrootcert=str(big_bundle))
+    small = warm(conninfo)
+    code = (
+        "import sys, logging, safepg\n"
+        "logging.basicConfig(level=logging.DEBUG)\n"
+        "with safepg.connect(sys.argv[1]) as c:\n"
+        "    print(safepg.check(c).trust.path)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, conninfo],
+        env=os.environ, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == small.path
+    assert "a fresh start" in out.stderr
+
+
+def test_a_fresh_process_does_not_start_warm_when_the_set_changed(
+    server: PostgresServer,
+    big_bundle: Path,
+    tmp_path: Path,
+    cache: Path,
+    debug_log: pytest.LogCaptureFixture,
+) -> None:
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(big_bundle.read_bytes())
+    conninfo = server.conninfo(sslrootcert=str(bundle))
+    warm(conninfo)
+    with bundle.open("ab") as f:  # another root added: a new stat key, a new set
+        f.write(CertificateAuthority("added later").cert_pem)
+    fresh_process()
+    debug_log.clear()
+    assert learned(conninfo).path == str(bundle)  # the full set, learned again
+    assert "a fresh start" not in debug_log.text
+
+
+def test_a_set_changed_behind_an_unchanged_stat_is_caught_in_the_background(
+    server: PostgresServer,
+    big_bundle: Path,
+    tmp_path: Path,
+    cache: Path,
+    debug_log: pytest.LogCaptureFixture,
+) -> None:
+    # The same inode, size and mtime, another content: the fresh start trusts the stat key as a
+    # process that parsed the set does, and the background check then finds the change.
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(server.ca.cert_pem + big_bundle.read_bytes())
+    conninfo = server.conninfo(sslrootcert=str(bundle))
+    small = warm(conninfo)
+    before = os.stat(bundle)
+    data = bytearray(bundle.read_bytes())
+    last = data.rindex(b"-----END CERTIFICATE-----")
+    data[last - 10] = ord("A") if data[last - 10] != ord("A") else ord("B")  # a root changed
+    with bundle.open("r+b") as f:
+        f.write(bytes(data))
+    os.utime(bundle, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(bundle)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_size,
+        before.st_mtime_ns,
+    )
+    fresh_process()
+    debug_log.clear()
+    assert learned(conninfo) == small  # the small file: its anchors verify the server
+    wait_for_threads()
+    assert "does not match the trust set" in debug_log.text
+    assert list(cache.glob("host-*.json")) == []
+    assert list(cache.glob("plan-*.json")) == []
+    assert learned(conninfo).path == str(bundle)  # the full set from now on
+
+
+@pytest.mark.parametrize("tamper", ["anchors", "file", "sha256", "small file"])
+def test_a_tampered_record_is_not_a_fresh_start(
+    server: PostgresServer,
+    big_bundle: Path,
+    rogue_ca: CertificateAuthority,
+    cache: Path,
+    tamper: str,
+    debug_log: pytest.LogCaptureFixture,
+) -> None:
+    conninfo = server.conninfo(sslrootcert=str(big_bundle))
+    small = warm(conninfo)
+    (record_path,) = cache.glob("plan-*.json")
+    record = json.loads(record_path.read_text())
+    rogue = _x509.parse_pem(rogue_ca.cert_pem)[0].sha256
+    if tamper == "anchors":
+        record["anchors"] = sorted([*record["anchors"], rogue])
+    elif tamper == "file":
+        record["file"] = "../" + record["file"]
+    elif tamper == "sha256":
+        record["sha256"] = "0" * 64
+    else:
+        with Path(small.path).open("ab") as f:
+            f.write(rogue_ca.cert_pem)
+    record_path.write_text(json.dumps(record))
+    fresh_process()
+    debug_log.clear()
+    trust = learned(conninfo)
+    assert "a fresh start" not in debug_log.text
+    assert rogue not in fingerprints(trust.path)
+    assert fingerprints(trust.path) <= fingerprints(big_bundle)
+
+
+def test_the_ca_file_check_is_recorded_by_stat(
+    server: PostgresServer, second_ca: CertificateAuthority, tmp_path: Path, cache: Path
+) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(server.ca.cert_pem + second_ca.cert_pem)
+    learned(server.conninfo(sslrootcert=str(ca)))  # recorded once the host is learned
+    assert list(cache.glob("ca-*.json"))
+    fresh_process()
+    ca.write_bytes(b"not a certificate, and a new stat key\n")
+    with pytest.raises(safepg.ConfigurationError, match="holds no PEM certificate"):
+        safepg.connect(server.conninfo(sslrootcert=str(ca)))
+
+
+# -- plans remembered per input (_plans) ---------------------------------------------------------
+
+
+@pytest.fixture
+def remembering(caplog: pytest.LogCaptureFixture) -> None:
+    """Plans are remembered only while safepg's debug messages are off (the suite turns them on
+    for every test, to check that no password reaches them)."""
+    caplog.set_level(logging.INFO, logger="safepg")
+
+
+def test_a_remembered_plan_follows_the_environment(
+    server: PostgresServer,
+    second_ca: CertificateAuthority,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    remembering: None,
+) -> None:
+    from safepg import _plans
+
+    conninfo = server.conninfo(sslrootcert=None)
+    monkeypatch.setenv("SSL_CERT_FILE", str(server.ca_path))
+    assert learned(conninfo).path == str(server.ca_path)
+    assert learned(conninfo).path == str(server.ca_path)
+    assert len(_plans._memo) == 1  # remembered
+    other = tmp_path / "other.pem"
+    other.write_bytes(server.ca.cert_pem + second_ca.cert_pem)
+    monkeypatch.setenv("PGSSLROOTCERT", str(other))  # the environment changed: built again
+    assert learned(conninfo).path.startswith((str(other), str(tmp_path / "cache")))
+    assert learned(conninfo).origin == "PGSSLROOTCERT"
+
+
+def test_a_remembered_plan_follows_the_trust_file(
+    server: PostgresServer, tmp_path: Path, clean_env: Path, remembering: None
+) -> None:
+    from safepg import _plans
+
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(server.ca.cert_pem)
+    conninfo = server.conninfo(sslrootcert=str(ca))
+    learned(conninfo)
+    learned(conninfo)
+    assert len(_plans._memo) == 1
+    ca.write_bytes(b"no certificate here any more\n")  # a new stat key: checked again
+    with pytest.raises(safepg.ConfigurationError, match="holds no PEM certificate"):
+        safepg.connect(conninfo)
+    # libpq's default file appearing changes what an unnamed set resolves to.
+    monkeypatch_free = server.conninfo(sslrootcert=None)
+    for _ in range(2):  # remembered the second time
+        with pytest.raises(safepg.UntrustedCertificateError):
+            safepg.connect(monkeypatch_free)  # the OS store/certifi: not the test CA
+    root = clean_env / ".postgresql" / "root.crt"
+    root.parent.mkdir()
+    root.write_bytes(server.ca.cert_pem)
+    assert learned(monkeypatch_free).path == str(root)
+
+
+def test_a_remembered_plan_keeps_no_keyword_password(
+    server: PostgresServer, remembering: None
+) -> None:
+    from safepg import _plans
+
+    conninfo = server.conninfo(sslrootcert=str(server.ca_path), password=None)
+    password = server.password
+    for _ in range(2):
+        with safepg.connect(conninfo, password=password) as conn:
+            assert safepg.check(conn).verified
+    assert _plans._memo
+    assert all("password" not in plan.params for plan, *_ in _plans._memo.values())
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        safepg.connect(conninfo, password="not the password")  # the new value reaches libpq
+    with pytest.raises(safepg.ConfigurationError, match="NUL byte"):
+        safepg.connect(conninfo, password="bad\x00value")  # and is checked as build_plan does
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["db.example.com", "db.example.com.", "a" * 63 + ".x", "a" * 64 + ".x", "x." + "a" * 64,
+     "x." + "a" * 63, "a..b", ".a", "", ".", "127.0.0.1", "::1", "fe80::1%eth0", "-a-.b"],
+)  # fmt: skip
+def test_ascii_host_names_are_checked_as_the_idna_codec_checks_them(host: str) -> None:
+    try:
+        host.encode("idna")
+        codec = True
+    except UnicodeError:
+        codec = False
+    assert _params._idna_ok(host) is codec
+
+
+def test_a_remembered_plan_checks_its_revocation_lists_again(
+    server: PostgresServer,
+    rogue_ca: CertificateAuthority,
+    tmp_path: Path,
+    clean_env: Path,
+    remembering: None,
+) -> None:
+    # libpq trusts certificates it finds in a CRL file: one that gains a certificate after the
+    # plan was remembered, or a default root.crl that appears, is refused all the same.
+    from safepg import _plans
+
+    from .test_driver_policy import write_crl
+
+    crl = write_crl(tmp_path / "server.crl", server.ca)
+    conninfo = server.conninfo(sslcrl=str(crl))
+    for _ in range(2):
+        safepg.connect(conninfo).close()
+    assert len(_plans._memo) == 1  # remembered
+    crl.write_bytes(crl.read_bytes() + rogue_ca.cert_pem)
+    with pytest.raises(safepg.ConfigurationError, match="must hold PEM CRLs"):
+        safepg.connect(conninfo)
+    plain = server.conninfo()
+    for _ in range(2):
+        safepg.connect(plain).close()
+    default = clean_env / ".postgresql" / "root.crl"
+    default.parent.mkdir()
+    default.write_bytes(crl.read_bytes())
+    with pytest.raises(safepg.ConfigurationError, match="must hold PEM CRLs"):
+        safepg.connect(plain)
