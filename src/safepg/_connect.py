@@ -14,7 +14,7 @@ from psycopg import AsyncConnection, AsyncCursor, Connection, Cursor
 from psycopg.abc import AdaptContext, ConnParam
 from psycopg.rows import AsyncRowFactory, Row, RowFactory, TupleRow
 
-from . import _check, _diagnose, _fastpath, _password
+from . import _check, _diagnose, _fastpath, _fetch, _password
 from ._deadline import Deadline
 from ._errors import ConfigurationError, InsecureConnectionError
 from ._params import Plan, as_optional_bool, build_plan
@@ -150,7 +150,11 @@ def _retry(ex: psycopg.OperationalError, used: Plan, full: Plan, attempts: list[
         retry = dataclasses.replace(used, params=params, learned_direct=False)
         attempts.insert(attempts.index(used) + 1, retry)
         return True
-    if used is full or not _diagnose.rejected_chain(ex):
+    if not _diagnose.rejected_chain(ex):
+        return False
+    if _rotate_fetched(used, full, attempts):
+        return True
+    if used is full or used.rotated:
         return False
     logger.info(
         "safepg: %s did not verify with the anchors learned for it; retrying once with %s",
@@ -158,6 +162,21 @@ def _retry(ex: psycopg.OperationalError, used: Plan, full: Plan, attempts: list[
         full.trust,
     )
     _fastpath.forget(full)
+    return True
+
+
+def _rotate_fetched(used: Plan, full: Plan, attempts: list[Plan]) -> bool:
+    """The one hook for CAs fetched from a provider's API (see `_fetch.rotated_plan`): after a
+    rejected chain, fetch the CA once more and queue one attempt with it, in place of what was
+    left to try. Once per connect: a second rejection stands."""
+    if used.trust.origin != "fetched" or any(p.rotated for p in attempts):
+        return False
+    rotated = _fetch.rotated_plan(full)
+    if rotated is None:
+        return False
+    _fastpath.forget(full)
+    del attempts[attempts.index(used) + 1 :]
+    attempts.append(dataclasses.replace(rotated, rotated=True))
     return True
 
 
