@@ -355,6 +355,29 @@ def test_rotation_never_widens(
     assert instance.api.hits == []
 
 
+def test_rotation_is_retried_once_per_connect(
+    server: PostgresServer,
+    certs: CertificateShop,
+    instance: Instance,
+    rogue_ca: CertificateAuthority,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Even with no interval between refetches, one connect refetches once, and each refetch
+    serves a new CA that does not verify the server either: one retry, then the error."""
+    monkeypatch.setattr(_fetch, "_REFETCH_EVERY", 0.0)
+    present(certs, DO_HOST, rogue_ca)
+    served = iter(CertificateAuthority(f"CA {i}") for i in range(10))
+
+    def new_ca() -> tuple[int, bytes]:
+        pem = next(served).cert_pem
+        return 200, json.dumps({"ca": {"certificate": base64.b64encode(pem).decode()}}).encode()
+
+    instance.api.routes[f"/v2/databases/{DO_UUID}/ca"] = new_ca
+    with pytest.raises(safepg.UntrustedCertificateError):
+        connect(server, DO_HOST)
+    assert instance.api.hits.count(f"/v2/databases/{DO_UUID}/ca") == 2
+
+
 # --- failures ------------------------------------------------------------------------------------
 
 
@@ -467,6 +490,33 @@ def test_instance_must_name_the_host(server: PostgresServer, instance: Instance)
     _fails(server, GCP_HOST, "do not name")
 
 
+def test_redirect_is_not_followed(server: PostgresServer, instance: Instance) -> None:
+    """A redirect could lead anywhere: it is an error, never followed."""
+    target = f"/v2/databases/{DO_UUID}/ca"
+    instance.api.routes["/elsewhere"] = instance.api.routes[target]
+    instance.api.routes[target] = lambda: (302, b"{}")
+    _fails(server, DO_HOST, "HTTP 302, not 200")
+    assert "/elsewhere" not in instance.api.hits
+
+
+def test_body_size_is_limited(
+    server: PostgresServer, instance: Instance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_fetch, "_MAX_BODY", 1000)
+    big = json.dumps({"projects": [{"project_name": "p" * 60}] * 40}).encode()
+    instance.api.routes["/v1/project"] = lambda: (200, big)
+    _fails(server, AIVEN_HOST, "body over 1000 bytes")
+
+
+def test_aiven_service_must_name_the_host(server: PostgresServer, instance: Instance) -> None:
+    """The project is taken only when its service of that name serves this very host."""
+    instance.api.routes["/v1/project/acme-prod/service/pg-main"] = ok(
+        {"service": {"service_uri_params": {"host": "pg-main-acme-prod.b.aivencloud.com"}}}
+    )
+    _fails(server, AIVEN_HOST, "no Aiven project of this token has a service")
+    assert "/v1/project/acme-prod/kms/ca" not in instance.api.hits
+
+
 def test_api_certificate_is_verified(
     server: PostgresServer, instance: Instance, rogue_ca: CertificateAuthority, tmp_path: Path
 ) -> None:
@@ -534,6 +584,41 @@ def test_token_never_in_errors_logs_or_frames(
             connect(server, host)
         assert TOKEN not in _everything(info.value)
     gc.collect()
+
+
+# --- every driver --------------------------------------------------------------------------------
+
+
+def test_every_driver_uses_the_fetched_ca(
+    server: PostgresServer, certs: CertificateShop, instance: Instance
+) -> None:
+    """psycopg async, psycopg2 and ssl_context (asyncpg's) resolve the same fetched CA, with
+    one fetch for all."""
+    import asyncio
+
+    present(certs, AIVEN_HOST, instance.ca)
+    kwargs: dict[str, Any] = {
+        "host": AIVEN_HOST,
+        "hostaddr": "127.0.0.1",
+        "port": server.port,
+        "user": server.user,
+        "password": server.password,
+        "dbname": server.dbname,
+    }
+
+    async def async_psycopg() -> None:
+        conn = await safepg.connect_async(**kwargs)
+        await conn.close()
+
+    asyncio.run(async_psycopg())
+    from safepg import psycopg2 as safe_psycopg2
+
+    safe_psycopg2.connect(**kwargs).close()
+    # asyncpg has no hostaddr to dial 127.0.0.1 under the provider's name: its context (from
+    # the same resolution) holds the fetched CA, and only it.
+    ctx = safepg.ssl_context(host=AIVEN_HOST)
+    assert [dict(c["subject"][0])["commonName"] for c in ctx.get_ca_certs()] == ["instance CA"]
+    assert instance.api.hits.count("/v1/project/acme-prod/kms/ca") == 1
 
 
 # --- many at once --------------------------------------------------------------------------------
