@@ -55,6 +55,7 @@ class FakeApi:
         )
         self.routes: dict[str, Route] = {}
         self.hits: list[str] = []
+        self.no_length: set[str] = set()  # paths answered without Content-Length
         self.release = threading.Event()
         api = self
 
@@ -74,7 +75,8 @@ class FakeApi:
                     status, body = route()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
+                if self.path not in api.no_length:
+                    self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -506,6 +508,11 @@ def test_body_size_is_limited(
     big = json.dumps({"projects": [{"project_name": "p" * 60}] * 40}).encode()
     instance.api.routes["/v1/project"] = lambda: (200, big)
     _fails(server, AIVEN_HOST, "body over 1000 bytes")
+    instance.api.no_length.add("/v1/project")  # read until the server closes: counted too
+    try:
+        _fails(server, AIVEN_HOST, "body over 1000 bytes")
+    finally:
+        instance.api.no_length.clear()
 
 
 def test_aiven_service_must_name_the_host(server: PostgresServer, instance: Instance) -> None:
@@ -617,7 +624,9 @@ def test_every_driver_uses_the_fetched_ca(
     # asyncpg has no hostaddr to dial 127.0.0.1 under the provider's name: its context (from
     # the same resolution) holds the fetched CA, and only it.
     ctx = safepg.ssl_context(host=AIVEN_HOST)
-    assert [dict(c["subject"][0])["commonName"] for c in ctx.get_ca_certs()] == ["instance CA"]
+    subjects = [str(c["subject"]) for c in ctx.get_ca_certs()]
+    assert len(subjects) == 1
+    assert "instance CA" in subjects[0]
     assert instance.api.hits.count("/v1/project/acme-prod/kms/ca") == 1
 
 
