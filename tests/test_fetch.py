@@ -80,6 +80,18 @@ class FakeApi:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def do_POST(self) -> None:  # Google's OAuth token endpoint, for ADC refreshes
+                api.hits.append("POST " + self.path)
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                body = json.dumps(
+                    {"access_token": TOKEN, "expires_in": 3600, "token_type": "Bearer"}
+                ).encode()
+                self.send_response(200 if self.path == "/token" else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -304,6 +316,51 @@ def test_gcp_explicit_instance(
         pass
 
 
+def test_gcp_application_default_credentials(
+    server: PostgresServer,
+    certs: CertificateShop,
+    instance: Instance,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """google.auth.default() for real: a service account key file, whose token is obtained at
+    its token_uri (the fake API; google-auth's requests verify it through REQUESTS_CA_BUNDLE)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    adc = tmp_path / "adc.json"
+    adc.write_text(
+        json.dumps(
+            {
+                "type": "service_account",
+                "project_id": "proj",
+                "private_key_id": "k1",
+                "private_key": pem,
+                "client_email": "safepg@proj.iam.gserviceaccount.com",
+                "client_id": "1",
+                "token_uri": f"https://localhost:{instance.api.port}/token",
+            }
+        )
+    )
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(adc))
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", instance.api.cafile)
+    present(certs, GCP_HOST, instance.ca)
+    with (
+        _fetch._endpoints(instance.api.base, instance.api.cafile),
+        connect(server, GCP_HOST) as conn,
+    ):
+        trust = safepg.check(conn).trust
+    assert instance.api.hits[0] == "POST /token"
+    assert trust is not None
+    assert trust.label.startswith("Cloud SQL server CA for proj:us-central1:inst")
+
+
 def test_explicit_do_and_aiven(instance: Instance) -> None:
     import safepg.aiven
     import safepg.digitalocean
@@ -408,6 +465,37 @@ def test_api_slow_past_the_deadline(server: PostgresServer, api: FakeApi) -> Non
     finally:
         api.release.set()
     assert "Aiven API" in str(err)
+
+
+def test_refresh_before_expiry_keeps_the_cached_ca_when_the_api_fails(
+    server: PostgresServer,
+    certs: CertificateShop,
+    api: FakeApi,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A CA nearing expiry is fetched again; if that fails, the same CA serves until it
+    expires (with a warning); once it has expired, nothing does."""
+    soon = CertificateAuthority(
+        "expiring CA", not_after=dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=10)
+    )
+    Instance(api, soon)
+    present(certs, DO_HOST, soon)
+    with connect(server, DO_HOST):
+        pass
+    monkeypatch.setattr(_fetch, "_REFRESH_EVERY", dt.timedelta(0))
+    api.routes[f"/v2/databases/{DO_UUID}/ca"] = lambda: (500, b"{}")
+    api.hits.clear()
+    with connect(server, DO_HOST):
+        pass
+    assert api.hits == ["/v2/databases?page=1&per_page=100", f"/v2/databases/{DO_UUID}/ca"]
+    assert "could not refresh DigitalOcean CA for cluster" in caplog.text
+    # Once expired, the cached copy is refused, and the failing API leaves nothing to use.
+    monkeypatch.setattr(
+        _fetch, "_now", lambda: dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=11)
+    )
+    _fetch.clear_memory()
+    _fails(server, DO_HOST, "HTTP 500")
 
 
 @pytest.mark.parametrize("status", [401, 403])

@@ -42,6 +42,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import http.client
@@ -725,8 +726,22 @@ def _obtain(
             host or instance,
             provider,
         )
-        got = _FETCHERS[provider](host, instance, deadline)
-        found = _write_entry(provider, key, got)
+        try:
+            got = _FETCHERS[provider](host, instance, deadline)
+        except ConfigurationError as ex:
+            if force or entry is None:
+                raise
+            # A refresh before expiry failed: the same CA serves until it expires (never
+            # anything wider), and the API is asked again after _REFRESH_EVERY.
+            logger.warning(
+                "safepg: could not refresh %s (%s); using it until it expires on %s",
+                entry.label,
+                _clean(ex),
+                entry.expiry.date().isoformat(),
+            )
+            found = dataclasses.replace(entry, fetched=now)
+        else:
+            found = _write_entry(provider, key, got)
     _memo[(provider, key)] = found
     return found
 
@@ -788,8 +803,6 @@ def rotated_plan(plan: Any) -> Any:
     Raises:
         ConfigurationError: the fetch failed.
     """
-    import dataclasses
-
     from . import providers
     from ._trust import TrustSource
 
