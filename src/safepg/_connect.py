@@ -74,12 +74,13 @@ def resolve_trust(
     """Return the trust anchors safepg would use for these parameters: a PEM path and a label.
 
     The order: the caller's ``sslrootcert``; ``PGSSLROOTCERT``; ``~/.postgresql/root.crt``; a
-    bundled provider set chosen by host name (Amazon RDS); the OS trust store; certifi. A
-    password callable is not called.
+    bundled provider set chosen by host name (Amazon RDS), or the CA fetched from the
+    provider's API (Cloud SQL, DigitalOcean, Aiven: an HTTPS request the first time, then
+    cached); the OS trust store; certifi. A password callable is not called.
 
     Raises:
         ConfigurationError: as for `secure_conninfo`, or a CA file named by the caller is
-            missing, empty, unreadable or not PEM.
+            missing, empty, unreadable or not PEM, or a provider's CA could not be fetched.
     """
     return build_plan(
         conninfo,

@@ -337,10 +337,17 @@ def _gcp_credentials(deadline: _Deadline) -> tuple[Any, str | None]:
                 f"'safepg-tls[gcp]'. {hint}"
             ) from None
         try:
+            # Outside the deadline: on a machine with no credentials configured, google-auth
+            # may probe the GCE metadata server first (its own timeouts, GCE_METADATA_TIMEOUT).
             creds, project = google.auth.default(scopes=[GCP_ADMIN_SCOPE])
         except google.auth.exceptions.DefaultCredentialsError:
             raise ConfigurationError(
                 f"no Google application default credentials were found. {hint}"
+            ) from None
+        except google.auth.exceptions.GoogleAuthError as ex:
+            raise ConfigurationError(
+                f"could not load the Google application default credentials "
+                f"({type(ex).__name__}). {hint}"
             ) from None
     if not creds.valid:
         import google.auth.transport.requests
