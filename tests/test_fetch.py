@@ -718,6 +718,49 @@ def test_every_driver_uses_the_fetched_ca(
     assert instance.api.hits.count("/v1/project/acme-prod/kms/ca") == 1
 
 
+def test_async_connect_fetches_off_the_event_loop(
+    server: PostgresServer, certs: CertificateShop, instance: Instance
+) -> None:
+    """The API answers only once another task of the loop ran during the fetch: a fetch on
+    the loop would stall until the deadline. Warm connects resolve on the loop."""
+    import asyncio
+
+    present(certs, DO_HOST, instance.ca)
+    arrived, release = threading.Event(), threading.Event()
+    route = instance.api.routes[f"/v2/databases/{DO_UUID}/ca"]
+
+    def gated() -> tuple[int, bytes]:
+        arrived.set()
+        release.wait(30)
+        return route()
+
+    instance.api.routes[f"/v2/databases/{DO_UUID}/ca"] = gated
+
+    async def ticker() -> None:
+        while not arrived.is_set():
+            await asyncio.sleep(0.01)
+        release.set()
+
+    async def main() -> None:
+        tick = asyncio.create_task(ticker())
+        conn = await safepg.connect_async(
+            host=DO_HOST,
+            hostaddr="127.0.0.1",
+            port=server.port,
+            user=server.user,
+            password=server.password,
+            dbname=server.dbname,
+            connect_timeout=3,
+        )
+        await conn.close()
+        await tick
+
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()
+
+
 # --- many at once --------------------------------------------------------------------------------
 
 

@@ -332,7 +332,10 @@ async def open_verified_async(
     start = functools.partial(
         _start, conninfo, kwargs, allow_unencrypted_unix_socket, verify_as, direct_tls
     )
-    plan, deadline, provider, target = await asyncio.to_thread(start) if verify_as else start()
+    # A DNS lookup (verify_as) runs in a thread; so does a CA fetch from a provider's API.
+    plan, deadline, provider, target = (
+        await asyncio.to_thread(start) if verify_as else await _fetch.off_loop(start)
+    )
     use_fast = _fastpath.enabled(fast_path)
     fast = _fastpath.cached(plan) if use_fast else None
     attempts = [fast, plan] if fast else [plan]

@@ -39,9 +39,11 @@ the environment or a URL chooses where trust comes from.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
+import contextvars
 import dataclasses
 import datetime as dt
 import hashlib
@@ -57,7 +59,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from . import _cache, _x509
 from ._environ import getenv
@@ -600,6 +602,29 @@ _FETCHERS: dict[str, Callable[[str | None, str | None, _Deadline], Fetched]] = {
 
 # --- the cache ---------------------------------------------------------------------------------
 
+T = TypeVar("T")
+# Set while resolving on an event loop: a fetch must not run there (see `off_loop`).
+_on_loop: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "safepg_fetch_on_loop", default=False
+)
+
+
+class _NeedsNetwork(Exception):
+    """Internal: a fetch is due, and the caller is on an event loop."""
+
+
+async def off_loop(work: Callable[[], T]) -> T:
+    """Run *work* (it resolves trust) on the event loop while fetched CAs are cached and
+    fresh, which is nearly always; in a thread when a fetch is due, which does network I/O."""
+    token = _on_loop.set(True)
+    try:
+        return work()
+    except _NeedsNetwork:
+        pass
+    finally:
+        _on_loop.reset(token)
+    return await asyncio.to_thread(work)
+
 
 @dataclass(frozen=True)
 class FetchedTrust:
@@ -720,6 +745,8 @@ def _obtain(
     memo = _memo.get((provider, key))
     if not force and memo is not None and _fresh(memo, now) and _cache.unchanged(memo.path):
         return memo
+    if _on_loop.get():
+        raise _NeedsNetwork
     deadline = _Deadline(min(timeout, DEFAULT_TIMEOUT) if timeout else DEFAULT_TIMEOUT)
     old = memo.path if memo is not None else None
     with _locked(provider, key, deadline):

@@ -30,7 +30,7 @@ try:
 except ImportError as _ex:  # pragma: no cover - the extra is missing
     raise ImportError("safepg.asyncpg needs asyncpg: pip install 'safepg-tls[asyncpg]'") from _ex
 
-from . import _diagnose, _errors, _password, _sslcontext
+from . import _diagnose, _errors, _fetch, _password, _sslcontext
 from ._deadline import Deadline
 from ._errors import ConfigurationError, InsecureConnectionError, SafePGError
 from ._params import Plan, _raise_logged, as_optional_bool, build_plan
@@ -326,8 +326,11 @@ async def connect(
     for name in _TIMEOUTS:
         if kwargs.get(name) is not None:
             kwargs[name] = _seconds(name, kwargs[name])
-    plan = build_plan(
-        dsn or "", libpq_kwargs, allow_unencrypted_unix_socket=allow_unencrypted_unix_socket
+    # A CA fetch from a provider's API (rare: then cached) runs in a thread, off the loop.
+    plan = await _fetch.off_loop(
+        lambda: build_plan(
+            dsn or "", libpq_kwargs, allow_unencrypted_unix_socket=allow_unencrypted_unix_socket
+        )
     )
     options = {**kwargs, **_asyncpg_kwargs(plan, kwargs)}
     # A token provider: never over a socket; called for each attempt, in _open.
