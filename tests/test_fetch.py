@@ -395,6 +395,29 @@ def test_rotated_ca_is_fetched_once_more(
     assert Path(trust.path).read_bytes() == rotated.cert_pem
 
 
+def test_rotation_with_psycopg2(
+    server: PostgresServer, certs: CertificateShop, instance: Instance
+) -> None:
+    from safepg import psycopg2 as safe_psycopg2
+
+    kwargs: dict[str, Any] = {
+        "host": AIVEN_HOST,
+        "hostaddr": "127.0.0.1",
+        "port": server.port,
+        "user": server.user,
+        "password": server.password,
+        "dbname": server.dbname,
+    }
+    present(certs, AIVEN_HOST, instance.ca)
+    safe_psycopg2.connect(**kwargs).close()
+    rotated = CertificateAuthority("instance CA, rotated for psycopg2")
+    instance.serve(rotated.cert_pem)
+    present(certs, AIVEN_HOST, rotated)
+    instance.api.hits.clear()
+    safe_psycopg2.connect(**kwargs).close()
+    assert instance.api.hits.count("/v1/project/acme-prod/kms/ca") == 1
+
+
 def test_rotation_never_widens(
     server: PostgresServer,
     certs: CertificateShop,

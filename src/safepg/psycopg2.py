@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import psycopg2
 import psycopg2.extensions
 
-from . import _check, _errors, _password
+from . import _check, _diagnose, _errors, _fetch, _password
 from ._connect import _failure
 from ._deadline import Deadline
 from ._params import REQUIRED_SSLMODE, Plan, build_plan
@@ -186,18 +186,31 @@ def connect(
     deadline = Deadline(plan.timeout)
     failed: psycopg2.OperationalError | None = None
     failed_config: _errors.SafePGError | None = None
-    try:
-        # A token from the callable goes into a temporary dict only: no local names it, and
-        # psycopg2's frames (which do) are dropped from the error below.
-        conn = psycopg2.connect(
-            connection_factory=connection_factory,
-            cursor_factory=cursor_factory,
-            **_password.with_password(plan.params, provider, target),
-        )
-    except _errors.SafePGError as ex:  # the callable's ConfigurationError
-        failed_config = ex
-    except psycopg2.OperationalError as ex:
-        failed = ex
+    for _attempt in range(2):
+        failed = None
+        try:
+            # A token from the callable goes into a temporary dict only: no local names it,
+            # and psycopg2's frames (which do) are dropped from the error below.
+            conn = psycopg2.connect(
+                connection_factory=connection_factory,
+                cursor_factory=cursor_factory,
+                **_password.with_password(plan.params, provider, target),
+            )
+        except _errors.SafePGError as ex:  # the callable's ConfigurationError
+            failed_config = ex
+        except psycopg2.OperationalError as ex:
+            failed = ex
+        if failed is None or _attempt or not _diagnose.rejected_chain(failed):
+            break
+        # A CA fetched from the provider's API that no longer verifies: fetched once more
+        # (a rotation) and tried once (see safepg._fetch).
+        try:
+            rotated = _fetch.rotated_plan(plan)
+        except _errors.SafePGError as ex:
+            raise as_psycopg2_error(ex) from None
+        if rotated is None:
+            break
+        plan = rotated
     if failed_config is not None:
         raise as_psycopg2_error(failed_config) from failed_config.__cause__
     if failed is not None:
