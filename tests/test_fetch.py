@@ -565,6 +565,14 @@ def test_missing_gcp_credentials(
     assert "gcloud sql instances describe" in str(err)
 
 
+def test_malformed_project_is_refused(
+    server: PostgresServer, instance: Instance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "proj/instances/x?")
+    _fails(server, GCP_HOST, "is not a project id")
+    assert instance.api.hits == []
+
+
 def test_not_a_ca(server: PostgresServer, instance: Instance) -> None:
     leaf = instance.ca.issue("leaf.example")
     instance.serve(leaf.cert_pem)

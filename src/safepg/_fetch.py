@@ -412,6 +412,12 @@ def _gcp_fetch(host: str | None, connection_name: str | None, deadline: _Deadlin
                 f"{host}: set GOOGLE_CLOUD_PROJECT, or name the instance with "
                 "safepg.gcp.server_ca('project:region:instance')."
             )
+        if not _GCP_ID.fullmatch(project):
+            raise ConfigurationError(
+                "the Google Cloud project (GOOGLE_CLOUD_PROJECT, or the credentials') is not a "
+                "project id: lowercase letters, digits and hyphens, optionally after "
+                "'domain:'."
+            )
         region, instance = _gcp_find(api, project, host, deadline)
     settings = _gcp_settings(api, project, instance, deadline)
     where = f"connectSettings of {project}:{region}:{instance}"
