@@ -718,8 +718,8 @@ def test_token_never_in_errors_logs_or_frames(
 def test_every_driver_uses_the_fetched_ca(
     server: PostgresServer, certs: CertificateShop, instance: Instance
 ) -> None:
-    """psycopg async, psycopg2 and ssl_context (asyncpg's) resolve the same fetched CA, with
-    one fetch for all."""
+    """psycopg async, psycopg2, the pool, SQLAlchemy and ssl_context (asyncpg's) resolve the
+    same fetched CA, with one fetch for all."""
     import asyncio
 
     present(certs, AIVEN_HOST, instance.ca)
@@ -740,6 +740,25 @@ def test_every_driver_uses_the_fetched_ca(
     from safepg import psycopg2 as safe_psycopg2
 
     safe_psycopg2.connect(**kwargs).close()
+    from psycopg.conninfo import make_conninfo
+
+    import safepg.sqlalchemy as sp
+    from safepg.pool import ConnectionPool
+
+    conninfo = make_conninfo("", **kwargs)
+    with (
+        ConnectionPool(conninfo, min_size=1, max_size=1, open=True) as pool,
+        pool.connection() as conn,
+    ):
+        assert conn.execute("select 1").fetchone() == (1,)
+    url = (
+        f"postgresql://{server.user}:{server.password}@{AIVEN_HOST}:{server.port}/"
+        f"{server.dbname}?hostaddr=127.0.0.1"
+    )
+    engine = sp.create_engine(url)
+    with engine.connect() as sa_conn:
+        assert sa_conn.exec_driver_sql("select 1").scalar() == 1
+    engine.dispose()
     # asyncpg has no hostaddr to dial 127.0.0.1 under the provider's name: its context (from
     # the same resolution) holds the fetched CA, and only it.
     ctx = safepg.ssl_context(host=AIVEN_HOST)
