@@ -47,7 +47,6 @@ import contextvars
 import dataclasses
 import datetime as dt
 import hashlib
-import http.client
 import json
 import logging
 import os
@@ -59,11 +58,14 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from . import _cache, _x509
 from ._environ import getenv
 from ._errors import ConfigurationError
+
+if TYPE_CHECKING:
+    import http.client
 
 logger = logging.getLogger("safepg")
 
@@ -195,6 +197,8 @@ def _get(
     """GET *path* of *api* and return its JSON (None for a 404 with *missing_ok*). Raises
     ConfigurationError for anything but a 200 with a JSON body (which may hold the token in its
     frames: callers use `_clean`)."""
+    import http.client  # not at import time: import safepg stays cheap
+
     base = urllib.parse.urlsplit(_overrides.base.get(api.provider) or _BASE[api.provider])
     target = path + ("?" + urllib.parse.urlencode(query) if query else "")
     where = f"{api.what} ({base.scheme}://{base.netloc}{path})"
