@@ -595,6 +595,10 @@ def test_not_pem(server: PostgresServer, instance: Instance) -> None:
 def test_not_json_and_duplicate_keys(server: PostgresServer, instance: Instance) -> None:
     instance.api.routes[f"/v2/databases/{DO_UUID}/ca"] = lambda: (200, b'{"ca": 1, "ca": 2}')
     _fails(server, DO_HOST, "not JSON")
+    instance.api.routes[f"/v2/databases/{DO_UUID}/ca"] = lambda: (200, b"[" * 100_000)
+    _fails(server, DO_HOST, "not JSON")
+    instance.api.routes[f"/v2/databases/{DO_UUID}/ca"] = lambda: (200, b'{"ca": NaN}')
+    _fails(server, DO_HOST, "not JSON")
 
 
 def test_instance_must_name_the_host(server: PostgresServer, instance: Instance) -> None:

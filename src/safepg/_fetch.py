@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from . import _cache, _x509
 from ._environ import getenv
 from ._errors import ConfigurationError
+from ._text import shown
 
 if TYPE_CHECKING:
     import http.client
@@ -250,6 +251,7 @@ def _get(
         ) from None
     except (OSError, http.client.HTTPException) as ex:
         why = "timed out" if isinstance(ex, TimeoutError) else f"{type(ex).__name__}: {ex}"
+        why = shown(why)  # may quote what the other end sent
         raise ConfigurationError(f"could not reach {where}: {why}") from None
     finally:
         if response is not None:
@@ -268,7 +270,7 @@ def _get(
         raise ConfigurationError(f"{where} answered HTTP {status}, not 200")
     try:
         return _strict_json(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep
         raise ConfigurationError(f"{where} answered with a body that is not JSON") from None
 
 
