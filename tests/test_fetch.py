@@ -818,15 +818,35 @@ def test_async_connect_fetches_off_the_event_loop(
 # --- many at once --------------------------------------------------------------------------------
 
 
+def rendezvous(api: FakeApi, path: str, n: int, wait: float = 1.0) -> None:
+    """Hold the answers to *path* until *n* requests for it arrived, or *wait* seconds passed:
+    a fetch per caller (no lock) answers at once, one fetch for all waits once."""
+    route = api.routes[path]
+    lock, arrived, all_in = threading.Lock(), [0], threading.Event()
+
+    def gated() -> tuple[int, bytes]:
+        with lock:
+            arrived[0] += 1
+            if arrived[0] >= n:
+                all_in.set()
+        all_in.wait(wait)
+        return route()
+
+    api.routes[path] = gated
+
+
 def test_many_threads_fetch_once(
     server: PostgresServer, certs: CertificateShop, instance: Instance
 ) -> None:
     present(certs, DO_HOST, instance.ca)
+    rendezvous(instance.api, "/v2/databases?page=1&per_page=100", 12)
     paths: list[str] = []
     errors: list[BaseException] = []
+    start = threading.Barrier(12)
 
     def work() -> None:
         try:
+            start.wait(30)
             paths.append(safepg.resolve_trust(host=DO_HOST, hostaddr="127.0.0.1").path)
         except BaseException as ex:
             errors.append(ex)
@@ -840,11 +860,16 @@ def test_many_threads_fetch_once(
     assert len(set(paths)) == 1
     assert instance.api.hits.count(f"/v2/databases/{DO_UUID}/ca") == 1
     assert Path(paths[0]).read_bytes() == instance.ca.cert_pem
+    with connect(server, DO_HOST):
+        pass
 
 
-def _child(base: dict[str, str], cafile: str, cache: str, queue: Any) -> None:
+def _child(base: dict[str, str], cafile: str, cache: str, start: Any, queue: Any) -> None:
     os.environ["SAFEPG_CACHE_DIR"] = cache
     os.environ["AIVEN_TOKEN"] = TOKEN
+    import safepg.providers  # everything imported before the race starts
+
+    start.wait(60)
     with _fetch._endpoints(base, cafile):
         trust = safepg.resolve_trust(host=AIVEN_HOST, hostaddr="127.0.0.1")
     queue.put((trust.path, Path(trust.path).read_bytes()))
@@ -853,11 +878,11 @@ def _child(base: dict[str, str], cafile: str, cache: str, queue: Any) -> None:
 def test_many_processes_fetch_once(instance: Instance, tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
+    start = ctx.Barrier(4)
+    rendezvous(instance.api, "/v1/project", 4)
     cache = os.environ["SAFEPG_CACHE_DIR"]
-    procs = [
-        ctx.Process(target=_child, args=(instance.api.base, instance.api.cafile, cache, queue))
-        for _ in range(4)
-    ]
+    args = (instance.api.base, instance.api.cafile, cache, start, queue)
+    procs = [ctx.Process(target=_child, args=args) for _ in range(4)]
     for p in procs:
         p.start()
     results = [queue.get(timeout=120) for _ in procs]
