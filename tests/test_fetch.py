@@ -395,6 +395,32 @@ def test_rotated_ca_is_fetched_once_more(
     assert Path(trust.path).read_bytes() == rotated.cert_pem
 
 
+def test_failed_refetch_leaves_the_verification_error(
+    server: PostgresServer,
+    certs: CertificateShop,
+    instance: Instance,
+    rogue_ca: CertificateAuthority,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The API fails during a rotation: libpq's rejection stands, and the error holds no trace
+    of the connection (whose snapshot holds the password) through a fetch error's context."""
+    present(certs, DO_HOST, instance.ca)
+    with connect(server, DO_HOST):
+        pass
+    present(certs, DO_HOST, rogue_ca)
+    instance.api.routes[f"/v2/databases/{DO_UUID}/ca"] = lambda: (503, b"{}")
+    with pytest.raises(safepg.UntrustedCertificateError) as info:
+        connect(server, DO_HOST)
+    assert "could not fetch the CA of" in caplog.text
+    chain: list[BaseException] = []
+    ex: BaseException | None = info.value
+    while ex is not None and ex not in chain:
+        chain.append(ex)
+        ex = ex.__cause__ or ex.__context__
+    assert all(server.password not in repr((e, vars(e))) for e in chain)
+    assert not any(isinstance(e, safepg.ConfigurationError) for e in chain)
+
+
 def test_rotation_with_psycopg2(
     server: PostgresServer, certs: CertificateShop, instance: Instance
 ) -> None:

@@ -845,9 +845,7 @@ def rotated_plan(plan: Any) -> Any:
 
     Only a plan whose trust is one fetched CA (origin ``"fetched"``) is retried, with the CA
     the provider serves now: never anything wider. The connect loop retries at most once.
-
-    Raises:
-        ConfigurationError: the fetch failed.
+    A failed fetch is logged, and None returned: libpq's rejection stands.
     """
     from . import providers
     from ._trust import TrustSource
@@ -861,7 +859,13 @@ def rotated_plan(plan: Any) -> Any:
     profile = providers.profile_for_host(host)
     if profile is None or profile.trust != "fetched":
         return None
-    found = refetch(profile.key, host, None, plan.timeout)
+    try:
+        found = refetch(profile.key, host, None, plan.timeout)
+    except ConfigurationError as ex:
+        # The rejection stands, as libpq reported it; raised from here, this error would
+        # carry libpq's (and its connection snapshot) as its context.
+        logger.warning("safepg: could not fetch the CA of %s again: %s", host, ex)
+        return None
     if found is None:
         return None
     logger.info("safepg: %s did not verify with its cached CA; fetched again: %s", host, found)

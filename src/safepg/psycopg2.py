@@ -204,10 +204,7 @@ def connect(
             break
         # A CA fetched from the provider's API that no longer verifies: fetched once more
         # (a rotation) and tried once (see safepg._fetch).
-        try:
-            rotated = _fetch.rotated_plan(plan)
-        except _errors.SafePGError as ex:
-            raise as_psycopg2_error(ex) from None
+        rotated = _fetch.rotated_plan(plan)
         if rotated is None:
             break
         plan = rotated
