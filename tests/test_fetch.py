@@ -304,6 +304,34 @@ def test_first_fetch_connects_verified_and_is_cached(
     assert instance.api.hits == calls
 
 
+def test_gcp_cas_chain_and_the_fast_path(
+    server: PostgresServer, certs: CertificateShop, api: FakeApi
+) -> None:
+    """A CAS-based CA (GOOGLE_MANAGED_CAS_CA): serverCaCert.cert holds the regional
+    intermediate and the root. Warm connects use the fast path's narrowed file, still named."""
+    root = CertificateAuthority("CAS root")
+    regional = root.intermediate("CAS regional CA")
+    Instance(api, root).serve(regional.cert_pem + root.cert_pem)
+    certs.present(GCP_HOST, ca=regional)
+    with connect(server, GCP_HOST) as conn:
+        first = safepg.check(conn).trust
+    with connect(server, GCP_HOST) as conn:
+        warm = safepg.check(conn).trust
+    assert first is not None
+    assert warm is not None
+    assert first.origin == warm.origin == "fetched"
+    assert warm.label.startswith("Cloud SQL server CA for proj:us-central1:inst, fetched ")
+    assert api.hits.count("/v1/projects/proj/instances/inst/connectSettings") == 1
+    # A rotation while warm: the narrowed attempt fails, the CA is fetched once more.
+    root2 = CertificateAuthority("CAS root 2")
+    regional2 = root2.intermediate("CAS regional CA 2")
+    Instance(api, root2).serve(regional2.cert_pem + root2.cert_pem)
+    certs.present(GCP_HOST, ca=regional2)
+    with connect(server, GCP_HOST):
+        pass
+    assert api.hits.count("/v1/projects/proj/instances/inst/connectSettings") == 2
+
+
 def test_gcp_explicit_instance(
     server: PostgresServer, certs: CertificateShop, instance: Instance
 ) -> None:

@@ -193,6 +193,18 @@ def _per_cluster(where: str) -> Callable[[str], str]:
     return hint
 
 
+def _fetched(api: str, cli: str) -> Callable[[str], str]:
+    def hint(host: str) -> str:
+        return (
+            f"its CA is fetched from {api} (safepg fetches it once more when a server stops "
+            "verifying, after a rotation). If the server still does not verify, it presents a "
+            f"certificate that CA did not issue: compare with {cli}, which can also be passed "
+            "as sslrootcert=ca.pem."
+        )
+
+    return hint
+
+
 def _public(service: str) -> Callable[[str], str]:
     def hint(host: str) -> str:
         return (
@@ -353,7 +365,7 @@ PROFILES: tuple[Profile, ...] = (
         None,
         "A CA per cluster, fetched from the DigitalOcean API with DIGITALOCEAN_TOKEN.",
         lambda host: _under(host, "db.ondigitalocean.com"),
-        _per_cluster("control panel: the cluster's Connection Details, 'Download CA certificate'"),
+        _fetched("the DigitalOcean API", "'doctl databases get-ca CLUSTER_ID'"),
     ),
     Profile(
         "aiven",
@@ -363,9 +375,7 @@ PROFILES: tuple[Profile, ...] = (
         None,
         "A CA per project, fetched from the Aiven API with AIVEN_TOKEN.",
         lambda host: _under(host, "aivencloud.com"),
-        _per_cluster(
-            "console: the service's Overview page, 'CA certificate'; or 'avn project ca-get'"
-        ),
+        _fetched("the Aiven API", "'avn project ca-get --project PROJECT'"),
     ),
     Profile(
         "crunchy-bridge",
