@@ -584,8 +584,10 @@ def _aiven_find(api: _Api, host: str, deadline: _Deadline) -> str:
 
 _HINTS: dict[str, str] = {
     "cloud-sql": (
-        "Fetching a Cloud SQL server CA needs Google application default credentials with "
-        "the Cloud SQL Viewer role (cloudsql.instances.get and .list): check them with "
+        "Fetching a Cloud SQL server CA needs Google application default credentials that "
+        "can read the instance (the Cloud SQL Client role, as for the Cloud SQL connectors; "
+        "finding it by DNS name also needs cloudsql.instances.list, as in Cloud SQL "
+        "Viewer): check them with "
         "'gcloud auth application-default print-access-token', set them up with 'gcloud auth "
         "application-default login' or GOOGLE_APPLICATION_CREDENTIALS. Or download the CA "
         "yourself: gcloud sql instances describe INSTANCE "
