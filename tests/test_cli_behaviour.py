@@ -19,19 +19,23 @@ from safepg.testing import CertificateAuthority, PostgresServer
 
 from .cli_json import run_json
 
-# A host of each provider whose CA safepg does not ship and no OS store holds.
+# A host of each provider whose CA safepg neither ships nor fetches, and no OS store holds.
 NOT_BUNDLED = {
     "rds-china": "mydb.abc.cn-north-1.rds.amazonaws.com.cn",
+    "crunchy-bridge": "p.abc.db.postgresbridge.com",
+}
+# A host of each provider whose CA safepg fetches from its API (tests/test_fetch.py).
+FETCHED = {
     "cloud-sql": "my-instance.abc.us-central1.sql.goog",
     "digitalocean": "db-1-do-user-1.b.db.ondigitalocean.com",
     "aiven": "pg-project.aivencloud.com",
-    "crunchy-bridge": "p.abc.db.postgresbridge.com",
 }
 
 
 def test_every_not_bundled_provider_is_covered() -> None:
     keys = {p.key for p in providers.PROFILES if p.trust == "not-bundled"}
     assert keys == set(NOT_BUNDLED)
+    assert {p.key for p in providers.PROFILES if p.trust == "fetched"} == set(FETCHED)
 
 
 # -- ca and env: no path that cannot work (item 3) ------------------------------------------------
@@ -59,7 +63,7 @@ def test_ca_for_such_a_host_prints_the_ca_you_named(
     server: PostgresServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PGSSLROOTCERT", str(server.ca_path))
-    assert main(["ca", "--host", NOT_BUNDLED["cloud-sql"]]) == 0
+    assert main(["ca", "--host", FETCHED["cloud-sql"]]) == 0
     assert capsys.readouterr().out.strip() == str(server.ca_path)
 
 
@@ -71,11 +75,21 @@ def test_ca_for_a_public_ca_provider_prints_the_os_store(
 
 
 def test_env_refuses_such_a_host_too(capsys: pytest.CaptureFixture[str]) -> None:
-    host = NOT_BUNDLED["digitalocean"]
+    host = NOT_BUNDLED["crunchy-bridge"]
     assert main(["env", f"postgresql://app@{host}:25060/defaultdb"]) == 2
     out, err = capsys.readouterr()
     assert "export" not in out
-    assert "Download CA certificate" in err
+    assert "Connection page" in err
+
+
+def test_env_without_the_provider_credential(capsys: pytest.CaptureFixture[str]) -> None:
+    """A host whose CA safepg fetches, without the credential: which one, and the CLI way."""
+    host = FETCHED["digitalocean"]
+    assert main(["env", f"postgresql://app@{host}:25060/defaultdb"]) == 2
+    out, err = capsys.readouterr()
+    assert "export" not in out
+    assert "DIGITALOCEAN_TOKEN" in err
+    assert "doctl databases get-ca" in err
 
 
 # -- -v: safepg's decisions (item 4) -------------------------------------------------------------

@@ -58,6 +58,7 @@ def test_a_document_that_breaks_the_contract_fails_validation() -> None:
     good = {
         "schema": "safepg.ca/1", "ok": True, "exit_code": 0, "error": None, "host": None,
         "port": None, "path": "/x.pem", "label": "x", "origin": "certifi", "provider": None,
+        "output": None,
     }  # fmt: skip
     validate(good)
     bad: list[dict[str, Any]] = [
@@ -219,16 +220,20 @@ def test_ca_documents(capsys: pytest.CaptureFixture[str]) -> None:
     )
     assert (code, data["origin"], data["port"]) == (0, "bundled", 5433)
     assert data["provider"] == {"key": "rds", "name": "Amazon RDS / Aurora", "trust": "bundled"}
-    code, data = run_json(capsys, "ca", "--host", "x.sql.goog")
+    code, data = run_json(capsys, "ca", "--host", "x.db.postgresbridge.com")
     assert (code, data["path"], data["provider"]["trust"]) == (2, None, "not-bundled")
-    assert data["host"] == "x.sql.goog"
+    assert data["host"] == "x.db.postgresbridge.com"
+    # A provider whose CA safepg fetches, without its credential: what to set (tests/test_fetch).
+    code, data = run_json(capsys, "ca", "--host", "x.b.db.ondigitalocean.com")
+    assert (code, data["path"], data["provider"]["trust"]) == (2, None, "fetched")
+    assert "DIGITALOCEAN_TOKEN" in data["error"]["message"]
 
 
 def test_env_documents(server: PostgresServer, capsys: pytest.CaptureFixture[str]) -> None:
     code, data = run_json(capsys, "env", server.url())
     assert code == 0
     assert data["env"]["PGSSLROOTCERT"] == str(server.ca_path) == data["trust"]["path"]
-    code, data = run_json(capsys, "env", "host=x.aivencloud.com")
+    code, data = run_json(capsys, "env", "host=x.db.postgresbridge.com")
     assert (code, data["env"]) == (2, None)
     assert data["trust"]["origin"] in ("os-store", "certifi")  # known, though it would not do
     code, data = run_json(capsys, "env", "host='unterminated")

@@ -14,7 +14,7 @@ from psycopg import AsyncConnection, AsyncCursor, Connection, Cursor
 from psycopg.abc import AdaptContext, ConnParam
 from psycopg.rows import AsyncRowFactory, Row, RowFactory, TupleRow
 
-from . import _check, _diagnose, _fastpath, _password
+from . import _check, _diagnose, _fastpath, _fetch, _password
 from ._deadline import Deadline
 from ._errors import ConfigurationError, InsecureConnectionError
 from ._params import Plan, as_optional_bool, build_plan
@@ -74,12 +74,13 @@ def resolve_trust(
     """Return the trust anchors safepg would use for these parameters: a PEM path and a label.
 
     The order: the caller's ``sslrootcert``; ``PGSSLROOTCERT``; ``~/.postgresql/root.crt``; a
-    bundled provider set chosen by host name (Amazon RDS); the OS trust store; certifi. A
-    password callable is not called.
+    bundled provider set chosen by host name (Amazon RDS), or the CA fetched from the
+    provider's API (Cloud SQL, DigitalOcean, Aiven: an HTTPS request the first time, then
+    cached); the OS trust store; certifi. A password callable is not called.
 
     Raises:
         ConfigurationError: as for `secure_conninfo`, or a CA file named by the caller is
-            missing, empty, unreadable or not PEM.
+            missing, empty, unreadable or not PEM, or a provider's CA could not be fetched.
     """
     return build_plan(
         conninfo,
@@ -248,7 +249,10 @@ async def open_verified_async(
     start = functools.partial(
         _start, conninfo, kwargs, allow_unencrypted_unix_socket, verify_as, direct_tls
     )
-    plan, deadline, provider, target = await asyncio.to_thread(start) if verify_as else start()
+    # A DNS lookup (verify_as) runs in a thread; so does a CA fetch from a provider's API.
+    plan, deadline, provider, target = (
+        await asyncio.to_thread(start) if verify_as else await _fetch.off_loop(start)
+    )
     route = _fastpath.route(plan, fast_path)
     failed: tuple[psycopg.OperationalError, Plan] | None = None
     for used in route:

@@ -55,7 +55,7 @@ from typing import Protocol
 
 from psycopg import pq
 
-from . import _cache, _diagnose, _trust, _x509
+from . import _cache, _diagnose, _fetch, _trust, _x509
 from ._environ import getenv
 from ._errors import ConfigurationError
 from ._params import Plan, Target, as_bool
@@ -954,6 +954,8 @@ class Route:
     - a learned direct TLS refused in the handshake: remembered, and the SSLRequest retried;
     - the chain rejected with the learned anchors (a CA rotation within the set): forgotten,
       and the full set retried once;
+    - the chain rejected with a CA fetched from the provider's API: fetched once more (a
+      rotation) and tried once, never with anything wider;
     - nothing else is retried (authentication failures, refusals, timeouts).
 
     A further retry rule goes in `failed`: it may queue an attempt with `_then`.
@@ -989,7 +991,11 @@ class Route:
             params = {k: v for k, v in used.params.items() if k != "sslnegotiation"}
             self._then(replace(used, params=params, learned_direct=False))
             return True
-        if used is full or not _diagnose.rejected_chain(ex):
+        if not _diagnose.rejected_chain(ex):
+            return False
+        if self._rotate_fetched():
+            return True
+        if used is full or used.rotated:
             return False
         logger.info(
             "safepg: %s did not verify with the anchors learned for it; retrying once with %s",
@@ -998,6 +1004,20 @@ class Route:
         )
         forget(full, self._libpq)
         return True  # the full set is the next attempt
+
+    def _rotate_fetched(self) -> bool:
+        """A CA fetched from a provider's API (see `_fetch.rotated_plan`) that no longer
+        verifies: fetch it once more and try that, in place of what was left to try. Once per
+        connect, and never anything wider: a second rejection stands."""
+        if self.used.trust.origin != "fetched" or any(p.rotated for p in self._attempts):
+            return False
+        rotated = _fetch.rotated_plan(self.full)
+        if rotated is None:
+            return False
+        forget(self.full, self._libpq)
+        del self._attempts[self._attempts.index(self.used) + 1 :]
+        self._attempts.append(replace(rotated, rotated=True))
+        return True
 
     def verified(self, session: Session) -> Callable[[float], None] | None:
         """Take note of the session libpq verified on the current attempt. Cheap, on the

@@ -113,6 +113,8 @@ class Plan:
     direct_unknown: bool = False
     # The caller's direct_tls option: True, False, or None to learn it per host.
     direct_tls: bool | None = None
+    # A retry with a CA fetched again from the provider's API after a rejected chain.
+    rotated: bool = False
 
     @property
     def conninfo(self) -> str:
@@ -126,8 +128,13 @@ class Plan:
     def timeout(self) -> float | None:
         """libpq's connect_timeout for each attempt, in seconds, or None (none set): libpq
         reads 1 as 2, and 0 or less as no timeout."""
-        value = int(self.resolved.get("connect_timeout") or 0)
-        return float(max(value, 2)) if value > 0 else None
+        return _timeout_of(self.resolved)
+
+
+def _timeout_of(resolved: Mapping[str, str]) -> float | None:
+    """connect_timeout as libpq reads it (see `Plan.timeout`)."""
+    value = int(resolved.get("connect_timeout") or 0)
+    return float(max(value, 2)) if value > 0 else None
 
 
 _DEFAULT_ORIGIN = "libpq's default"
@@ -617,6 +624,7 @@ def build_plan(
         rootcert_origin,
         [t.host for t in targets if not t.socket],
         from_env=rootcert_origin == _env_origin("PGSSLROOTCERT"),
+        timeout=_timeout_of(resolved),
     )
     final = dict(params)
     # Pin where to connect as checked above: libpq resolves service files and PG* variables

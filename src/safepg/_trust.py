@@ -9,7 +9,8 @@ The order, first match wins:
 3. libpq's default file, ``~/.postgresql/root.crt`` (``%APPDATA%\\postgresql\\root.crt`` on
    Windows), if present;
 4. a CA set bundled with safepg, chosen by host name (see `safepg.providers`: Amazon RDS,
-   GovCloud, Azure, Supabase);
+   GovCloud, Azure, Supabase), or a CA fetched from the provider's API for providers that issue
+   one per instance, cluster or project (Google Cloud SQL, DigitalOcean, Aiven: see `_fetch`);
 5. the OS trust store, as a PEM file;
 6. certifi.
 
@@ -41,7 +42,14 @@ __all__ = ["TrustOrigin", "TrustSource"]
 logger = logging.getLogger("safepg")
 
 TrustOrigin = Literal[
-    "sslrootcert", "PGSSLROOTCERT", "libpq-default", "bundled", "os-store", "certifi", "combined"
+    "sslrootcert",
+    "PGSSLROOTCERT",
+    "libpq-default",
+    "bundled",
+    "fetched",
+    "os-store",
+    "certifi",
+    "combined",
 ]
 
 
@@ -355,7 +363,12 @@ def _fallback() -> TrustSource:
 
 
 def resolve(
-    rootcert: str | None, named_by: str, hosts: Sequence[str], *, from_env: bool = False
+    rootcert: str | None,
+    named_by: str,
+    hosts: Sequence[str],
+    *,
+    from_env: bool = False,
+    timeout: float | None = None,
 ) -> TrustSource:
     """Pick the trust anchors, as the module docstring describes.
 
@@ -364,6 +377,7 @@ def resolve(
         named_by: where *rootcert* came from, for labels and errors.
         hosts: the host names that will be verified (TCP hosts only).
         from_env: *rootcert* came from ``PGSSLROOTCERT``.
+        timeout: connect_timeout, which bounds a fetch from a provider's API.
     """
     if rootcert == "system":
         found = os_store()
@@ -389,6 +403,11 @@ def resolve(
     sources: dict[str, TrustSource] = {}
     for host in hosts:
         profile = providers.profile_for_host(host)
+        if profile is not None and profile.trust == "fetched":
+            src = fetched_source(profile.key, host, timeout)
+            sources[src.path] = src
+            logger.debug("safepg: trust anchors for %s: %s (%s)", host, src, profile.name)
+            continue
         if profile is None or profile.bundle is None:
             src = _fallback()
             sources[src.path] = src
@@ -413,6 +432,18 @@ def resolve(
     if len(sources) == 1:
         return next(iter(sources.values()))
     return _union(sorted(sources.values(), key=lambda s: s.path))
+
+
+def fetched_source(provider: str, host: str, timeout: float | None) -> TrustSource:
+    """The CA of *host*'s instance, cached or fetched from its provider's API (see `_fetch`).
+
+    Raises:
+        ConfigurationError: it could not be fetched; never a fallback to other anchors.
+    """
+    from . import _fetch
+
+    found = _fetch.fetch(provider, host=host, timeout=timeout)
+    return TrustSource(found.path, found.label, "fetched")
 
 
 # The sources' (path, inode, size, mtime) -> the union file made from them.

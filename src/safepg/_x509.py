@@ -408,3 +408,41 @@ def warn_if_expiring(certs: Iterable[Cert], where: str, now: dt.datetime | None 
             where,
             f"{cert.not_after:%Y-%m-%d}",
         )
+
+
+_BASIC_CONSTRAINTS_OID = b"\x06\x03\x55\x1d\x13"
+
+
+def is_ca(der: bytes) -> bool:
+    """The certificate's basicConstraints extension says ``cA: TRUE`` (RFC 5280 4.2.1.9).
+
+    False when it has no such extension, or cannot be read: a trust anchor safepg writes for a
+    provider must say it is a CA, as OpenSSL requires of the certificates that sign a chain.
+    """
+    try:
+        _tag, start, _end = _tlv(der, 0)
+        tag, pos, tbs_end = _tlv(der, start)
+        while pos < tbs_end:
+            tag, content, end = _tlv(der, pos)
+            if tag == 0xA3:  # [3] EXPLICIT Extensions
+                _tag, ext_pos, exts_end = _tlv(der, content)
+                while ext_pos < exts_end:
+                    _tag, field, ext_end = _tlv(der, ext_pos)
+                    ftag, _fstart, fend = _tlv(der, field)
+                    if ftag == 0x06 and der[field:fend] == _BASIC_CONSTRAINTS_OID:
+                        vtag, vstart, vend = _tlv(der, fend)
+                        if vtag == 0x01:  # critical BOOLEAN
+                            vtag, vstart, vend = _tlv(der, vend)
+                        if vtag != 0x04:  # extnValue OCTET STRING
+                            return False
+                        stag, sstart, send = _tlv(der, vstart)  # BasicConstraints SEQUENCE
+                        if stag != 0x30 or sstart == send:
+                            return False  # cA DEFAULT FALSE
+                        btag, bstart, bend = _tlv(der, sstart)
+                        return btag == 0x01 and bend == bstart + 1 and der[bstart] != 0
+                    ext_pos = ext_end
+                return False
+            pos = end
+    except (ValueError, IndexError):
+        return False
+    return False

@@ -30,7 +30,7 @@ try:
 except ImportError as _ex:  # pragma: no cover - the extra is missing
     raise ImportError("safepg.asyncpg needs asyncpg: pip install 'safepg-tls[asyncpg]'") from _ex
 
-from . import _diagnose, _errors, _options, _password, _sslcontext, _stdssl, _trust
+from . import _diagnose, _errors, _fetch, _options, _password, _sslcontext, _stdssl, _trust
 from ._deadline import Deadline
 from ._environ import getenv
 from ._errors import ConfigurationError, InsecureConnectionError, SafePGError
@@ -407,8 +407,11 @@ async def connect(
     for name in _TIMEOUTS:
         if kwargs.get(name) is not None:
             kwargs[name] = _seconds(name, kwargs[name])
-    plan = build_plan(
-        dsn or "", libpq_kwargs, allow_unencrypted_unix_socket=allow_unencrypted_unix_socket
+    # A CA fetch from a provider's API (rare: then cached) runs in a thread, off the loop.
+    plan = await _fetch.off_loop(
+        lambda: build_plan(
+            dsn or "", libpq_kwargs, allow_unencrypted_unix_socket=allow_unencrypted_unix_socket
+        )
     )
     translated, tls = _asyncpg_kwargs(plan, kwargs)
     options = {**kwargs, **translated}

@@ -10,6 +10,10 @@
         user="app-sa@my-project.iam", dbname="app", password=safepg.gcp.IAMAuth(),
     )
 
+`server_ca` gives the path of an instance's server CA, fetched from the Cloud SQL Admin API
+(and cached), for ``sslrootcert``; `safepg.connect` does the same by itself for a ``*.sql.goog``
+host when no CA file is named.
+
 `IAMAuth` takes google-auth's application default credentials (``google.auth.default``) with
 the ``sqlservice.login`` scope, refreshes them when they expire within *margin*, and gives
 their access token. google-auth is imported on first use.
@@ -27,7 +31,7 @@ from ._errors import ConfigurationError
 from ._password import ConnectTarget
 from ._tokens import host_patterns, margin_seconds, refused_host
 
-__all__ = ["SCOPES", "IAMAuth"]
+__all__ = ["SCOPES", "IAMAuth", "server_ca"]
 
 # The scope that Cloud SQL and AlloyDB IAM database authentication accept.
 SCOPES = ("https://www.googleapis.com/auth/sqlservice.login",)
@@ -156,3 +160,38 @@ class IAMAuth:
         if not isinstance(token, str) or not token:
             raise ConfigurationError("the Google credentials gave no access token")
         return token
+
+
+def server_ca(connection_name: str, *, timeout: float | None = None) -> str:
+    """The path of a Cloud SQL instance's server CA, for ``sslrootcert``.
+
+    Fetched from the Cloud SQL Admin API (``connectSettings``) with application default
+    credentials, checked (PEM, CA, not expired), written into safepg's private cache and reused
+    until it nears expiry::
+
+        conn = safepg.connect(host="<the instance's dnsName>",
+                              sslrootcert=safepg.gcp.server_ca("my-project:europe-west1:db"))
+
+    Args:
+        connection_name: ``project:region:instance``, as ``gcloud sql instances describe``
+            shows it (``connectionName``).
+        timeout: seconds for the whole fetch (default 10).
+
+    Raises:
+        ConfigurationError: a malformed name, no credentials, the API refused or failed, or
+            what it served is not a usable CA.
+    """
+    from . import _fetch
+
+    parts = connection_name.rsplit(":", 2) if isinstance(connection_name, str) else []
+    if len(parts) != 3 or not (
+        _fetch._GCP_ID.fullmatch(parts[0])
+        and _fetch._GCP_NAME.fullmatch(parts[1])
+        and _fetch._GCP_NAME.fullmatch(parts[2])
+    ):
+        raise ConfigurationError(
+            "safepg.gcp.server_ca() takes the instance's connection name, "
+            "project:region:instance (gcloud sql instances describe INSTANCE "
+            "--format='value(connectionName)')."
+        )
+    return _fetch.fetch("cloud-sql", instance=connection_name, timeout=timeout).path

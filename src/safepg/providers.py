@@ -42,7 +42,7 @@ __all__ = [
     "profile_for_host",
 ]
 
-TrustKind = Literal["bundled", "os-store", "not-bundled"]
+TrustKind = Literal["bundled", "fetched", "os-store", "not-bundled"]
 
 
 @dataclass(frozen=True)
@@ -122,9 +122,10 @@ class Profile:
         key: a short, stable identifier (``"rds"``).
         name: for people (``"Amazon RDS / Aurora"``).
         patterns: the host names it covers, as glob patterns for people.
-        trust: ``"bundled"`` (safepg ships the roots), ``"os-store"`` (public CAs: the OS store,
-            then certifi) or ``"not-bundled"`` (per-instance or per-cluster CAs: you must pass
-            the CA file).
+        trust: ``"bundled"`` (safepg ships the roots), ``"fetched"`` (a CA per instance,
+            cluster or project, fetched from the provider's API with its standard credentials),
+            ``"os-store"`` (public CAs: the OS store, then certifi) or ``"not-bundled"``
+            (per-cluster CAs with no API to fetch them: you must pass the CA file).
         bundle: the shipped files, for ``"bundled"``.
         notes: what to know about the service.
     """
@@ -187,6 +188,18 @@ def _per_cluster(where: str) -> Callable[[str], str]:
         return (
             "each cluster has its own CA, which no OS store holds. Download it "
             f"({where}) and pass it as sslrootcert=/path/to/ca.pem (or PGSSLROOTCERT)."
+        )
+
+    return hint
+
+
+def _fetched(api: str, cli: str) -> Callable[[str], str]:
+    def hint(host: str) -> str:
+        return (
+            f"its CA is fetched from {api} (safepg fetches it once more when a server stops "
+            "verifying, after a rotation). If the server still does not verify, it presents a "
+            f"certificate that CA did not issue: compare with {cli}, which can also be passed "
+            "as sslrootcert=ca.pem."
         )
 
     return hint
@@ -328,15 +341,19 @@ PROFILES: tuple[Profile, ...] = (
         "cloud-sql",
         "Google Cloud SQL",
         ("*.sql.goog",),
-        "not-bundled",
+        "fetched",
         None,
-        "Per-instance or CAS-based server CAs. verify-full needs the instance's DNS name in the "
-        "certificate, which legacy per-instance certificates lack.",
+        "Per-instance or CAS-based server CAs, fetched from the Cloud SQL Admin API with "
+        "application default credentials (GOOGLE_CLOUD_PROJECT names the project). "
+        "verify-full needs the instance's DNS name in the certificate, which legacy "
+        "per-instance certificates lack.",
         lambda host: _under(host, "sql.goog"),
         lambda host: (
-            "each instance has its own server CA. Download it with 'gcloud sql instances "
-            'describe INSTANCE --format="value(serverCaCert.cert)" > server-ca.pem\' (or from '
-            "the console's Connections, Security page) and pass sslrootcert=server-ca.pem."
+            "each instance has its own server CA, which safepg fetched from the Cloud SQL Admin "
+            "API; a rotated CA is fetched once more. If the instance's CA was rotated again, "
+            "or the server presents a certificate from another CA, check with 'gcloud sql "
+            'instances describe INSTANCE --format="value(serverCaMode,serverCaCert.cert)"\' '
+            "(a CA downloaded that way can be passed as sslrootcert=server-ca.pem)."
         ),
         _cloud_sql_mismatch,
     ),
@@ -344,23 +361,21 @@ PROFILES: tuple[Profile, ...] = (
         "digitalocean",
         "DigitalOcean Managed Databases",
         ("*.db.ondigitalocean.com",),
-        "not-bundled",
+        "fetched",
         None,
-        "A CA per cluster.",
+        "A CA per cluster, fetched from the DigitalOcean API with DIGITALOCEAN_TOKEN.",
         lambda host: _under(host, "db.ondigitalocean.com"),
-        _per_cluster("control panel: the cluster's Connection Details, 'Download CA certificate'"),
+        _fetched("the DigitalOcean API", "'doctl databases get-ca CLUSTER_ID'"),
     ),
     Profile(
         "aiven",
         "Aiven for PostgreSQL",
         ("*.aivencloud.com",),
-        "not-bundled",
+        "fetched",
         None,
-        "A CA per project.",
+        "A CA per project, fetched from the Aiven API with AIVEN_TOKEN.",
         lambda host: _under(host, "aivencloud.com"),
-        _per_cluster(
-            "console: the service's Overview page, 'CA certificate'; or 'avn project ca-get'"
-        ),
+        _fetched("the Aiven API", "'avn project ca-get --project PROJECT'"),
     ),
     Profile(
         "crunchy-bridge",

@@ -94,6 +94,7 @@ def _print(out: Output, doc: dict[str, Any]) -> None:
     files_of = {b.key: ", ".join(b.files) for b in providers.BUNDLES}
     trust_text = {
         "bundled": "bundled ({files})",
+        "fetched": "fetched from the provider's API (with its standard credentials), cached",
         "os-store": "OS trust store, then certifi",
         "not-bundled": "not bundled: pass the CA file (sslrootcert or PGSSLROOTCERT)",
     }
