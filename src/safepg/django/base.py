@@ -23,10 +23,14 @@ from __future__ import annotations
 import types
 from typing import Any
 
-from django.db.backends.base.base import NO_DB_ALIAS
-from django.db.backends.postgresql import base as _postgresql
-from django.db.backends.postgresql.client import DatabaseClient as _PostgreSQLClient
-from django.db.backends.postgresql.psycopg_any import is_psycopg3
+try:
+    from django.core.exceptions import ImproperlyConfigured
+    from django.db.backends.base.base import NO_DB_ALIAS
+    from django.db.backends.postgresql import base as _postgresql
+    from django.db.backends.postgresql.client import DatabaseClient as _PostgreSQLClient
+    from django.db.backends.postgresql.psycopg_any import is_psycopg3
+except ImportError as _ex:  # pragma: no cover - the extra is missing
+    raise ImportError("safepg.django needs Django: pip install 'safepg-tls[django]'") from _ex
 
 from .._errors import ConfigurationError
 from .._params import REQUIRED_SSLMODE, _join, build_plan
@@ -181,7 +185,15 @@ class DatabaseWrapper(_postgresql.DatabaseWrapper):
             return super().pool
         from psycopg import Connection
 
-        from ..pool import verified_class
+        try:
+            from ..pool import verified_class
+        except ImportError as ex:
+            # Django's own wording for a missing psycopg_pool, and safepg's extra that brings it.
+            raise ImproperlyConfigured(
+                "Error loading psycopg_pool module.\nDid you install psycopg[pool]? "
+                'OPTIONS["pool"] needs safepg\'s pool extra too: '
+                "pip install 'safepg-tls[django,pool]'"
+            ) from ex
 
         pool_options = {} if pool_options is True else dict(pool_options)
         safety = {k: options[k] for k in _SAFEPG_OPTIONS if k in options}

@@ -56,18 +56,24 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
-import sqlalchemy
 from psycopg import AsyncConnection, Connection
 from psycopg.pq import ExecStatus
-from sqlalchemy.dialects.postgresql.psycopg import (
-    PGDialect_psycopg,
-    PGDialectAsync_psycopg,
-    PsycopgAdaptDBAPI,
-)
-from sqlalchemy.engine import URL, Engine, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
-from sqlalchemy.pool import Pool
+
+try:
+    import sqlalchemy
+    from sqlalchemy.dialects.postgresql.psycopg import (
+        PGDialect_psycopg,
+        PGDialectAsync_psycopg,
+        PsycopgAdaptDBAPI,
+    )
+    from sqlalchemy.engine import URL, Engine, make_url
+    from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
+    from sqlalchemy.pool import Pool
+except ImportError as _ex:  # pragma: no cover - the extra is missing
+    raise ImportError(
+        "safepg.sqlalchemy needs SQLAlchemy 2: pip install 'safepg-tls[sqlalchemy]'"
+    ) from _ex
 
 from .. import _check
 from .._connect import connect, connect_async, open_verified, open_verified_async
