@@ -29,6 +29,7 @@ from ._environ import getenv
 from ._errors import ConfigurationError
 from ._redact import redact, redact_parse_error
 from ._trust import TrustSource
+from ._typos import unknown_option
 
 logger = logging.getLogger("safepg")
 
@@ -223,10 +224,15 @@ def _join(params: Mapping[str, str]) -> str:
     parts = []
     for key, value in params.items():
         if not _KEYWORD.fullmatch(key):
-            raise ConfigurationError(f"invalid connection option {key!r}")
+            raise ConfigurationError(
+                f"invalid connection parameters: {unknown_option(key, show=False)}"
+            )
         quoted = value.replace("\\", "\\\\").replace("'", "\\'")
         parts.append(f"{key}='{quoted}'")
     return " ".join(parts)
+
+
+_UNKNOWN_OPTION = re.compile(r'invalid connection option "([^"]*)"')
 
 
 def _libpq_view(params: Mapping[str, str], secrets: tuple[str | None, ...]) -> dict[str, str]:
@@ -241,6 +247,10 @@ def _libpq_view(params: Mapping[str, str], secrets: tuple[str | None, ...]) -> d
                 "refusing to continue"
             )
         if _RESOLVE_ONLY not in message:
+            unknown = _UNKNOWN_OPTION.fullmatch(message)
+            if unknown and unknown.group(1) in params:
+                # A keyword argument's name (a conninfo string's were checked when parsed).
+                message = unknown_option(unknown.group(1), show=True)
             raise ConfigurationError(f"invalid connection parameters: {redact(message, secrets)}")
         return {
             opt.keyword.decode(): opt.val.decode("utf-8", "replace")
@@ -514,7 +524,9 @@ def _dial_alias(resolved: dict[str, str], verify_as: str) -> None:
 _T = TypeVar("_T")
 
 
-def _refused_or(parse: Callable[[], _T], keywords: Iterable[str] = ()) -> _T | ConfigurationError:
+def _refused_or(
+    parse: Callable[[], _T], keywords: Iterable[str] = (), text: str = ""
+) -> _T | ConfigurationError:
     """*parse*'s result, or the refusal to raise for libpq's parse error.
 
     The refusal is returned, to be raised outside the except clause: libpq's own error quotes
@@ -523,7 +535,7 @@ def _refused_or(parse: Callable[[], _T], keywords: Iterable[str] = ()) -> _T | C
     try:
         return parse()
     except psycopg.ProgrammingError as ex:
-        message = redact_parse_error(str(ex), keywords)
+        message = redact_parse_error(str(ex), keywords, text)
     return ConfigurationError(f"invalid connection parameters: {message}")
 
 
@@ -544,7 +556,7 @@ def build_plan(
     allow_socket = as_bool("allow_unencrypted_unix_socket", allow_unencrypted_unix_socket)
     _reject_unsafe_text(conninfo, kwargs)
     _reject_mangled_url(conninfo)
-    parsed = _refused_or(lambda: dict(_parse(conninfo)))
+    parsed = _refused_or(lambda: dict(_parse(conninfo)), text=conninfo)
     if isinstance(parsed, ConfigurationError):
         raise parsed
     params = parsed

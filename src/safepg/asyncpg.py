@@ -35,6 +35,7 @@ from ._deadline import Deadline
 from ._errors import ConfigurationError, InsecureConnectionError, SafePGError
 from ._params import Plan, _raise_logged, as_optional_bool, build_plan
 from ._trust import TrustSource
+from ._typos import unknown_option
 
 __all__ = ["TokenRejectedError", "connect", "create_pool"]
 
@@ -161,6 +162,23 @@ def _caller_context(ssl_arg: object, sslmode: object) -> ssl.SSLContext | None:
             f"verify-full, not {type(value).__name__} {str(value)[:40]!r}"
         )
     return None
+
+
+# The keyword arguments connect takes besides asyncpg.connect's own.
+_OWN_KEYWORDS = frozenset(
+    {"sslmode", "sslrootcert", "sslcert", "sslkey", "sslpassword", "allow_unencrypted_unix_socket"}
+)
+
+
+def _refuse_unknown(kwargs: Mapping[str, Any]) -> None:
+    """Refuse a keyword argument neither asyncpg.connect nor safepg takes, naming a near miss
+    as for the other drivers (asyncpg itself would raise a TypeError without one)."""
+    known = {*inspect.signature(asyncpg.connect).parameters, *_OWN_KEYWORDS}
+    for name in kwargs:
+        if name not in known:
+            raise ConfigurationError(
+                f"invalid connection parameters: {unknown_option(name, show=True, known=known)}"
+            )
 
 
 def _asyncpg_kwargs(plan: Plan, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -309,6 +327,7 @@ async def connect(
         InsecureConnectionError: the session is below policy (defence in depth).
     """
     kwargs = dict(kwargs)
+    _refuse_unknown(kwargs)
     if kwargs.get("servicefile") is not None:
         raise ConfigurationError(
             "servicefile= is asyncpg's alone: safepg reads service files as libpq does. Set "
@@ -436,6 +455,7 @@ def check_arguments(
         ConfigurationError: as `connect` would.
     """
     rest = dict(kwargs)
+    _refuse_unknown(rest)
     allow_socket = (
         as_optional_bool(
             "allow_unencrypted_unix_socket", rest.pop("allow_unencrypted_unix_socket", None)
