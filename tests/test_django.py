@@ -139,7 +139,8 @@ def test_weaker_sslmode_in_options_is_raised(
         conn.ensure_connection()
     assert safepg.check(conn.connection).sslmode == "verify-full"
     assert (
-        "sslmode=require (from the keyword argument sslmode) raised to verify-full" in caplog.text
+        'sslmode=require (from OPTIONS["sslmode"] in settings.DATABASES) raised to verify-full'
+        in caplog.text
     )
     conn.close()
 

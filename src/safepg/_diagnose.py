@@ -25,7 +25,7 @@ from ._errors import (
     SSLNotSupportedError,
     UntrustedCertificateError,
 )
-from ._params import Plan, Target
+from ._params import Plan, Target, keyword_spelling
 from ._redact import redact
 from ._text import shown
 
@@ -142,7 +142,11 @@ def _failure_line(text: str, needles: Sequence[str]) -> str | None:
 
 def _untrusted_fix(host: str | None) -> str:
     profile = providers.profile_for_host(host) if host else None
-    return f"{profile.untrusted_hint(host)}\n{FIX_UNTRUSTED}" if profile and host else FIX_UNTRUSTED
+    # In the words of the place the user sets options (Django's OPTIONS["sslrootcert"], ...).
+    fix = FIX_UNTRUSTED.replace(
+        "sslrootcert=/path/to/ca.pem", keyword_spelling("sslrootcert", "/path/to/ca.pem")
+    )
+    return f"{profile.untrusted_hint(host)}\n{fix}" if profile and host else fix
 
 
 def _mismatch_fix(host: str | None) -> str:

@@ -16,7 +16,9 @@ import re
 import socket
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -132,6 +134,51 @@ class Plan:
 
 
 _DEFAULT_ORIGIN = "libpq's default"
+
+
+@dataclass(frozen=True)
+class KeywordSource:
+    """How an integration names the keyword arguments it passes on: where the user set them
+    (Django's ``OPTIONS["sslmode"]``, a SQLAlchemy URL's ``?sslmode=``) and how to set one
+    there, for messages and their fix advice.
+
+    Attributes:
+        origin: *key* -> where it was set, as in "sslmode=require (from ...)".
+        spelling: (*key*, *value*) -> how to write it in that place.
+    """
+
+    origin: Callable[[str], str]
+    spelling: Callable[[str, str], str]
+
+
+_keyword_source: ContextVar[KeywordSource | None] = ContextVar(
+    "safepg_keyword_source", default=None
+)
+
+
+@contextmanager
+def keywords_from(source: KeywordSource) -> Iterator[None]:
+    """Within: keyword arguments are named as *source* names them (set by an integration
+    around the connect it makes for the user)."""
+    token = _keyword_source.set(source)
+    try:
+        yield
+    finally:
+        _keyword_source.reset(token)
+
+
+def keyword_origin(key: str) -> str:
+    """Where the keyword argument *key* was set, in the words of the user's integration."""
+    source = _keyword_source.get()
+    return source.origin(key) if source else f"the keyword argument {key}"
+
+
+def keyword_spelling(key: str, value: str) -> str:
+    """How to set *key* to *value* where the user sets keyword arguments."""
+    source = _keyword_source.get()
+    return source.spelling(key, value) if source else f"{key}={value}"
+
+
 # (parameter, value, origin) already warned about: a pool should not log on every connection.
 _warned: set[tuple[str, str, str]] = set()
 
@@ -573,7 +620,7 @@ def build_plan(
 
     def origin(key: str, envvar: str) -> str:
         if kwargs.get(key) is not None:
-            return f"the keyword argument {key}"
+            return keyword_origin(key)
         if key in params:
             return "the conninfo string"
         if service:

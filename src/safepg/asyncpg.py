@@ -33,7 +33,7 @@ except ImportError as _ex:  # pragma: no cover - the extra is missing
 from . import _diagnose, _errors, _password, _sslcontext
 from ._deadline import Deadline
 from ._errors import ConfigurationError, InsecureConnectionError, SafePGError
-from ._params import Plan, _raise_logged, as_optional_bool, build_plan
+from ._params import Plan, _raise_logged, as_optional_bool, build_plan, keyword_origin
 from ._trust import TrustSource
 from ._typos import unknown_option
 
@@ -153,7 +153,7 @@ def _caller_context(ssl_arg: object, sslmode: object) -> ssl.SSLContext | None:
                 name,
                 str(value),
                 "verify-full",
-                f"the keyword argument {name}",
+                keyword_origin(name),
                 "only verify-full checks that the server holds a certificate for the host dialled",
             )
             continue

@@ -21,6 +21,7 @@ options go there too: ``allow_unencrypted_unix_socket``, ``verify_as``, and for 
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from typing import Any
 
 try:
@@ -33,7 +34,7 @@ except ImportError as _ex:  # pragma: no cover - the extra is missing
     raise ImportError("safepg.django needs Django: pip install 'safepg-tls[django]'") from _ex
 
 from .._errors import ConfigurationError
-from .._params import REQUIRED_SSLMODE, _join, build_plan
+from .._params import REQUIRED_SSLMODE, KeywordSource, _join, build_plan, keywords_from
 from .._password import target, with_password
 
 __all__ = ["DatabaseClient", "DatabaseWrapper"]
@@ -51,19 +52,52 @@ def _libpq_keywords() -> frozenset[str]:
     return frozenset(o.keyword.decode() for o in pq.Conninfo.get_defaults())
 
 
+# Django's settings that become libpq's parameters; the rest come from OPTIONS.
+_SETTINGS = {
+    "dbname": "NAME",
+    "user": "USER",
+    "password": "PASSWORD",
+    "host": "HOST",
+    "port": "PORT",
+}
+
+
+def _origin(key: str) -> str:
+    if key in _SETTINGS:
+        return f"{_SETTINGS[key]} in settings.DATABASES"
+    return f'OPTIONS["{key}"] in settings.DATABASES'
+
+
+def _spelling(key: str, value: str) -> str:
+    if key in _SETTINGS:
+        return f'"{_SETTINGS[key]}": "{value}" in settings.DATABASES'
+    return f'OPTIONS["{key}"] = "{value}" in settings.DATABASES'
+
+
+# Messages name a setting as settings.py spells it (OPTIONS["sslrootcert"]), not as a keyword.
+DJANGO_NAMES = KeywordSource(_origin, _spelling)
+
+
 def _driver() -> types.ModuleType:
     """Django's driver module (psycopg or psycopg2), with ``connect`` going through safepg."""
     module = _postgresql.DatabaseWrapper.Database
     driver = types.ModuleType(module.__name__, module.__doc__)
     driver.__dict__.update(vars(module))
+    opener: Callable[..., Any]
     if is_psycopg3:
         from .._connect import connect
 
-        driver.connect = connect  # type: ignore[attr-defined]
+        opener = connect
     else:
         from ..psycopg2 import connect as connect_psycopg2
 
-        driver.connect = connect_psycopg2  # type: ignore[attr-defined]
+        opener = connect_psycopg2
+
+    def connect_named(*args: Any, **kwargs: Any) -> Any:
+        with keywords_from(DJANGO_NAMES):
+            return opener(*args, **kwargs)
+
+    driver.connect = connect_named  # type: ignore[attr-defined]
     return driver
 
 
@@ -143,12 +177,13 @@ class DatabaseClient(_PostgreSQLClient):
             # Django's default when neither names a database.
             dbname=settings_dict.get("NAME") or (None if options.get("service") else "postgres"),
         )
-        plan = build_plan(
-            "",
-            where,
-            allow_unencrypted_unix_socket=options.get("allow_unencrypted_unix_socket", False),
-            verify_as=options.get("verify_as"),
-        )
+        with keywords_from(DJANGO_NAMES):
+            plan = build_plan(
+                "",
+                where,
+                allow_unencrypted_unix_socket=options.get("allow_unencrypted_unix_socket", False),
+                verify_as=options.get("verify_as"),
+            )
         shown = {k: v for k, v in plan.params.items() if k not in _SECRETS}
         # First, so that psql reads it as an option in every getopt mode (with POSIXLY_CORRECT
         # set, options after a positional argument would be read as positional too).

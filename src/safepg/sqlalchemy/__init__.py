@@ -79,7 +79,7 @@ from .. import _check
 from .._connect import connect, connect_async, open_verified, open_verified_async
 from .._errors import ConfigurationError, InsecureConnectionError
 from .._libpq import ssl_attribute
-from .._params import REQUIRED_SSLMODE
+from .._params import REQUIRED_SSLMODE, KeywordSource, keywords_from
 from .._text import shown
 
 __all__ = [
@@ -153,6 +153,28 @@ def _connect_args(url: URL) -> dict[str, Any]:
     return dict(cparams)
 
 
+# Parameters a URL gives outside its query (postgresql://user:password@host:port/dbname).
+_URL_PARTS = frozenset({"host", "port", "user", "password", "dbname"})
+
+
+def _url_source(url: str | URL) -> KeywordSource:
+    """Messages name the parameters as the user set them: in the URL's query, elsewhere in
+    the URL, or in ``connect_args``."""
+    query = frozenset(make_url(url).query)
+
+    def origin(key: str) -> str:
+        if key in query:
+            return f"?{key}= in the SQLAlchemy URL"
+        if key in _URL_PARTS:
+            return "the SQLAlchemy URL"
+        return f'connect_args["{key}"]'
+
+    def spelling(key: str, value: str) -> str:
+        return f"?{key}={value} in the SQLAlchemy URL"
+
+    return KeywordSource(origin, spelling)
+
+
 def creator(url: str | URL, **kwargs: Any) -> Callable[[], Connection[Any]]:
     """A ``creator`` for `sqlalchemy.create_engine`: each call is a new `safepg.connect`.
 
@@ -160,9 +182,11 @@ def creator(url: str | URL, **kwargs: Any) -> Callable[[], Connection[Any]]:
     URL's.
     """
     params = {**connect_args(url), **kwargs}
+    source = _url_source(url)
 
     def create() -> Connection[Any]:
-        return connect(**params)
+        with keywords_from(source):
+            return connect(**params)
 
     return create
 
@@ -180,9 +204,11 @@ def psycopg2_creator(url: str | URL, **kwargs: Any) -> Callable[[], Any]:
     from ..psycopg2 import connect as connect_psycopg2
 
     params = {**_connect_args(_normalize(url, for_psycopg2=True)), **kwargs}
+    source = _url_source(url)
 
     def create() -> Any:
-        return connect_psycopg2(**params)
+        with keywords_from(source):
+            return connect_psycopg2(**params)
 
     return create
 
@@ -190,9 +216,11 @@ def psycopg2_creator(url: str | URL, **kwargs: Any) -> Callable[[], Any]:
 def async_creator(url: str | URL, **kwargs: Any) -> Callable[[], Awaitable[AsyncConnection[Any]]]:
     """An ``async_creator`` for `create_async_engine`: each call is a new `safepg.connect_async`."""
     params = {**connect_args(url), **kwargs}
+    source = _url_source(url)
 
     async def create() -> AsyncConnection[Any]:
-        conn: AsyncConnection[Any] = await connect_async(**params)
+        with keywords_from(source):
+            conn: AsyncConnection[Any] = await connect_async(**params)
         return conn
 
     return create
@@ -540,6 +568,17 @@ class _Safe:
     @classmethod
     def engine_created(cls, engine: Engine) -> None:
         _watch_pool(engine.pool)
+
+    def create_connect_args(self, url: URL) -> Any:
+        self.__dict__["_safepg_source"] = _url_source(url)
+        return super().create_connect_args(url)  # type: ignore[misc]
+
+    def connect(self, *cargs: Any, **cparams: Any) -> Any:
+        source = self.__dict__.get("_safepg_source")
+        if source is None:
+            return super().connect(*cargs, **cparams)  # type: ignore[misc]
+        with keywords_from(source):
+            return super().connect(*cargs, **cparams)  # type: ignore[misc]
 
 
 class SafePGDialect(_Safe, PGDialect_psycopg):
