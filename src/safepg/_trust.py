@@ -396,3 +396,8 @@ def _union(sources: Sequence[TrustSource]) -> TrustSource:
         found = TrustSource(str(path), "combined: " + " + ".join(labels), "combined")
     _union_memo[key] = found
     return found
+
+
+# Public: shown as safepg.X (tracebacks, reprs, SQLAlchemy's messages), where it is documented,
+# however this module was imported. Pickle finds it there.
+TrustSource.__module__ = "safepg"
