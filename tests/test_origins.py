@@ -142,3 +142,41 @@ def test_django_options_are_named_as_settings_spells_them(
     )
     assert 'sslrootcert from OPTIONS["sslrootcert"] in settings.DATABASES' in out, out
     assert "keyword argument" not in out
+
+
+def test_the_django_mismatch_fix_names_options(server: PostgresServer, tmp_path: Path) -> None:
+    code = """
+import json, sys
+import django
+from django.conf import settings
+server = json.loads(sys.argv[1])
+settings.configure(DATABASES={"default": {
+    "ENGINE": "safepg.django", "NAME": server["dbname"], "USER": server["user"],
+    "PASSWORD": server["password"], "HOST": "wrong.example", "PORT": server["port"],
+    "OPTIONS": {"sslrootcert": server["ca"], "hostaddr": "127.0.0.1"},
+}})
+django.setup()
+from django.db import connection
+try:
+    connection.ensure_connection()
+except Exception as ex:
+    print(type(ex.__cause__).__name__, ex.__cause__)
+"""
+    details = {
+        "dbname": server.dbname,
+        "user": server.user,
+        "password": server.password,
+        "port": str(server.port),
+        "ca": str(server.ca_path),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(details)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("HostnameMismatchError"), result.stdout
+    assert 'OPTIONS["verify_as"] = "the.name.in.the.certificate"' in result.stdout
+    assert "connect(..., verify_as=" not in result.stdout

@@ -159,7 +159,11 @@ def _untrusted_fix(host: str | None) -> str:
 def _mismatch_fix(host: str | None) -> str:
     profile = providers.profile_for_host(host) if host else None
     hint = profile.mismatch_hint(host) if profile and host else None
-    return f"{hint}\n{FIX_MISMATCH}" if hint else FIX_MISMATCH
+    call = "connect(..., verify_as='the.name.in.the.certificate')"
+    fix = FIX_MISMATCH.replace(
+        call, keyword_spelling("verify_as", "the.name.in.the.certificate", default=call)
+    )
+    return f"{hint}\n{fix}" if hint else fix
 
 
 def _number(port: str | None) -> int | None:

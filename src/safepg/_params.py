@@ -173,10 +173,13 @@ def keyword_origin(key: str) -> str:
     return source.origin(key) if source else f"the keyword argument {key}"
 
 
-def keyword_spelling(key: str, value: str) -> str:
-    """How to set *key* to *value* where the user sets keyword arguments."""
+def keyword_spelling(key: str, value: str, default: str | None = None) -> str:
+    """How to set *key* to *value* where the user sets keyword arguments (*default*, or
+    ``key=value``, when no integration named them)."""
     source = _keyword_source.get()
-    return source.spelling(key, value) if source else f"{key}={value}"
+    if source is not None:
+        return source.spelling(key, value)
+    return f"{key}={value}" if default is None else default
 
 
 # (parameter, value, origin) already warned about: a pool should not log on every connection.

@@ -153,6 +153,10 @@ def _connect_args(url: URL) -> dict[str, Any]:
     return dict(cparams)
 
 
+# safepg's own connection options, which libpq does not know.
+_SAFEPG_KEYWORDS = frozenset(
+    {"verify_as", "allow_unencrypted_unix_socket", "fast_path", "direct_tls"}
+)
 # Parameters a URL gives outside its query (postgresql://user:password@host:port/dbname).
 _URL_PARTS = frozenset({"host", "port", "user", "password", "dbname"})
 
@@ -170,6 +174,8 @@ def _url_source(url: str | URL) -> KeywordSource:
         return f'connect_args["{key}"]'
 
     def spelling(key: str, value: str) -> str:
+        if key in _SAFEPG_KEYWORDS:  # safepg's own options: not libpq's, not for the URL
+            return f'connect_args={{"{key}": "{value}"}}'
         return f"?{key}={value} in the SQLAlchemy URL"
 
     return KeywordSource(origin, spelling)
