@@ -338,7 +338,8 @@ def test_dbshell_refuses_double_dash(server: PostgresServer, connections: Any) -
 _PSYCOPG2_RUN = """
 import sys
 
-import safepg  # safepg needs psycopg 3 itself: loaded before it is hidden
+import safepg
+safepg.connect  # safepg needs psycopg 3 itself: loaded (on first use) before it is hidden
 
 sys.modules["psycopg"] = None  # Django falls back to psycopg2, as where psycopg 3 is missing
 import django

@@ -103,6 +103,10 @@ settings.configure(DATABASES={
     for alias, options in {
         "default": {"sslrootcert": server["ca"], "sslmode": "require"},
         "rogue": {"sslrootcert": rogue},
+        "pooled": {
+            "sslrootcert": server["ca"], "sslmode": "verify-ca",
+            "pool": {"min_size": 0, "max_size": 1},
+        },
     }.items()
 })
 django.setup()
@@ -112,6 +116,8 @@ try:
     connections["rogue"].ensure_connection()
 except Exception as ex:
     print("ERROR", ex.__cause__)
+connections["pooled"].ensure_connection()
+connections["pooled"].close_pool()
 """
 
 
@@ -137,6 +143,8 @@ def test_django_options_are_named_as_settings_spells_them(
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert 'sslmode=require (from OPTIONS["sslmode"] in settings.DATABASES) raised' in out, out
+    # The pool's connections, opened in its own threads, too.
+    assert 'sslmode=verify-ca (from OPTIONS["sslmode"] in settings.DATABASES) raised' in out, out
     assert (
         'OPTIONS["sslrootcert"] = "/path/to/ca.pem" in settings.DATABASES, or PGSSLROOTCERT' in out
     )

@@ -78,6 +78,21 @@ def _spelling(key: str, value: str) -> str:
 DJANGO_NAMES = KeywordSource(_origin, _spelling)
 
 
+def _named(verified: type[Any]) -> type[Any]:
+    """*verified*, whose connections (opened in the pool's own threads) name their settings as
+    settings.py spells them."""
+
+    class Named(verified):  # type: ignore[misc]
+        @classmethod
+        def connect(cls, *args: Any, **kwargs: Any) -> Any:
+            with keywords_from(DJANGO_NAMES):
+                return super().connect(*args, **kwargs)
+
+    Named.__name__, Named.__qualname__ = verified.__name__, verified.__qualname__
+    Named.__module__ = verified.__module__
+    return Named
+
+
 def _driver() -> types.ModuleType:
     """Django's driver module (psycopg or psycopg2), with ``connect`` going through safepg."""
     module = _postgresql.DatabaseWrapper.Database
@@ -233,7 +248,7 @@ class DatabaseWrapper(_postgresql.DatabaseWrapper):
         pool_options = {} if pool_options is True else dict(pool_options)
         safety = {k: options[k] for k in _SAFEPG_OPTIONS if k in options}
         base = pool_options.get("connection_class", Connection)
-        pool_options["connection_class"] = verified_class(base, **safety)
+        pool_options["connection_class"] = _named(verified_class(base, **safety))
         # Django builds the pool from settings_dict: show it these options for that one call.
         libpq = {k: v for k, v in options.items() if k not in _SAFEPG_OPTIONS}
         settings = self.settings_dict
