@@ -261,3 +261,14 @@ def _relay(a: ssl.SSLSocket, b: ssl.SSLSocket, adversary: Adversary) -> None:
     back.start()
     pump(a, b, True)
     back.join(timeout=10)
+
+
+def http_server(conn: socket.socket, adversary: Adversary) -> None:
+    """Not PostgreSQL at all: a web server, answering the SSLRequest's bytes as bad HTTP."""
+    read_ssl_request(conn)
+    conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+
+def hang_up(conn: socket.socket, adversary: Adversary) -> None:
+    """Accept, read the SSLRequest, and close the connection without a word."""
+    read_ssl_request(conn)

@@ -180,7 +180,11 @@ def test_inspect_names_a_refused_connection(capsys: pytest.CaptureFixture[str]) 
         port = s.getsockname()[1]
     code, data = run_json(capsys, "inspect", f"127.0.0.1:{port}")
     assert code == 1
-    assert data["problems"] == [f"cannot reach 127.0.0.1:{port}: connection refused"]
+    assert data["problems"] == [
+        f"cannot reach 127.0.0.1:{port}: connection refused (nothing listens on that port, or a "
+        "firewall rejects the connection)"
+    ]
+    assert (data["reachable"], data["connection"]) == (False, "refused")
 
 
 # -- the command line's own words (item 6) -------------------------------------------------------

@@ -25,7 +25,8 @@ CHECK_KEYS = {
     "server", "error",
 }  # fmt: skip
 INSPECT_KEYS = {
-    "schema", "ok", "exit_code", "host", "port", "address", "negotiation", "reachable", "tls",
+    "schema", "ok", "exit_code", "host", "port", "address", "negotiation", "reachable",
+    "connection", "tls",
     "certificates", "trust", "verified_by", "hostname", "rds_ca", "problems", "warnings", "advice",
     "error",
 }  # fmt: skip

@@ -139,7 +139,8 @@ def test_weaker_sslmode_in_options_is_raised(
         conn.ensure_connection()
     assert safepg.check(conn.connection).sslmode == "verify-full"
     assert (
-        "sslmode=require (from the keyword argument sslmode) raised to verify-full" in caplog.text
+        'sslmode=require (from OPTIONS["sslmode"] in settings.DATABASES) raised to verify-full'
+        in caplog.text
     )
     conn.close()
 
@@ -337,7 +338,8 @@ def test_dbshell_refuses_double_dash(server: PostgresServer, connections: Any) -
 _PSYCOPG2_RUN = """
 import sys
 
-import safepg  # safepg needs psycopg 3 itself: loaded before it is hidden
+import safepg
+safepg.connect  # safepg needs psycopg 3 itself: loaded (on first use) before it is hidden
 
 sys.modules["psycopg"] = None  # Django falls back to psycopg2, as where psycopg 3 is missing
 import django

@@ -42,18 +42,26 @@ def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
-def temp_files() -> set[str]:
-    return {p.name for p in Path(tempfile.gettempdir()).iterdir() if "safepg" in p.name}
+def temp_files(directory: Path) -> set[str]:
+    return {p.name for p in directory.iterdir()}
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc")
-def test_load_from_a_cold_cache(server: PostgresServer, tmp_path: Path, clean_env: Path) -> None:
+def test_load_from_a_cold_cache(
+    server: PostgresServer, tmp_path: Path, clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A temporary directory of this test's own, for this process and the children: others on
+    # the machine (another test run, a user's `safepg demo --keep`) create names in the global one.
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(private_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))
     bundle = tmp_path / "bundle.pem"
     bundle.write_bytes(Path(certifi.where()).read_bytes() + server.ca.cert_pem)
     conninfo = server.conninfo(sslrootcert=str(bundle))
     cache = Path(os.environ["SAFEPG_CACHE_DIR"])
     safepg.connect(server.conninfo(), fast_path=False).close()  # warm up, leaving no cache
-    fds_before, temps_before = open_fds(), temp_files()
+    fds_before, temps_before = open_fds(), temp_files(private_tmp)
 
     children = [
         subprocess.Popen(
@@ -79,7 +87,7 @@ def test_load_from_a_cold_cache(server: PostgresServer, tmp_path: Path, clean_en
         assert child.returncode == 0, err.decode()
 
     assert open_fds() - fds_before == set(), "file descriptors leaked"
-    assert temp_files() - temps_before == set(), "temporary files left behind"
+    assert temp_files(private_tmp) - temps_before == set(), "temporary files left behind"
     assert not list(cache.glob(".tmp*")), "partial cache files left behind"
     assert len(list(cache.glob("host-*.json"))) == 1
     with safepg.connect(conninfo) as conn:

@@ -221,3 +221,37 @@ def test_strict_reach(pytester: pytest.Pytester, test: str) -> None:
     result.assert_outcomes(**outcomes)
     result.stdout.fnmatch_lines(lines)
     assert "2 connection(s)" not in result.stdout.str()
+
+
+def test_loading_the_plugin_imports_nothing_heavy() -> None:
+    """pytest loads the plugin in every run in the environment: it must not import psycopg (its
+    ctypes layer and libpq took about 0.5 s) or the rest of safepg until a fixture or strict
+    mode needs them. benchmarks/plugin_startup.py times it (issue 24: at most 50 ms)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pytest; import safepg.pytest_plugin; "
+        "print(sorted(m for m in sys.modules if m.partition('.')[0] in ('safepg', 'psycopg', "
+        "'psycopg_binary', 'psycopg_c', 'cryptography', 'sqlalchemy')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "['safepg', 'safepg.pytest_plugin']"
+
+
+def test_the_public_names_load_on_first_use() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, safepg; assert 'psycopg' not in sys.modules; "
+        "from safepg import connect, ConfigurationError; import pickle; "
+        "assert ConfigurationError.__module__ == 'safepg'; "
+        "assert pickle.loads(pickle.dumps(ConfigurationError('x'))).args == ('x',); "
+        "assert set(safepg.__all__) <= set(dir(safepg)); "
+        "assert all(getattr(safepg, n) is not None for n in safepg.__all__); print('ok')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "ok", result.stderr

@@ -14,11 +14,13 @@ import safepg
 from safepg.testing import PostgresServer, ServerNotFoundError, probe_certificate
 
 
-def _leftovers() -> set[str]:
-    return {p.name for p in Path(tempfile.gettempdir()).glob("safepg-pg-*")}
-
-
-def test_failed_start_cleans_up() -> None:
+def test_failed_start_cleans_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The server's directory goes into a temporary directory of this test's own, never compared
+    # with the global one that other processes on the machine write to. World-readable, like
+    # /tmp: as root the server runs as an unprivileged account.
+    private_tmp = Path(tempfile.mkdtemp(prefix="safepg-test-tmp-"))
+    private_tmp.chmod(0o755)
+    monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))
     # Readable by the unprivileged account the server runs as when the tests run as root.
     bindir = Path(tempfile.mkdtemp(prefix="fake-pg-bin-"))
     bindir.chmod(0o755)
@@ -26,14 +28,13 @@ def test_failed_start_cleans_up() -> None:
         script = bindir / exe
         script.write_text("#!/bin/sh\necho 'initdb: simulated failure' >&2\nexit 1\n")
         script.chmod(0o755)
-    before = _leftovers()
     server = PostgresServer(bindir)
     try:
         with pytest.raises(RuntimeError, match="simulated failure"):
             server.start()
-        assert _leftovers() == before
+        assert [p.name for p in private_tmp.iterdir()] == [bindir.name]
     finally:
-        shutil.rmtree(bindir)
+        shutil.rmtree(private_tmp)
 
 
 def test_certificate_swap_and_ssl_toggle(server: PostgresServer) -> None:

@@ -252,3 +252,13 @@ def test_tampered_cache_file_is_rewritten(tmp_path: Path) -> None:
 def test_trust_source_str() -> None:
     src = safepg.resolve_trust(host=RDS_HOST)
     assert str(src) == f"bundled Amazon RDS roots ({src.path})"
+
+
+def test_the_os_store_is_shown_with_its_path_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Issue 24: "OS trust store (/usr/lib/ssl/cert.pem) (/usr/lib/ssl/cert.pem)".
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    found = _trust.os_store()
+    if found is None:
+        pytest.skip("this machine has no OS trust store file")
+    assert str(found).count(found.path) == 1, str(found)

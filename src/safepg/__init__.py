@@ -9,23 +9,27 @@
     print(safepg.check(conn))
 """
 
-from ._check import SSLReport, check, check_async
-from ._connect import connect, connect_async, resolve_trust, secure_conninfo
-from ._errors import (
-    CertificateExpiredError,
-    ConfigurationError,
-    ConnectionSecurityError,
-    HostnameMismatchError,
-    InsecureConnectionError,
-    ProtocolViolationError,
-    SafePGError,
-    SSLNotSupportedError,
-    TokenRejectedError,
-    UntrustedCertificateError,
-)
-from ._password import AsyncPasswordSource, ConnectTarget, PasswordProvider, PasswordSource
-from ._sslcontext import ssl_context
-from ._trust import TrustSource
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._check import SSLReport, check, check_async
+    from ._connect import connect, connect_async, resolve_trust, secure_conninfo
+    from ._errors import (
+        CertificateExpiredError,
+        ConfigurationError,
+        ConnectionSecurityError,
+        HostnameMismatchError,
+        InsecureConnectionError,
+        ProtocolViolationError,
+        SafePGError,
+        SSLNotSupportedError,
+        TokenRejectedError,
+        UntrustedCertificateError,
+    )
+    from ._password import AsyncPasswordSource, ConnectTarget, PasswordProvider, PasswordSource
+    from ._sslcontext import ssl_context
+    from ._trust import TrustSource
+
 
 __version__ = "0.1.0.dev0"
 
@@ -56,10 +60,47 @@ __all__ = [
     "ssl_context",
 ]
 
-# Public classes are shown as safepg.X (in tracebacks, reprs and SQLAlchemy's messages), where
-# they are documented, not under the private module that defines them. Pickle finds them there.
-for _name in __all__:
-    _obj = globals()[_name]
-    if isinstance(_obj, type):
-        _obj.__module__ = __name__
-del _name, _obj
+# Where each public name is defined. It is imported on first use (PEP 562): `import safepg`,
+# and pytest loading the safepg plugin in every run, then cost nothing until safepg is used.
+_LOCATIONS = {
+    "AsyncPasswordSource": "._password",
+    "CertificateExpiredError": "._errors",
+    "ConfigurationError": "._errors",
+    "ConnectTarget": "._password",
+    "ConnectionSecurityError": "._errors",
+    "HostnameMismatchError": "._errors",
+    "InsecureConnectionError": "._errors",
+    "PasswordProvider": "._password",
+    "PasswordSource": "._password",
+    "ProtocolViolationError": "._errors",
+    "SSLNotSupportedError": "._errors",
+    "SSLReport": "._check",
+    "SafePGError": "._errors",
+    "TokenRejectedError": "._errors",
+    "TrustSource": "._trust",
+    "UntrustedCertificateError": "._errors",
+    "check": "._check",
+    "check_async": "._check",
+    "connect": "._connect",
+    "connect_async": "._connect",
+    "resolve_trust": "._connect",
+    "secure_conninfo": "._connect",
+    "ssl_context": "._sslcontext",
+}
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+if not TYPE_CHECKING:  # for type checkers, the names are the imports above
+
+    def __getattr__(name: str) -> Any:
+        where = _LOCATIONS.get(name)
+        if where is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        from importlib import import_module
+
+        value = getattr(import_module(where, __name__), name)
+        globals()[name] = value
+        return value

@@ -223,3 +223,8 @@ async def check_async(conn: psycopg.AsyncConnection[Any]) -> SSLReport:
         row = await cur.fetchone()
     plan = _plans.get(conn)
     return _finish(report, tuple(row) if row else None, bool(plan and plan.allow_unix_socket))
+
+
+# Public: shown as safepg.X (tracebacks, reprs, SQLAlchemy's messages), where it is documented,
+# however this module was imported. Pickle finds it there.
+SSLReport.__module__ = "safepg"

@@ -25,7 +25,7 @@ from ._errors import (
     SSLNotSupportedError,
     UntrustedCertificateError,
 )
-from ._params import Plan, Target
+from ._params import Plan, Target, keyword_spelling
 from ._redact import redact
 from ._text import shown
 
@@ -45,6 +45,13 @@ _NO_SSL = "server does not support SSL"
 # libpq refuses these before TLS starts; the server's text, if any, is never shown.
 _ERROR_INSTEAD_OF_TLS = "server sent an error response during SSL exchange"
 _INJECTED = "received unencrypted data after SSL"  # "... response" (libpq 15, 18)
+# libpq, when the answer to the SSLRequest is neither 'S' nor 'N' (nor 'E'): an HTTP server
+# answers 'H'. The byte is shown only by libpq's own text, escaped.
+_NOT_POSTGRES = "received invalid response to SSL negotiation"
+POSTGRES_PORT_HINT = (
+    "Is this a PostgreSQL port? PostgreSQL listens on 5432 unless configured otherwise; a web "
+    "server, another database or a proxy for another protocol may be listening here."
+)
 _ROOT_FILE = re.compile(r'root certificate file "(?P<path>[^"]*)"')
 _AT = re.compile(r'connection to server at "(?P<addr>[^"]*)"(?:.*?), port (?P<port>\d+) failed')
 # X509_V_ERR_CERT_NOT_YET_VALID and X509_V_ERR_CERT_HAS_EXPIRED.
@@ -152,13 +159,21 @@ def _failure_line(text: str, needles: Sequence[str]) -> str | None:
 
 def _untrusted_fix(host: str | None) -> str:
     profile = providers.profile_for_host(host) if host else None
-    return f"{profile.untrusted_hint(host)}\n{FIX_UNTRUSTED}" if profile and host else FIX_UNTRUSTED
+    # In the words of the place the user sets options (Django's OPTIONS["sslrootcert"], ...).
+    fix = FIX_UNTRUSTED.replace(
+        "sslrootcert=/path/to/ca.pem", keyword_spelling("sslrootcert", "/path/to/ca.pem")
+    )
+    return f"{profile.untrusted_hint(host)}\n{fix}" if profile and host else fix
 
 
 def _mismatch_fix(host: str | None) -> str:
     profile = providers.profile_for_host(host) if host else None
     hint = profile.mismatch_hint(host) if profile and host else None
-    return f"{hint}\n{FIX_MISMATCH}" if hint else FIX_MISMATCH
+    call = "connect(..., verify_as='the.name.in.the.certificate')"
+    fix = FIX_MISMATCH.replace(
+        call, keyword_spelling("verify_as", "the.name.in.the.certificate", default=call)
+    )
+    return f"{hint}\n{fix}" if hint else fix
 
 
 def _number(port: str | None) -> int | None:
@@ -220,6 +235,7 @@ def diagnose(
             "root certificate",
             _ERROR_INSTEAD_OF_TLS,
             _INJECTED,
+            _NOT_POSTGRES,
         ),
     )
     if line is None:
@@ -241,6 +257,16 @@ def diagnose(
         return ConfigurationError(
             f"libpq could not use the CA file {root['path']!r}. {trust}\n{libpq}"
         )
+
+    if _NOT_POSTGRES in line:
+        host = pg_host or addr
+        stranger = ProtocolViolationError(
+            f"The server at {host}:{port} answered PostgreSQL's TLS request with something no "
+            f"PostgreSQL server sends; safepg sent it nothing more. {POSTGRES_PORT_HINT}\n"
+            f"{trust}\n{libpq}"
+        )
+        stranger.host, stranger.port, stranger.trust = host, _number(port), plan.trust
+        return stranger
 
     if _ERROR_INSTEAD_OF_TLS in line or _INJECTED in line:
         host = pg_host or addr

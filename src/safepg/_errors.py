@@ -95,3 +95,17 @@ class TokenRejectedError(SafePGError, psycopg.OperationalError):
     The message is the server's, followed by what to check (the provider's own advice when it
     has some, such as granting ``rds_iam``). It never includes the token.
     """
+
+
+# Public: shown as safepg.X (tracebacks, reprs, SQLAlchemy's messages), where it is documented,
+# however this module was imported. Pickle finds it there.
+SafePGError.__module__ = "safepg"
+ConfigurationError.__module__ = "safepg"
+ConnectionSecurityError.__module__ = "safepg"
+HostnameMismatchError.__module__ = "safepg"
+UntrustedCertificateError.__module__ = "safepg"
+CertificateExpiredError.__module__ = "safepg"
+SSLNotSupportedError.__module__ = "safepg"
+ProtocolViolationError.__module__ = "safepg"
+InsecureConnectionError.__module__ = "safepg"
+TokenRejectedError.__module__ = "safepg"

@@ -9,13 +9,12 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import re
-import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from . import _probe, _trust, providers
-from ._diagnose import FIX_EXPIRED, FIX_MISMATCH, FIX_NO_TLS, FIX_UNTRUSTED
+from ._diagnose import FIX_EXPIRED, FIX_MISMATCH, FIX_NO_TLS, FIX_UNTRUSTED, POSTGRES_PORT_HINT
 from ._errors import ConfigurationError
 from ._probe import CertificateInfo
 from ._text import shown
@@ -57,6 +56,17 @@ class Inspection:
     problems: tuple[str, ...] = ()  # reasons libpq would refuse the server
     warnings: tuple[str, ...] = ()  # a certificate expires within EXPIRY_WARNING_DAYS
     advice: tuple[str, ...] = field(default=())
+    # How far the conversation got: "ok" (PostgreSQL answered the TLS request), or why not:
+    # "unresolved", "refused", "timeout" (no TCP connection in time), "silent" (connected, then
+    # no answer), "closed" (connected, then closed unanswered), "not-postgresql" (something
+    # else answered), "handshake" (the TLS handshake failed), "error" (another network error).
+    connection: str = "ok"
+
+    @property
+    def connected(self) -> bool:
+        """Whether a PostgreSQL server answered: False for every reason that is not a TLS
+        finding (the exit code "could not connect")."""
+        return self.reachable and self.connection in ("ok", "handshake")
 
     @property
     def ok(self) -> bool:
@@ -122,30 +132,54 @@ def _candidates(first: TrustSource) -> list[TrustSource]:
     return [s for s in found if s.path != first.path]
 
 
-def _unreachable(address: str, port: int, timeout: float, started: float) -> tuple[bool, str]:
-    """Why a probe got no certificate: (whether the server was reached, the sentence).
-
-    Only on that failure path: a DNS lookup and a plain TCP connect, in the time left.
-    """
+def _not_answered(address: str, port: int, timeout: float, why: _probe.Unreached) -> Inspection:
+    """The fields of an inspection that read no certificate, saying why in people's words."""
     where = f"{shown(address)}:{port}"
-    left = timeout - (time.monotonic() - started)
-    if left <= 0.05 * timeout:
-        return False, f"{where} did not answer within {timeout:g} seconds"
-    try:
-        socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError) as ex:
-        why = getattr(ex, "strerror", None) or str(ex)
+    detail = shown(why.detail)
+    reachable, sentence = {
+        "unresolved": (False, f'cannot reach {where}: the host name "{shown(address)}" does '
+                       f"not resolve ({detail})"),
+        "refused": (False, f"cannot reach {where}: connection refused (nothing listens on that "
+                    "port, or a firewall rejects the connection)"),
+        "timeout": (False, f"cannot reach {where}: the TCP connection was not answered within "
+                    f"{timeout:g} seconds (a firewall may drop the packets, or the host is down)"),
+        "silent": (True, f"{where} accepted the TCP connection, then gave no answer to "
+                   f"PostgreSQL's TLS request within {timeout:g} seconds. {POSTGRES_PORT_HINT}"),
+        "handshake": (True, f"{where} accepts connections, but the TLS handshake failed "
+                      f"({detail})"),
+        "error": (False, f"cannot reach {where}: {detail}"),
+    }[why.reason]  # fmt: skip
+    return Inspection(
+        "", port, address, False, reachable=reachable, tls=False, problems=(sentence,),
+        connection=why.reason,
+    )  # fmt: skip
+
+
+def _no_tls(address: str, port: int, answer: bytes) -> tuple[str, str, tuple[str, ...]]:
+    """(connection, problem, advice) for a server that did not agree to TLS."""
+    where = f"{shown(address)}:{port}"
+    if answer == b"N":
+        return "ok", "the server does not offer TLS", (FIX_NO_TLS,)
+    if answer == b"E":
         return (
-            False,
-            f'cannot reach {where}: the host name "{shown(address)}" does not resolve ({why})',
+            "ok",
+            "the server answered the TLS request with an error message instead of TLS (not "
+            "shown: nobody authenticated it)",
+            (),
         )
-    try:
-        socket.create_connection((address, port), timeout=max(left, 0.1)).close()
-    except TimeoutError:
-        return False, f"cannot reach {where}: no answer within {timeout:g} seconds"
-    except OSError as ex:
-        return False, f"cannot reach {where}: {(ex.strerror or str(ex)).lower()}"
-    return True, f"{where} accepts connections, but the TLS handshake failed"
+    if answer == b"":
+        return (
+            "closed",
+            f"{where} accepted the connection, then closed it without answering PostgreSQL's "
+            f"TLS request. {POSTGRES_PORT_HINT}",
+            (),
+        )
+    return (
+        "not-postgresql",
+        f"{where} answered PostgreSQL's TLS request with {shown(repr(answer))[1:]} (unverified), "
+        f"which no PostgreSQL server sends. {POSTGRES_PORT_HINT}",
+        (),
+    )
 
 
 def _without_direct(
@@ -154,8 +188,12 @@ def _without_direct(
     """Direct TLS failed: is it the server, or the network? The SSLRequest tells."""
     address, port = base.address, base.port
     left = max(timeout - (time.monotonic() - started), 0.5)
-    result = _probe.probe(address, port, trust.path, server_hostname=base.host, timeout=left)
-    if result is not None and result.tls:
+    result = _probe.probe_detailed(
+        address, port, trust.path, server_hostname=base.host, timeout=left
+    )
+    if isinstance(result, _probe.Unreached):
+        return _unanswered(base, timeout, result)
+    if result.tls:
         return replace(
             base,
             reachable=True,
@@ -169,15 +207,28 @@ def _without_direct(
                 "--direct to check its certificates.",
             ),
         )
-    if result is not None:
-        return replace(
-            base,
-            reachable=True,
-            problems=("the server does not offer TLS, directly or after the SSLRequest",),
-            advice=(FIX_NO_TLS,),
-        )
-    reachable, why = _unreachable(address, port, timeout, started)
-    return replace(base, reachable=reachable, problems=(why,))
+    if result.answer != b"N":
+        return _refused_tls(base, result.answer)
+    return replace(
+        base,
+        reachable=True,
+        problems=("the server does not offer TLS, directly or after the SSLRequest",),
+        advice=(FIX_NO_TLS,),
+    )
+
+
+def _unanswered(base: Inspection, timeout: float, why: _probe.Unreached) -> Inspection:
+    found = _not_answered(base.address, base.port, timeout, why)
+    return replace(
+        base, reachable=found.reachable, problems=found.problems, connection=found.connection
+    )
+
+
+def _refused_tls(base: Inspection, answer: bytes) -> Inspection:
+    connection, problem, advice = _no_tls(base.address, base.port, answer)
+    return replace(
+        base, reachable=True, tls=False, problems=(problem,), advice=advice, connection=connection
+    )
 
 
 def inspect_server(
@@ -209,18 +260,11 @@ def inspect_server(
             )
         if presented is None or not presented.tls:
             return _without_direct(base, trust, timeout, started)
-    result = _probe.probe(address, port, trust.path, server_hostname=host, timeout=timeout)
-    if result is None:
-        reachable, why = _unreachable(address, port, timeout, started)
-        return replace(base, reachable=reachable, problems=(why,))
+    result = _probe.probe_detailed(address, port, trust.path, server_hostname=host, timeout=timeout)
+    if isinstance(result, _probe.Unreached):
+        return _unanswered(base, timeout, result)
     if not result.tls:
-        return replace(
-            base,
-            reachable=True,
-            tls=False,
-            problems=("the server does not offer TLS",),
-            advice=(FIX_NO_TLS,),
-        )
+        return _refused_tls(base, result.answer)
     chain = result.chain
     verifies = result.verify_code is None
     verified_by = trust if verifies else None

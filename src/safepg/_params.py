@@ -16,7 +16,9 @@ import re
 import socket
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -29,6 +31,7 @@ from ._environ import getenv
 from ._errors import ConfigurationError
 from ._redact import redact, redact_parse_error
 from ._trust import TrustSource
+from ._typos import unknown_option
 
 logger = logging.getLogger("safepg")
 
@@ -138,6 +141,54 @@ def _timeout_of(resolved: Mapping[str, str]) -> float | None:
 
 
 _DEFAULT_ORIGIN = "libpq's default"
+
+
+@dataclass(frozen=True)
+class KeywordSource:
+    """How an integration names the keyword arguments it passes on: where the user set them
+    (Django's ``OPTIONS["sslmode"]``, a SQLAlchemy URL's ``?sslmode=``) and how to set one
+    there, for messages and their fix advice.
+
+    Attributes:
+        origin: *key* -> where it was set, as in "sslmode=require (from ...)".
+        spelling: (*key*, *value*) -> how to write it in that place.
+    """
+
+    origin: Callable[[str], str]
+    spelling: Callable[[str, str], str]
+
+
+_keyword_source: ContextVar[KeywordSource | None] = ContextVar(
+    "safepg_keyword_source", default=None
+)
+
+
+@contextmanager
+def keywords_from(source: KeywordSource) -> Iterator[None]:
+    """Within: keyword arguments are named as *source* names them (set by an integration
+    around the connect it makes for the user)."""
+    token = _keyword_source.set(source)
+    try:
+        yield
+    finally:
+        _keyword_source.reset(token)
+
+
+def keyword_origin(key: str) -> str:
+    """Where the keyword argument *key* was set, in the words of the user's integration."""
+    source = _keyword_source.get()
+    return source.origin(key) if source else f"the keyword argument {key}"
+
+
+def keyword_spelling(key: str, value: str, default: str | None = None) -> str:
+    """How to set *key* to *value* where the user sets keyword arguments (*default*, or
+    ``key=value``, when no integration named them)."""
+    source = _keyword_source.get()
+    if source is not None:
+        return source.spelling(key, value)
+    return f"{key}={value}" if default is None else default
+
+
 # (parameter, value, origin) already warned about: a pool should not log on every connection.
 _warned: set[tuple[str, str, str]] = set()
 
@@ -230,10 +281,15 @@ def _join(params: Mapping[str, str]) -> str:
     parts = []
     for key, value in params.items():
         if not _KEYWORD.fullmatch(key):
-            raise ConfigurationError(f"invalid connection option {key!r}")
+            raise ConfigurationError(
+                f"invalid connection parameters: {unknown_option(key, show=False)}"
+            )
         quoted = value.replace("\\", "\\\\").replace("'", "\\'")
         parts.append(f"{key}='{quoted}'")
     return " ".join(parts)
+
+
+_UNKNOWN_OPTION = re.compile(r'invalid connection option "([^"]*)"')
 
 
 def _libpq_view(params: Mapping[str, str], secrets: tuple[str | None, ...]) -> dict[str, str]:
@@ -248,6 +304,10 @@ def _libpq_view(params: Mapping[str, str], secrets: tuple[str | None, ...]) -> d
                 "refusing to continue"
             )
         if _RESOLVE_ONLY not in message:
+            unknown = _UNKNOWN_OPTION.fullmatch(message)
+            if unknown and unknown.group(1) in params:
+                # A keyword argument's name (a conninfo string's were checked when parsed).
+                message = unknown_option(unknown.group(1), show=True)
             raise ConfigurationError(f"invalid connection parameters: {redact(message, secrets)}")
         return {
             opt.keyword.decode(): opt.val.decode("utf-8", "replace")
@@ -526,7 +586,9 @@ def _dial_alias(resolved: dict[str, str], verify_as: str) -> None:
 _T = TypeVar("_T")
 
 
-def _refused_or(parse: Callable[[], _T], keywords: Iterable[str] = ()) -> _T | ConfigurationError:
+def _refused_or(
+    parse: Callable[[], _T], keywords: Iterable[str] = (), text: str = ""
+) -> _T | ConfigurationError:
     """*parse*'s result, or the refusal to raise for libpq's parse error.
 
     The refusal is returned, to be raised outside the except clause: libpq's own error quotes
@@ -535,7 +597,7 @@ def _refused_or(parse: Callable[[], _T], keywords: Iterable[str] = ()) -> _T | C
     try:
         return parse()
     except psycopg.ProgrammingError as ex:
-        message = redact_parse_error(str(ex), keywords)
+        message = redact_parse_error(str(ex), keywords, text)
     return ConfigurationError(f"invalid connection parameters: {message}")
 
 
@@ -556,7 +618,7 @@ def build_plan(
     allow_socket = as_bool("allow_unencrypted_unix_socket", allow_unencrypted_unix_socket)
     _reject_unsafe_text(conninfo, kwargs)
     _reject_mangled_url(conninfo)
-    parsed = _refused_or(lambda: dict(_parse(conninfo)))
+    parsed = _refused_or(lambda: dict(_parse(conninfo)), text=conninfo)
     if isinstance(parsed, ConfigurationError):
         raise parsed
     params = parsed
@@ -573,7 +635,7 @@ def build_plan(
 
     def origin(key: str, envvar: str) -> str:
         if kwargs.get(key) is not None:
-            return f"the keyword argument {key}"
+            return keyword_origin(key)
         if key in params:
             return "the conninfo string"
         if service:

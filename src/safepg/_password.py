@@ -244,3 +244,9 @@ def rejected(
     new.__cause__ = without_frames(err)
     new.__suppress_context__ = True
     return new
+
+
+# Public: shown as safepg.X (tracebacks, reprs, SQLAlchemy's messages), where it is documented,
+# however this module was imported. Pickle finds it there.
+ConnectTarget.__module__ = "safepg"
+PasswordProvider.__module__ = "safepg"

@@ -17,7 +17,7 @@ import ssl
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from ._stdssl import client_context
 from ._text import shown
@@ -62,16 +62,38 @@ class ProbeResult:
     verify_code: int | None = None
     verify_message: str | None = None
     chain: tuple[CertificateInfo, ...] = ()
+    # Without TLS: the byte that answered the SSLRequest ('N': a PostgreSQL server without TLS;
+    # b"": the connection was closed; anything else: not PostgreSQL's answer).
+    answer: bytes = b""
 
 
-def request_tls(sock: socket.socket) -> bool:
-    """Send PostgreSQL's SSLRequest on *sock*; True if the server answers 'S' (TLS follows).
+# Why a probe got no answer to judge: the name does not resolve; the connection is refused;
+# the TCP connection is not answered in time; it is accepted, then nothing answers the
+# SSLRequest in time ("silent"); the TLS handshake fails; another network error.
+UnreachedReason = Literal["unresolved", "refused", "timeout", "silent", "handshake", "error"]
+
+
+@dataclass(frozen=True)
+class Unreached:
+    """Why a probe read no certificate: *reason*, and the system's words for it (*detail*)."""
+
+    reason: UnreachedReason
+    detail: str = ""
+
+
+def ssl_answer(sock: socket.socket) -> bytes:
+    """Send PostgreSQL's SSLRequest on *sock*; the one byte answered (b"" if it closed).
 
     Only the single answer byte is read: anything the server sends after it, before the
     handshake, is unauthenticated and must not be taken as a response (CVE-2021-23222).
     """
     sock.sendall(_SSLREQUEST)
-    return sock.recv(1) == b"S"
+    return sock.recv(1)
+
+
+def request_tls(sock: socket.socket) -> bool:
+    """Send PostgreSQL's SSLRequest on *sock*; True if the server answers 'S' (TLS follows)."""
+    return ssl_answer(sock) == b"S"
 
 
 def _left(end: float) -> float:
@@ -124,9 +146,13 @@ def _open(address: str, port: int, end: float, direct: bool) -> socket.socket:
     try:
         if not direct:
             sock.settimeout(_left(end))
-            if not request_tls(sock):
+            try:
+                answer = ssl_answer(sock)
+            except TimeoutError:
+                raise _Silent from None
+            if answer != b"S":
                 sock.close()
-                raise _NoTLS
+                raise _NoTLS(answer)
         sock.settimeout(_left(end))
     except OSError:
         sock.close()
@@ -135,7 +161,26 @@ def _open(address: str, port: int, end: float, direct: bool) -> socket.socket:
 
 
 class _NoTLS(Exception):
-    pass
+    def __init__(self, answer: bytes = b"N") -> None:
+        super().__init__(answer)
+        self.answer = answer
+
+
+class _Silent(TimeoutError):
+    """The TCP connection was accepted, then the SSLRequest got no answer in time."""
+
+
+def _unreached(ex: OSError) -> Unreached:
+    detail = (ex.strerror or str(ex)).lower()
+    if isinstance(ex, _Silent):
+        return Unreached("silent")
+    if isinstance(ex, TimeoutError):
+        return Unreached("timeout")
+    if isinstance(ex, ConnectionRefusedError):
+        return Unreached("refused", detail)
+    if isinstance(ex, socket.gaierror) or str(ex).startswith("cannot look up"):
+        return Unreached("unresolved", detail)
+    return Unreached("error", detail)
 
 
 def _sni(server_hostname: str | None) -> str | None:
@@ -262,6 +307,14 @@ def probe(
     whole probe, not each step. Returns None when the server cannot be reached or the exchange
     fails before a certificate arrives.
     """
+    result = probe_detailed(address, port, cafile, server_hostname=server_hostname, timeout=timeout)
+    return None if isinstance(result, Unreached) else result
+
+
+def probe_detailed(
+    address: str, port: int, cafile: str, *, server_hostname: str | None, timeout: float
+) -> ProbeResult | Unreached:
+    """`probe`, saying why when it reads no certificate (for ``safepg inspect``)."""
     end = time.monotonic() + timeout
     ctx = client_context()
     ctx.check_hostname = False  # libpq judges host names; this only reads and checks the chain
@@ -273,10 +326,10 @@ def probe(
     ctx.load_verify_locations(cafile=cafile)
     try:
         sock = _open(address, port, end, direct=False)
-    except _NoTLS:
-        return ProbeResult(tls=False)
-    except OSError:
-        return None
+    except _NoTLS as ex:
+        return ProbeResult(tls=False, answer=ex.answer)
+    except OSError as ex:
+        return _unreached(ex)
     with sock:
         try:
             sni = _sni(server_hostname)
@@ -287,8 +340,8 @@ def probe(
                 except ssl.SSLCertVerificationError as ex:
                     return ProbeResult(True, ex.verify_code, ex.verify_message, _chain(tls))
                 return ProbeResult(True, None, None, _chain(tls))
-        except (OSError, ssl.SSLError):
-            return None
+        except (OSError, ssl.SSLError) as ex:
+            return Unreached("handshake", str(getattr(ex, "reason", None) or ex))
 
 
 def offers_tls(address: str, port: int, *, timeout: float) -> bool | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from ._typos import may_hold_secret, unknown_option
+
 # user:PASSWORD@ in a URL.
 _URL_PASSWORD = re.compile(r"(://[^/@\s:]*:)[^@\s]*(@)")
 # password=... and sslpassword=... in a conninfo string or a URL query.
@@ -24,14 +26,16 @@ def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
     return text
 
 
-def redact_parse_error(message: str, keywords: Iterable[str] = ()) -> str:
-    """A libpq conninfo parse error, with nothing of the input in it.
+def redact_parse_error(message: str, keywords: Iterable[str] = (), text: str = "") -> str:
+    """A libpq conninfo parse error, with nothing of the input in it that may be secret.
 
     When parsing fails, nobody knows which fragment was the password, and libpq quotes the
     fragment it choked on (``invalid percent-encoded token: "s3cr%t"``). A quote inside the
     password breaks any pairing of quotes, so everything from the first quote on is dropped.
-    Only an invalid keyword that the caller passed as a keyword argument (*keywords*) is shown:
-    in a badly quoted conninfo string, the "keyword" libpq names may be part of the password.
+    An unknown option (libpq's "invalid connection option" or "invalid URI query parameter") is
+    named when it was a keyword argument (*keywords*) or when *text*, the string parsed, holds
+    nothing that could be a password; otherwise only a near miss is named, by the keyword it
+    misses (`safepg._typos.unknown_option`).
     """
     message = message.strip().splitlines()[0] if message.strip() else "unknown error"
     # libpq's own quoted characters are not input: keep them, so the message stays useful.
@@ -40,13 +44,8 @@ def redact_parse_error(message: str, keywords: Iterable[str] = ()) -> str:
     head, quote, rest = message.partition('"')
     if not quote:
         return redact(message)
-    if head.startswith("invalid connection option"):
+    if head.startswith(("invalid connection option", "invalid URI query parameter")):
         name = rest.partition('"')[0]
-        if name in set(keywords):
-            return f'{head}"{name}"'
-    if head.startswith("invalid connection option"):
-        return (
-            f"{head.rstrip()} (its name is not shown: with a badly quoted value it may be part "
-            "of a password; check the keywords and the quoting of the values)"
-        )
+        show = name in set(keywords) or (bool(text) and not may_hold_secret(text))
+        return unknown_option(name, show=show)
     return f"{head.rstrip(': ')} (the text is not shown: it may hold part of a password)"

@@ -323,7 +323,8 @@ def _find_os_store(env_dir: str | None) -> TrustSource | None:
             check_ca_file(path, "the OS")
         except ConfigurationError:
             continue
-        return TrustSource(path, f"OS trust store ({path})", "os-store")
+        # The path is shown by TrustSource.__str__: not in the label too.
+        return TrustSource(path, "OS trust store", "os-store")
     if defaults.capath and os.path.isdir(defaults.capath):
         found = _dir_source(defaults.capath, f"OS trust store ({defaults.capath})")
         if found:
@@ -482,3 +483,8 @@ def _union(sources: Sequence[TrustSource]) -> TrustSource:
         found = TrustSource(str(path), "combined: " + " + ".join(labels), "combined")
     _union_memo[key] = found
     return found
+
+
+# Public: shown as safepg.X (tracebacks, reprs, SQLAlchemy's messages), where it is documented,
+# however this module was imported. Pickle finds it there.
+TrustSource.__module__ = "safepg"

@@ -34,8 +34,9 @@ from . import _diagnose, _errors, _fetch, _options, _password, _sslcontext, _std
 from ._deadline import Deadline
 from ._environ import getenv
 from ._errors import ConfigurationError, InsecureConnectionError, SafePGError
-from ._params import Plan, _raise_logged, as_optional_bool, build_plan
+from ._params import Plan, _raise_logged, as_optional_bool, build_plan, keyword_origin
 from ._trust import TrustSource
+from ._typos import unknown_option
 
 __all__ = ["TokenRejectedError", "connect", "create_pool"]
 
@@ -167,7 +168,7 @@ def _caller_context(ssl_arg: object, sslmode: object) -> ssl.SSLContext | None:
                 name,
                 str(value),
                 "verify-full",
-                f"the keyword argument {name}",
+                keyword_origin(name),
                 "only verify-full checks that the server holds a certificate for the host dialled",
             )
             continue
@@ -176,6 +177,28 @@ def _caller_context(ssl_arg: object, sslmode: object) -> ssl.SSLContext | None:
             f"verify-full, not {type(value).__name__} {str(value)[:40]!r}"
         )
     return None
+
+
+# The keyword arguments connect takes besides asyncpg.connect's own.
+_OWN_KEYWORDS = frozenset(
+    {"sslmode", "sslrootcert", "sslcert", "sslkey", "sslpassword", "allow_unencrypted_unix_socket"}
+)
+
+
+def _refuse_unknown(kwargs: Mapping[str, Any]) -> None:
+    """Refuse a keyword argument neither asyncpg.connect nor safepg takes, naming a near miss
+    as for the other drivers (asyncpg itself would raise a TypeError without one)."""
+    known = {
+        *inspect.signature(asyncpg.connect).parameters,
+        *_OWN_KEYWORDS,
+        *_AS_LIBPQ,
+        *_LIBPQ_ONLY,
+    }
+    for name in kwargs:
+        if name not in known:
+            raise ConfigurationError(
+                f"invalid connection parameters: {unknown_option(name, show=True, known=known)}"
+            )
 
 
 def _origin(plan: Plan) -> _options.Origin:
@@ -394,6 +417,7 @@ async def connect(
         InsecureConnectionError: the session is below policy (defence in depth).
     """
     kwargs = dict(kwargs)
+    _refuse_unknown(kwargs)
     if kwargs.get("servicefile") is not None:
         raise ConfigurationError(
             "servicefile= is asyncpg's alone: safepg reads service files as libpq does. Set "
@@ -532,6 +556,7 @@ def check_arguments(
         ConfigurationError: as `connect` would.
     """
     rest = dict(kwargs)
+    _refuse_unknown(rest)
     allow_socket = (
         as_optional_bool(
             "allow_unencrypted_unix_socket", rest.pop("allow_unencrypted_unix_socket", None)

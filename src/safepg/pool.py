@@ -22,8 +22,12 @@ from typing import Any, Generic, TypeVar, overload
 
 from psycopg import AsyncConnection, Connection
 from psycopg.rows import TupleRow
-from psycopg_pool import AsyncConnectionPool as _AsyncConnectionPool
-from psycopg_pool import ConnectionPool as _ConnectionPool
+
+try:
+    from psycopg_pool import AsyncConnectionPool as _AsyncConnectionPool
+    from psycopg_pool import ConnectionPool as _ConnectionPool
+except ImportError as _ex:  # pragma: no cover - the extra is missing
+    raise ImportError("safepg.pool needs psycopg_pool: pip install 'safepg-tls[pool]'") from _ex
 
 from ._connect import open_verified, open_verified_async
 

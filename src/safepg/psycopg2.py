@@ -33,8 +33,11 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-import psycopg2
-import psycopg2.extensions
+try:
+    import psycopg2
+    import psycopg2.extensions
+except ImportError as _ex:  # pragma: no cover - the extra is missing
+    raise ImportError("safepg.psycopg2 needs psycopg2: pip install 'safepg-tls[psycopg2]'") from _ex
 
 from . import _check, _errors, _fastpath, _options, _password
 from ._connect import failure

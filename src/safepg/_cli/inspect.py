@@ -106,6 +106,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
         address=None,
         negotiation="direct" if args.direct else "sslrequest",
         reachable=False,
+        connection=None,
         tls=False,
         certificates=[],
         trust=None,
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
     found = inspect_server(
         host, port, trust=trust, hostaddr=args.hostaddr, timeout=args.timeout, direct=args.direct
     )
-    if not found.reachable:
+    if not found.connected:
         code = EXIT_CONNECT
     elif not found.ok:
         code = EXIT_INSECURE
@@ -141,6 +142,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
     doc.update(
         address=found.address,
         reachable=found.reachable,
+        connection=found.connection,
         tls=found.tls,
         certificates=[cert_json(c) for c in found.chain],
         trust={
@@ -164,15 +166,24 @@ def run(args: argparse.Namespace, out: Output) -> int:
     return out.finish(code, ok=found.ok)
 
 
+# The result line when no PostgreSQL answered, by Inspection.connection.
+_NOT_CONNECTED = {
+    "refused": "connection refused",
+    "silent": "no answer after connecting",
+    "closed": "closed without an answer",
+    "not-postgresql": "not a PostgreSQL server?",
+}
+
+
 def _print(out: Output, found: Inspection, code: int) -> None:
     host, port = found.host, found.port
     how = "direct TLS" if found.direct else "SSLRequest"
     out.line(f"{out.bold('safepg inspect')} {host}:{port} (no login; {how})")
     if found.address != host:
         out.field("address", found.address)
-    if found.reachable and found.direct and not found.tls:
+    if found.connected and found.direct and not found.tls:
         out.field("direct TLS", out.bad("not accepted"))
-    elif found.reachable:
+    elif found.connected:
         out.field("TLS", out.good("offered") if found.tls else out.bad("not offered"))
     if found.chain:
         out.line("  certificates as presented (unverified; the trust anchors judge them below):")
@@ -210,6 +221,6 @@ def _print(out: Output, found: Inspection, code: int) -> None:
         EXIT_OK: out.good("OK"),
         EXIT_EXPIRING: out.warn("OK, but renew soon"),
         EXIT_INSECURE: out.bad("would be refused"),
-        EXIT_CONNECT: out.bad("unreachable"),
+        EXIT_CONNECT: out.bad(_NOT_CONNECTED.get(found.connection, "unreachable")),
     }[code]
     out.field("result", result)

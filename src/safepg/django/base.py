@@ -21,16 +21,21 @@ options go there too: ``allow_unencrypted_unix_socket``, ``verify_as``, and for 
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from typing import Any
 
-from django.db.backends.base.base import NO_DB_ALIAS
-from django.db.backends.postgresql import base as _postgresql
-from django.db.backends.postgresql.client import DatabaseClient as _PostgreSQLClient
-from django.db.backends.postgresql.psycopg_any import is_psycopg3
+try:
+    from django.core.exceptions import ImproperlyConfigured
+    from django.db.backends.base.base import NO_DB_ALIAS
+    from django.db.backends.postgresql import base as _postgresql
+    from django.db.backends.postgresql.client import DatabaseClient as _PostgreSQLClient
+    from django.db.backends.postgresql.psycopg_any import is_psycopg3
+except ImportError as _ex:  # pragma: no cover - the extra is missing
+    raise ImportError("safepg.django needs Django: pip install 'safepg-tls[django]'") from _ex
 
 from .._errors import ConfigurationError
 from .._options import KEYWORDS
-from .._params import REQUIRED_SSLMODE, _join, build_plan
+from .._params import REQUIRED_SSLMODE, KeywordSource, _join, build_plan, keywords_from
 from .._password import target, with_password
 
 __all__ = ["DatabaseClient", "DatabaseWrapper"]
@@ -41,19 +46,67 @@ _SAFEPG_OPTIONS = ("allow_unencrypted_unix_socket", "fast_path", "verify_as", "d
 _SECRETS = ("password", "sslpassword")
 
 
+# Django's settings that become libpq's parameters; the rest come from OPTIONS.
+_SETTINGS = {
+    "dbname": "NAME",
+    "user": "USER",
+    "password": "PASSWORD",
+    "host": "HOST",
+    "port": "PORT",
+}
+
+
+def _origin(key: str) -> str:
+    if key in _SETTINGS:
+        return f"{_SETTINGS[key]} in settings.DATABASES"
+    return f'OPTIONS["{key}"] in settings.DATABASES'
+
+
+def _spelling(key: str, value: str) -> str:
+    if key in _SETTINGS:
+        return f'"{_SETTINGS[key]}": "{value}" in settings.DATABASES'
+    return f'OPTIONS["{key}"] = "{value}" in settings.DATABASES'
+
+
+# Messages name a setting as settings.py spells it (OPTIONS["sslrootcert"]), not as a keyword.
+DJANGO_NAMES = KeywordSource(_origin, _spelling)
+
+
+def _named(verified: type[Any]) -> type[Any]:
+    """*verified*, whose connections (opened in the pool's own threads) name their settings as
+    settings.py spells them."""
+
+    class Named(verified):  # type: ignore[misc]
+        @classmethod
+        def connect(cls, *args: Any, **kwargs: Any) -> Any:
+            with keywords_from(DJANGO_NAMES):
+                return super().connect(*args, **kwargs)
+
+    Named.__name__, Named.__qualname__ = verified.__name__, verified.__qualname__
+    Named.__module__ = verified.__module__
+    return Named
+
+
 def _driver() -> types.ModuleType:
     """Django's driver module (psycopg or psycopg2), with ``connect`` going through safepg."""
     module = _postgresql.DatabaseWrapper.Database
     driver = types.ModuleType(module.__name__, module.__doc__)
     driver.__dict__.update(vars(module))
+    opener: Callable[..., Any]
     if is_psycopg3:
         from .._connect import connect
 
-        driver.connect = connect  # type: ignore[attr-defined]
+        opener = connect
     else:
         from ..psycopg2 import connect as connect_psycopg2
 
-        driver.connect = connect_psycopg2  # type: ignore[attr-defined]
+        opener = connect_psycopg2
+
+    def connect_named(*args: Any, **kwargs: Any) -> Any:
+        with keywords_from(DJANGO_NAMES):
+            return opener(*args, **kwargs)
+
+    driver.connect = connect_named  # type: ignore[attr-defined]
     return driver
 
 
@@ -134,12 +187,13 @@ class DatabaseClient(_PostgreSQLClient):
             # Django's default when neither names a database.
             dbname=settings_dict.get("NAME") or (None if options.get("service") else "postgres"),
         )
-        plan = build_plan(
-            "",
-            where,
-            allow_unencrypted_unix_socket=options.get("allow_unencrypted_unix_socket", False),
-            verify_as=options.get("verify_as"),
-        )
+        with keywords_from(DJANGO_NAMES):
+            plan = build_plan(
+                "",
+                where,
+                allow_unencrypted_unix_socket=options.get("allow_unencrypted_unix_socket", False),
+                verify_as=options.get("verify_as"),
+            )
         shown = {k: v for k, v in plan.params.items() if k not in _SECRETS}
         # First, so that psql reads it as an option in every getopt mode (with POSIXLY_CORRECT
         # set, options after a positional argument would be read as positional too).
@@ -176,12 +230,20 @@ class DatabaseWrapper(_postgresql.DatabaseWrapper):
             return super().pool
         from psycopg import Connection
 
-        from ..pool import verified_class
+        try:
+            from ..pool import verified_class
+        except ImportError as ex:
+            # Django's own wording for a missing psycopg_pool, and safepg's extra that brings it.
+            raise ImproperlyConfigured(
+                "Error loading psycopg_pool module.\nDid you install psycopg[pool]? "
+                'OPTIONS["pool"] needs safepg\'s pool extra too: '
+                "pip install 'safepg-tls[django,pool]'"
+            ) from ex
 
         pool_options = {} if pool_options is True else dict(pool_options)
         safety = {k: options[k] for k in _SAFEPG_OPTIONS if k in options}
         base = pool_options.get("connection_class", Connection)
-        pool_options["connection_class"] = verified_class(base, **safety)
+        pool_options["connection_class"] = _named(verified_class(base, **safety))
         # Django builds the pool from settings_dict: show it these options for that one call.
         libpq = {k: v for k, v in options.items() if k not in _SAFEPG_OPTIONS}
         settings = self.settings_dict

@@ -56,24 +56,30 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
-import sqlalchemy
 from psycopg import AsyncConnection, Connection
 from psycopg.pq import ExecStatus
-from sqlalchemy.dialects.postgresql.psycopg import (
-    PGDialect_psycopg,
-    PGDialectAsync_psycopg,
-    PsycopgAdaptDBAPI,
-)
-from sqlalchemy.engine import URL, Engine, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
-from sqlalchemy.pool import Pool
+
+try:
+    import sqlalchemy
+    from sqlalchemy.dialects.postgresql.psycopg import (
+        PGDialect_psycopg,
+        PGDialectAsync_psycopg,
+        PsycopgAdaptDBAPI,
+    )
+    from sqlalchemy.engine import URL, Engine, make_url
+    from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
+    from sqlalchemy.pool import Pool
+except ImportError as _ex:  # pragma: no cover - the extra is missing
+    raise ImportError(
+        "safepg.sqlalchemy needs SQLAlchemy 2: pip install 'safepg-tls[sqlalchemy]'"
+    ) from _ex
 
 from .. import _check, _options
 from .._connect import connect, connect_async, open_verified, open_verified_async
 from .._errors import ConfigurationError, InsecureConnectionError
 from .._libpq import ssl_attribute
-from .._params import REQUIRED_SSLMODE
+from .._params import REQUIRED_SSLMODE, KeywordSource, keywords_from
 from .._text import shown
 
 __all__ = [
@@ -147,6 +153,34 @@ def _connect_args(url: URL) -> dict[str, Any]:
     return dict(cparams)
 
 
+# safepg's own connection options, which libpq does not know.
+_SAFEPG_KEYWORDS = frozenset(
+    {"verify_as", "allow_unencrypted_unix_socket", "fast_path", "direct_tls"}
+)
+# Parameters a URL gives outside its query (postgresql://user:password@host:port/dbname).
+_URL_PARTS = frozenset({"host", "port", "user", "password", "dbname"})
+
+
+def _url_source(url: str | URL) -> KeywordSource:
+    """Messages name the parameters as the user set them: in the URL's query, elsewhere in
+    the URL, or in ``connect_args``."""
+    query = frozenset(make_url(url).query)
+
+    def origin(key: str) -> str:
+        if key in query:
+            return f"?{key}= in the SQLAlchemy URL"
+        if key in _URL_PARTS:
+            return "the SQLAlchemy URL"
+        return f'connect_args["{key}"]'
+
+    def spelling(key: str, value: str) -> str:
+        if key in _SAFEPG_KEYWORDS:  # safepg's own options: not libpq's, not for the URL
+            return f'connect_args={{"{key}": "{value}"}}'
+        return f"?{key}={value} in the SQLAlchemy URL"
+
+    return KeywordSource(origin, spelling)
+
+
 def creator(url: str | URL, **kwargs: Any) -> Callable[[], Connection[Any]]:
     """A ``creator`` for `sqlalchemy.create_engine`: each call is a new `safepg.connect`.
 
@@ -154,9 +188,11 @@ def creator(url: str | URL, **kwargs: Any) -> Callable[[], Connection[Any]]:
     URL's.
     """
     params = {**connect_args(url), **kwargs}
+    source = _url_source(url)
 
     def create() -> Connection[Any]:
-        return connect(**params)
+        with keywords_from(source):
+            return connect(**params)
 
     return create
 
@@ -174,9 +210,11 @@ def psycopg2_creator(url: str | URL, **kwargs: Any) -> Callable[[], Any]:
     from ..psycopg2 import connect as connect_psycopg2
 
     params = {**_connect_args(_normalize(url, for_psycopg2=True)), **kwargs}
+    source = _url_source(url)
 
     def create() -> Any:
-        return connect_psycopg2(**params)
+        with keywords_from(source):
+            return connect_psycopg2(**params)
 
     return create
 
@@ -184,9 +222,11 @@ def psycopg2_creator(url: str | URL, **kwargs: Any) -> Callable[[], Any]:
 def async_creator(url: str | URL, **kwargs: Any) -> Callable[[], Awaitable[AsyncConnection[Any]]]:
     """An ``async_creator`` for `create_async_engine`: each call is a new `safepg.connect_async`."""
     params = {**connect_args(url), **kwargs}
+    source = _url_source(url)
 
     async def create() -> AsyncConnection[Any]:
-        conn: AsyncConnection[Any] = await connect_async(**params)
+        with keywords_from(source):
+            conn: AsyncConnection[Any] = await connect_async(**params)
         return conn
 
     return create
@@ -535,6 +575,17 @@ class _Safe:
     @classmethod
     def engine_created(cls, engine: Engine) -> None:
         _watch_pool(engine.pool)
+
+    def create_connect_args(self, url: URL) -> Any:
+        self.__dict__["_safepg_source"] = _url_source(url)
+        return super().create_connect_args(url)  # type: ignore[misc]
+
+    def connect(self, *cargs: Any, **cparams: Any) -> Any:
+        source = self.__dict__.get("_safepg_source")
+        if source is None:
+            return super().connect(*cargs, **cparams)  # type: ignore[misc]
+        with keywords_from(source):
+            return super().connect(*cargs, **cparams)  # type: ignore[misc]
 
 
 class SafePGDialect(_Safe, PGDialect_psycopg):

