@@ -34,6 +34,7 @@ import enum
 import functools
 import os
 import re
+import stat
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -479,21 +480,48 @@ def check_crl_files(resolved: Mapping[str, str], origin: Origin = _no_origin) ->
             _remember(crl, key)
     crldir = resolved.get("sslcrldir")
     if crldir:
-        key = _stat(crldir)
-        if key is not None and (crldir, key) not in _CLEAN:
-            try:
-                names = os.listdir(crldir)
-            except OSError:
-                names = []  # libpq cannot read it either
-            certs = sorted(n for n in names if _HASHED_CERT.fullmatch(n))
-            if certs:
-                raise ConfigurationError(
-                    f"the revocation list directory {crldir!r} (sslcrldir, from "
-                    f"{origin('sslcrldir', 'PGSSLCRLDIR')}) holds {', '.join(certs[:3])}"
-                    f"{', ...' if len(certs) > 3 else ''}, which OpenSSL reads as certificates "
-                    "and would trust beside sslrootcert. Keep only CRLs there (named hash.rN)."
-                )
-            _remember(crldir, key)
+        where = origin("sslcrldir", "PGSSLCRLDIR")
+        # OpenSSL's directory lookup takes a list of directories, separated as PATH is, and
+        # trusts the certificates of each: every one is checked.
+        for directory in crldir.split(os.pathsep):
+            if directory:
+                _check_crl_dir(directory, where)
+
+
+def _check_crl_dir(crldir: str, where: str) -> None:
+    """Refuse a directory of *sslcrldir* where OpenSSL would find a certificate (hash.N).
+
+    Raises:
+        ConfigurationError: it holds one, or it cannot be listed (OpenSSL opens the files by
+            name, so a directory it may search but nobody may list would go unchecked).
+    """
+    try:
+        st = os.stat(crldir)
+    except OSError:
+        return  # OpenSSL finds nothing under it either
+    if not stat.S_ISDIR(st.st_mode):
+        return
+    key = _trust._stat_key(st)
+    if (crldir, key) in _CLEAN:
+        return
+    try:
+        names = os.listdir(crldir)
+    except OSError as ex:
+        raise ConfigurationError(
+            f"the revocation list directory {crldir!r} (sslcrldir, from {where}) cannot be "
+            f"listed ({ex.strerror or ex}), so safepg cannot check that it holds no certificate, "
+            "which OpenSSL would open by name and trust beside sslrootcert. Make it readable, "
+            "or put the CRLs in one file and name it with sslcrl."
+        ) from None
+    certs = sorted(n for n in names if _HASHED_CERT.fullmatch(n))
+    if certs:
+        raise ConfigurationError(
+            f"the revocation list directory {crldir!r} (sslcrldir, from {where}) holds "
+            f"{', '.join(certs[:3])}{', ...' if len(certs) > 3 else ''}, which OpenSSL reads "
+            "as certificates and would trust beside sslrootcert. Keep only CRLs there (named "
+            "hash.rN)."
+        )
+    _remember(crldir, key)
 
 
 def _after_fork() -> None:
