@@ -7,11 +7,13 @@ import os
 import shutil
 import ssl
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
+from psycopg import pq
 
 import safepg
 from safepg import ConfigurationError
@@ -140,3 +142,72 @@ def test_a_context_whose_crl_check_was_turned_off_is_refused_beside_sslcrl(
     ctx.verify_flags &= ~ssl.VERIFY_CRL_CHECK_CHAIN
     with pytest.raises(ConfigurationError, match=r"sslcrl is set .* beside your own"):
         _fetch(server.url(), ssl=ctx)
+
+
+# -- what libpq reads again when it connects --------------------------------------------------
+
+
+def _service_changing_after_the_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, later: str
+) -> Callable[..., str]:
+    """A service file that is clean when safepg checks it and holds *later* by the time libpq
+    connects (an LDAP service answering otherwise, another process): the password callable
+    runs between the two. Returns that callable."""
+    services = tmp_path / "pg_service.conf"
+    services.write_text("[app]\napplication_name=checked\n")
+    monkeypatch.setenv("PGSERVICEFILE", str(services))
+    monkeypatch.setenv("PGSERVICE", "app")
+
+    def password(*_args: object, **_kwargs: object) -> str:
+        services.write_text(f"[app]\napplication_name=checked\n{later}\n")
+        return PASSWORD[0]
+
+    return password
+
+
+PASSWORD: list[str] = [""]
+
+
+def test_a_keylog_file_set_after_the_check_is_not_written(
+    server: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if "sslkeylogfile" not in {o.keyword.decode() for o in pq.Conninfo.get_defaults()}:
+        pytest.skip(f"libpq {pq.version()} has no sslkeylogfile (libpq 18 has)")
+    keys = tmp_path / "keys.log"
+    PASSWORD[0] = server.password
+    password = _service_changing_after_the_check(tmp_path, monkeypatch, f"sslkeylogfile={keys}")
+    safepg.connect(server.url(), password=password).close()
+    assert not keys.exists(), "libpq wrote the session's TLS secrets"
+
+
+def test_a_crl_directory_set_after_the_check_adds_no_trust_anchor(
+    server: PostgresServer,
+    certs: Any,
+    rogue_ca: CertificateAuthority,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    certs.present("localhost", ca=rogue_ca, ip_addresses=["127.0.0.1"])
+    rogue = _rogue_crl_dir(tmp_path / "rogue", server, rogue_ca)
+    PASSWORD[0] = server.password
+    password = _service_changing_after_the_check(tmp_path, monkeypatch, f"sslcrldir={rogue}")
+    with pytest.raises(safepg.UntrustedCertificateError):
+        safepg.connect(server.url(), password=password).close()
+
+
+def test_psycopg2_pins_the_checked_crl_directory_too(
+    server: PostgresServer,
+    certs: Any,
+    rogue_ca: CertificateAuthority,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    psycopg2 = pytest.importorskip("psycopg2")
+    import safepg.psycopg2
+
+    certs.present("localhost", ca=rogue_ca, ip_addresses=["127.0.0.1"])
+    rogue = _rogue_crl_dir(tmp_path / "rogue", server, rogue_ca)
+    PASSWORD[0] = server.password
+    password = _service_changing_after_the_check(tmp_path, monkeypatch, f"sslcrldir={rogue}")
+    with pytest.raises(psycopg2.OperationalError):
+        safepg.psycopg2.connect(server.url(), password=password).close()

@@ -14,7 +14,7 @@ from psycopg import AsyncConnection, AsyncCursor, Connection, Cursor
 from psycopg.abc import AdaptContext, ConnParam
 from psycopg.rows import AsyncRowFactory, Row, RowFactory, TupleRow
 
-from . import _check, _diagnose, _fastpath, _password
+from . import _check, _diagnose, _fastpath, _options, _password
 from ._deadline import Deadline
 from ._errors import ConfigurationError, InsecureConnectionError
 from ._params import Plan, as_optional_bool, build_plan
@@ -203,12 +203,14 @@ def _start(
 def _attempt_params(used: Plan, deadline: Deadline, retry: bool) -> dict[str, str] | None:
     """libpq's parameters for an attempt; a retry gets what is left of the deadline, and None
     means too little is left to start one."""
+    # The options checked, pinned: libpq resolves service files and variables again.
+    params = {**_options.pins(used.resolved), **used.params}
     if not retry:
-        return used.params
+        return params
     limit = deadline.attempt_timeout()
     if limit == 0:
         return None
-    return used.params if limit is None else {**used.params, "connect_timeout": str(limit)}
+    return params if limit is None else {**params, "connect_timeout": str(limit)}
 
 
 def _scrubbed(ex: E) -> E:

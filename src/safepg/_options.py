@@ -277,6 +277,32 @@ _REFUSED_ENV_LIBPQ = tuple(v.name for v in ENVIRONMENT if v.libpq.disposition is
 
 Origin = Callable[[str, str], str]
 
+# Options a policy decision is made on that libpq reads again when it connects: a service
+# file or variable changed since the check (another process or thread, an LDAP service that
+# answers otherwise the second time) would set them unexamined. They are handed to libpq as
+# checked, or empty (libpq's default), which its second resolution does not override. Not the
+# SCRAM keys: libpq refuses an empty one, and one set late goes to a server already verified.
+_PINNED = tuple(
+    o
+    for o in OPTIONS
+    if o.keyword in ("sslcrl", "sslcrldir")
+    or (
+        o.libpq.disposition is Disposition.REFUSE
+        and o.keyword not in ("scram_client_key", "scram_server_key")
+    )
+)
+_RUNNING_MAJOR = pq.version() // 10000
+
+
+def pins(resolved: Mapping[str, str], libpq: int = _RUNNING_MAJOR) -> dict[str, str]:
+    """The checked options to hand to a libpq of major version *libpq* explicitly, so that it
+    cannot take other values for them from a service file or variable when it connects."""
+    return {
+        o.keyword: resolved.get(o.keyword, o.default or "")
+        for o in _PINNED
+        if o.since <= libpq <= o.until
+    }
+
 
 def _no_origin(key: str, envvar: str) -> str:
     return "the conninfo, a keyword, the environment or a service file"

@@ -132,6 +132,10 @@ def _session_problem(conn: psycopg2.extensions.connection, plan: Plan) -> str | 
     return None
 
 
+# The major version of psycopg2's own libpq (its wheels bundle one).
+_PSYCOPG2_LIBPQ = psycopg2.__libpq_version__ // 10000
+
+
 def connect(
     dsn: str | None = None,
     connection_factory: Any = None,
@@ -194,7 +198,13 @@ def connect(
         conn = psycopg2.connect(
             connection_factory=connection_factory,
             cursor_factory=cursor_factory,
-            **_password.with_password(plan.params, provider, target),
+            **_password.with_password(
+                # The options checked, pinned for psycopg2's own libpq, which resolves service
+                # files and variables again.
+                {**_options.pins(plan.resolved, _PSYCOPG2_LIBPQ), **plan.params},
+                provider,
+                target,
+            ),
         )
     except _errors.SafePGError as ex:  # the callable's ConfigurationError
         failed_config = ex
