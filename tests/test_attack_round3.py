@@ -211,3 +211,23 @@ def test_psycopg2_pins_the_checked_crl_directory_too(
     password = _service_changing_after_the_check(tmp_path, monkeypatch, f"sslcrldir={rogue}")
     with pytest.raises(psycopg2.OperationalError):
         safepg.psycopg2.connect(server.url(), password=password).close()
+
+
+@pytest.mark.parametrize("origin", ["url", "env", "service"])
+def test_an_empty_sslcompression_is_refused(
+    server: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, origin: str
+) -> None:
+    # libpq compresses unless sslcompression starts with 0: an empty value is not the
+    # default "0", it asks OpenSSL for compression (CRIME).
+    url = server.url()
+    if origin == "url":
+        url += "&sslcompression="
+    elif origin == "env":
+        monkeypatch.setenv("PGSSLCOMPRESSION", "")
+    else:
+        services = tmp_path / "pg_service.conf"
+        services.write_text("[app]\nsslcompression=\n")
+        monkeypatch.setenv("PGSERVICEFILE", str(services))
+        monkeypatch.setenv("PGSERVICE", "app")
+    with pytest.raises(ConfigurationError, match="sslcompression"):
+        safepg.connect(url).close()

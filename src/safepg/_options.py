@@ -79,10 +79,15 @@ class Option:
     until: int = 99  # the last libpq major version that has it
 
     def refuses(self, value: str | None, rule: Rule) -> bool:
-        """Whether *rule* refuses *value* (set, and neither the default nor an accepted one)."""
+        """Whether *rule* refuses *value* (set, and neither the default nor an accepted one).
+
+        An empty value is libpq's default when that is empty too; otherwise libpq reads it as
+        something else (``sslcompression=`` is not ``0``: libpq compresses unless the value
+        starts with 0), so it is refused as any other value."""
         return (
             rule.disposition is Disposition.REFUSE
-            and bool(value)
+            and value is not None
+            and (value != "" or bool(self.default))
             and value != self.default
             and value not in rule.accepts
         )
@@ -350,8 +355,8 @@ def check(
     if not resolved.keys() <= _KNOWN:
         raise unknown_option(resolved.keys() - _KNOWN)
     for keyword, option in _REFUSED_LIBPQ:
-        value = resolved.get(keyword) or params.get(keyword)
-        if value and option.refuses(value, option.libpq):
+        value = resolved[keyword] if keyword in resolved else params.get(keyword)
+        if option.refuses(value, option.libpq):
             raise refusal(option, option.libpq, origin)
     check_crl_files(resolved, origin)
     if any(map(getenv, _REFUSED_ENV_LIBPQ)):
