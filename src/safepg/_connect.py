@@ -14,7 +14,7 @@ from psycopg import AsyncConnection, AsyncCursor, Connection, Cursor
 from psycopg.abc import AdaptContext, ConnParam
 from psycopg.rows import AsyncRowFactory, Row, RowFactory, TupleRow
 
-from . import _check, _diagnose, _fastpath, _fetch, _password
+from . import _check, _diagnose, _fastpath, _fetch, _options, _password
 from ._deadline import Deadline
 from ._errors import ConfigurationError, InsecureConnectionError
 from ._params import Plan, as_optional_bool, build_plan
@@ -205,7 +205,9 @@ def open_verified(
     route = _fastpath.route(plan, fast_path)
     failed: tuple[psycopg.OperationalError, Plan] | None = None
     for used in route:
-        params = deadline.params_for(used.params, retry=failed is not None)
+        # The options checked, pinned: libpq resolves service files and variables again.
+        pinned = {**_options.pins(used.resolved), **used.params}
+        params = deadline.params_for(pinned, retry=failed is not None)
         if params is None:
             break
         try:
@@ -256,7 +258,9 @@ async def open_verified_async(
     route = _fastpath.route(plan, fast_path)
     failed: tuple[psycopg.OperationalError, Plan] | None = None
     for used in route:
-        params = deadline.params_for(used.params, retry=failed is not None)
+        # The options checked, pinned: libpq resolves service files and variables again.
+        pinned = {**_options.pins(used.resolved), **used.params}
+        params = deadline.params_for(pinned, retry=failed is not None)
         if params is None:
             break
         try:

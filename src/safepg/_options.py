@@ -34,6 +34,7 @@ import enum
 import functools
 import os
 import re
+import stat
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -78,10 +79,15 @@ class Option:
     until: int = 99  # the last libpq major version that has it
 
     def refuses(self, value: str | None, rule: Rule) -> bool:
-        """Whether *rule* refuses *value* (set, and neither the default nor an accepted one)."""
+        """Whether *rule* refuses *value* (set, and neither the default nor an accepted one).
+
+        An empty value is libpq's default when that is empty too; otherwise libpq reads it as
+        something else (``sslcompression=`` is not ``0``: libpq compresses unless the value
+        starts with 0), so it is refused as any other value."""
         return (
             rule.disposition is Disposition.REFUSE
-            and bool(value)
+            and value is not None
+            and (value != "" or bool(self.default))
             and value != self.default
             and value not in rule.accepts
         )
@@ -276,6 +282,32 @@ _REFUSED_ENV_LIBPQ = tuple(v.name for v in ENVIRONMENT if v.libpq.disposition is
 
 Origin = Callable[[str, str], str]
 
+# Options a policy decision is made on that libpq reads again when it connects: a service
+# file or variable changed since the check (another process or thread, an LDAP service that
+# answers otherwise the second time) would set them unexamined. They are handed to libpq as
+# checked, or empty (libpq's default), which its second resolution does not override. Not the
+# SCRAM keys: libpq refuses an empty one, and one set late goes to a server already verified.
+_PINNED = tuple(
+    o
+    for o in OPTIONS
+    if o.keyword in ("sslcrl", "sslcrldir")
+    or (
+        o.libpq.disposition is Disposition.REFUSE
+        and o.keyword not in ("scram_client_key", "scram_server_key")
+    )
+)
+_RUNNING_MAJOR = pq.version() // 10000
+
+
+def pins(resolved: Mapping[str, str], libpq: int = _RUNNING_MAJOR) -> dict[str, str]:
+    """The checked options to hand to a libpq of major version *libpq* explicitly, so that it
+    cannot take other values for them from a service file or variable when it connects."""
+    return {
+        o.keyword: resolved.get(o.keyword, o.default or "")
+        for o in _PINNED
+        if o.since <= libpq <= o.until
+    }
+
 
 def _no_origin(key: str, envvar: str) -> str:
     return "the conninfo, a keyword, the environment or a service file"
@@ -323,8 +355,8 @@ def check(
     if not resolved.keys() <= _KNOWN:
         raise unknown_option(resolved.keys() - _KNOWN)
     for keyword, option in _REFUSED_LIBPQ:
-        value = resolved.get(keyword) or params.get(keyword)
-        if value and option.refuses(value, option.libpq):
+        value = resolved[keyword] if keyword in resolved else params.get(keyword)
+        if option.refuses(value, option.libpq):
             raise refusal(option, option.libpq, origin)
     check_crl_files(resolved, origin)
     if any(map(getenv, _REFUSED_ENV_LIBPQ)):
@@ -479,21 +511,48 @@ def check_crl_files(resolved: Mapping[str, str], origin: Origin = _no_origin) ->
             _remember(crl, key)
     crldir = resolved.get("sslcrldir")
     if crldir:
-        key = _stat(crldir)
-        if key is not None and (crldir, key) not in _CLEAN:
-            try:
-                names = os.listdir(crldir)
-            except OSError:
-                names = []  # libpq cannot read it either
-            certs = sorted(n for n in names if _HASHED_CERT.fullmatch(n))
-            if certs:
-                raise ConfigurationError(
-                    f"the revocation list directory {crldir!r} (sslcrldir, from "
-                    f"{origin('sslcrldir', 'PGSSLCRLDIR')}) holds {', '.join(certs[:3])}"
-                    f"{', ...' if len(certs) > 3 else ''}, which OpenSSL reads as certificates "
-                    "and would trust beside sslrootcert. Keep only CRLs there (named hash.rN)."
-                )
-            _remember(crldir, key)
+        where = origin("sslcrldir", "PGSSLCRLDIR")
+        # OpenSSL's directory lookup takes a list of directories, separated as PATH is, and
+        # trusts the certificates of each: every one is checked.
+        for directory in crldir.split(os.pathsep):
+            if directory:
+                _check_crl_dir(directory, where)
+
+
+def _check_crl_dir(crldir: str, where: str) -> None:
+    """Refuse a directory of *sslcrldir* where OpenSSL would find a certificate (hash.N).
+
+    Raises:
+        ConfigurationError: it holds one, or it cannot be listed (OpenSSL opens the files by
+            name, so a directory it may search but nobody may list would go unchecked).
+    """
+    try:
+        st = os.stat(crldir)
+    except OSError:
+        return  # OpenSSL finds nothing under it either
+    if not stat.S_ISDIR(st.st_mode):
+        return
+    key = _trust._stat_key(st)
+    if (crldir, key) in _CLEAN:
+        return
+    try:
+        names = os.listdir(crldir)
+    except OSError as ex:
+        raise ConfigurationError(
+            f"the revocation list directory {crldir!r} (sslcrldir, from {where}) cannot be "
+            f"listed ({ex.strerror or ex}), so safepg cannot check that it holds no certificate, "
+            "which OpenSSL would open by name and trust beside sslrootcert. Make it readable, "
+            "or put the CRLs in one file and name it with sslcrl."
+        ) from None
+    certs = sorted(n for n in names if _HASHED_CERT.fullmatch(n))
+    if certs:
+        raise ConfigurationError(
+            f"the revocation list directory {crldir!r} (sslcrldir, from {where}) holds "
+            f"{', '.join(certs[:3])}{', ...' if len(certs) > 3 else ''}, which OpenSSL reads "
+            "as certificates and would trust beside sslrootcert. Keep only CRLs there (named "
+            "hash.rN)."
+        )
+    _remember(crldir, key)
 
 
 def _after_fork() -> None:

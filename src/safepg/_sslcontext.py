@@ -245,6 +245,33 @@ def ssl_context(
         env = os.environ.get("PGSSLCRL") or None
         crl = _options.crls(env, "the PGSSLCRL environment variable")
     ctx = new_context(trust, crl=crl)
+    if crl:
+        _remember_crls(ctx, crl)
     load_client_cert(ctx, sslcert, sslkey, sslpassword)
     logger.debug("safepg: ssl_context for %s trusts %s", host or "any host", trust)
     return ctx
+
+
+# id(context) -> (the context, SHA-256 of the CRLs ssl_context loaded into it). By identity:
+# a caller's object cannot pass for one by its __eq__, nor by an attribute it sets.
+_LOADED_CRLS: dict[int, tuple[weakref.ref[ssl.SSLContext], str]] = {}
+
+
+def _remember_crls(ctx: ssl.SSLContext, crl: bytes) -> None:
+    key = id(ctx)
+    _LOADED_CRLS[key] = (
+        weakref.ref(ctx, lambda _ref: _LOADED_CRLS.pop(key, None)),
+        hashlib.sha256(crl).hexdigest(),
+    )
+
+
+def checks_crls(ctx: ssl.SSLContext, crl: bytes) -> bool:
+    """Whether *ctx* checks exactly *crl* (PEM CRLs checked by `_options.read_crl`): made by
+    `ssl_context` with these CRLs, and still checking the whole chain against them."""
+    entry = _LOADED_CRLS.get(id(ctx))
+    return (
+        entry is not None
+        and entry[0]() is ctx
+        and entry[1] == hashlib.sha256(crl).hexdigest()
+        and ctx.verify_flags & ssl.VERIFY_CRL_CHECK_CHAIN == ssl.VERIFY_CRL_CHECK_CHAIN
+    )

@@ -267,21 +267,27 @@ def _asyncpg_kwargs(plan: Plan, kwargs: dict[str, Any]) -> tuple[dict[str, Any],
     return out, tls
 
 
-def _refuse_beside_caller_context(tls: dict[str, str], ctx: ssl.SSLContext) -> None:
-    """Your own ssl.SSLContext is used as it is: settings it would have to carry are refused
-    (a CRL only when your context checks none: safepg.ssl_context loads PGSSLCRL itself)."""
-    checks_crls = bool(ctx.verify_flags & ssl.VERIFY_CRL_CHECK_LEAF)
-    given = sorted(
-        k
-        for k in ("sslcert", "sslkey", "sslpassword", "sslcrl")
-        if k in tls and not (k == "sslcrl" and checks_crls)
-    )
+def _refuse_beside_caller_context(tls: dict[str, str], ctx: ssl.SSLContext, plan: Plan) -> None:
+    """Your own ssl.SSLContext is used as it is: settings it would have to carry are refused.
+    The CRLs libpq would check (sslcrl, else ``~/.postgresql/root.crl``) only when your
+    context is `safepg.ssl_context`'s, made with those very CRLs: a context that checks other
+    CRLs would let a certificate they revoke through."""
+    given: list[str] = sorted(k for k in ("sslcert", "sslkey", "sslpassword") if k in tls)
+    crl = _crl(tls, plan)
+    if crl and not _sslcontext.checks_crls(ctx, crl):
+        if "sslcrl" not in tls:
+            raise ConfigurationError(
+                "libpq's default revocation list ~/.postgresql/root.crl exists, and your own "
+                "ssl.SSLContext, which safepg uses as it is, does not check it. Pass "
+                "ssl=safepg.ssl_context(host) (which loads it), or drop ssl=."
+            )
+        given.append("sslcrl")
     if given:
         raise ConfigurationError(
             f"{', '.join(given)} is set (DSN, keywords, environment or service file) beside "
             "your own ssl.SSLContext, which safepg uses as it is and cannot add it to. Load it "
-            "into your context (load_cert_chain, load_verify_locations with "
-            "verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN) and unset it, or drop ssl=."
+            "into your context (load_cert_chain) and unset it; for sslcrl, pass "
+            "ssl=safepg.ssl_context(host, sslcrl=...) made with that file; or drop ssl=."
         )
 
 
@@ -445,7 +451,7 @@ async def connect(
     negotiation = tls.get("sslnegotiation") or plan.resolved.get("sslnegotiation", "postgres")
     direct = _direct_tls(negotiation, direct_option, key)
     if caller_ctx is not None:
-        _refuse_beside_caller_context(tls, caller_ctx)
+        _refuse_beside_caller_context(tls, caller_ctx, plan)
         ctx, plan = caller_ctx, dataclasses.replace(plan, trust=_CALLER_CONTEXT)
     else:
         tls13 = plan.params.get("ssl_min_protocol_version") == "TLSv1.3"
@@ -571,6 +577,6 @@ def check_arguments(
     plan = build_plan(dsn or "", libpq_kwargs, allow_unencrypted_unix_socket=allow_socket)
     _, tls = _asyncpg_kwargs(plan, rest)
     if caller_ctx is not None:
-        _refuse_beside_caller_context(tls, caller_ctx)
+        _refuse_beside_caller_context(tls, caller_ctx, plan)
     else:
         _crl(tls, plan)

@@ -144,6 +144,10 @@ def _session_problem(conn: psycopg2.extensions.connection, plan: Plan) -> str | 
     return None
 
 
+# The major version of psycopg2's own libpq (its wheels bundle one).
+_PSYCOPG2_LIBPQ = psycopg2.__libpq_version__ // 10000
+
+
 class _Session:
     """`_fastpath.Session` for a psycopg2 connection: no address, no chain (see above)."""
 
@@ -220,7 +224,9 @@ def connect(
     failed: tuple[psycopg2.OperationalError, Plan] | None = None
     failed_config: _errors.SafePGError | None = None
     for used in route:
-        params = deadline.params_for(used.params, retry=failed is not None)
+        # The options checked, pinned: libpq resolves service files and variables again.
+        pinned = {**_options.pins(used.resolved, _PSYCOPG2_LIBPQ), **used.params}
+        params = deadline.params_for(pinned, retry=failed is not None)
         if params is None:
             break
         try:
