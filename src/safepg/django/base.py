@@ -20,6 +20,7 @@ options go there too: ``allow_unencrypted_unix_socket``, ``verify_as``, and for 
 
 from __future__ import annotations
 
+import importlib
 import types
 from typing import Any
 
@@ -42,8 +43,9 @@ _SECRETS = ("password", "sslpassword")
 
 def _libpq_keywords() -> frozenset[str]:
     """The connection keywords libpq knows: the OPTIONS that go on psql's conninfo."""
-    from psycopg import pq  # here: Django's psycopg2 mode may hide psycopg from its modules
-
+    # psycopg's pq as safepg loaded it: in Django's psycopg2 mode, where psycopg is hidden from
+    # imports (sys.modules["psycopg"] = None), "from psycopg import pq" failed, so dbshell did.
+    pq = importlib.import_module("psycopg.pq")  # sys.modules' entry, without its parent's
     return frozenset(o.keyword.decode() for o in pq.Conninfo.get_defaults())
 
 
