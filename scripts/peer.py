@@ -329,10 +329,10 @@ class PeerResult(DebugSQLTextTestResult):
 
     def stopTestRun(self):
         super().stopTestRun()
-        from django.db import connection
+        from django.db import connections
 
         with open(os.environ["PEER_RESULT"], "w") as f:
-            backend = type(connection).__module__
+            backend = type(connections["default"]).__module__
             json.dump({"backend": backend, "outcomes": OUTCOMES}, f, indent=0, sort_keys=True)
 
 

@@ -329,6 +329,31 @@ def test_dialects_provide_sqlalchemys_test_provisioning(
     assert "postgresql" in provision.temp_table_keyword_args.fns
 
 
+def test_requirements_class_reads_psycopg_specs_as_safepg(monkeypatch: pytest.MonkeyPatch) -> None:
+    # SQLAlchemy's own tests key psycopg's tests and skips on the driver name ("+psycopg");
+    # with safepg's requirements class they apply to safepg's dialects, and to no other driver.
+    from sqlalchemy.testing import exclusions
+
+    from safepg.sqlalchemy.requirements import Requirements
+
+    monkeypatch.setattr(exclusions.SpecPredicate, "__call__", exclusions.SpecPredicate.__call__)
+    Requirements()  # as SQLAlchemy's plugin makes it
+
+    def on(driver: str) -> Any:
+        return types.SimpleNamespace(db=types.SimpleNamespace(name="postgresql", driver=driver))
+
+    def matches(spec: str, driver: str) -> bool:
+        return bool(exclusions.SpecPredicate(spec)(on(driver)))  # type: ignore[no-untyped-call]
+
+    for spec in ("postgresql+psycopg", "+psycopg", "postgresql+safepg", "postgresql"):
+        assert matches(spec, "safepg"), spec
+    for spec in ("postgresql+psycopg2", "+asyncpg", "+pg8000", "mysql+psycopg"):
+        assert not matches(spec, "safepg"), spec
+    assert matches("+psycopg", "psycopg")
+    assert not matches("+safepg", "psycopg")  # the stock driver is not safepg
+    assert not matches("+psycopg", "asyncpg")
+
+
 # -- the dialects' DBAPI: hooks, module=, creators ---------------------------------------------
 
 
