@@ -131,6 +131,10 @@ class Server:
         if not self.start:
             return self
         self.server.__enter__()
+        # SQLAlchemy's TwoPhaseCommitTest needs prepared transactions (off by default).
+        with open(self.server.data_dir / "postgresql.conf", "a") as conf:
+            conf.write("max_prepared_transactions = 10\n")
+        self.server.restart()
         self.password = secrets.token_hex(16)
         with self.server.admin_connect() as admin:
             admin.execute(
@@ -164,6 +168,17 @@ class Server:
             conn.execute("CREATE EXTENSION IF NOT EXISTS citext")
         return name
 
+    def environment(self, side: str) -> dict[str, str]:
+        """libpq's environment for *side*'s runs: the test CA as the default trust anchor, and
+        for the stock driver verify-full as the default sslmode. The suites' tests that build
+        URLs of their own (multiple hosts, options in the query) lose the URL's sslrootcert: the
+        stock driver would then fall back to libpq's sslmode=prefer, unverified, and safepg
+        to trust anchors that do not hold the test CA."""
+        env = {"PGSSLROOTCERT": str(self.server.ca_path)}
+        if side == "stock":
+            env["PGSSLMODE"] = "verify-full"
+        return env
+
     def url(self, scheme: str, dbname: str) -> str:
         from urllib.parse import quote
 
@@ -189,20 +204,29 @@ class Requirements(PsycopgAlias, DefaultRequirements):
 
 
 def sqlalchemy_job(
-    tree: Path, urls: dict[str, str], side: str, report: Path, paths: list[str],
-    select: str | None,
-) -> tuple[list[str], Path, dict[str, str]]:  # fmt: skip
-    """The command that runs SQLAlchemy's tests for *side*, where it runs, and its environment."""
+    tree: Path, url: str, name: str, report: Path, paths: list[str], select: str | None
+) -> tuple[list[str], Path, dict[str, str]]:
+    """The command that runs SQLAlchemy's tests on *url*, where it runs, and its environment."""
+    import configparser
+    import fcntl
+
     (tree / "peer_requirements.py").write_text(SQLA_REQUIREMENTS)
     # In a file rather than on the command line (which shows the password); test.cfg is read
-    # after setup.cfg and wins. One [db] entry per side: both may run at once.
-    entries = "".join(f"peer_{k} = {v.replace('%', '%%')}\n" for k, v in urls.items())
-    (tree / "test.cfg").write_text(
-        "[sqla_testing]\nrequirement_cls = peer_requirements:Requirements\n\n[db]\n" + entries
-    )
+    # after setup.cfg and wins. One [db] entry per run, added under a lock: runs of other
+    # configurations (another scripts/peer.py) may start at the same time.
+    with (tree / "test.cfg.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cfg = configparser.ConfigParser(interpolation=None)
+        cfg.read(tree / "test.cfg")
+        cfg["sqla_testing"] = {"requirement_cls": "peer_requirements:Requirements"}
+        if not cfg.has_section("db"):
+            cfg.add_section("db")
+        cfg["db"][name] = url.replace("%", "%%")  # SQLAlchemy's parser interpolates
+        with (tree / "test.cfg").open("w") as f:
+            cfg.write(f)
     cmd = [
         sys.executable, "-s", "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:randomly",
-        "--db", f"peer_{side}", f"--junitxml={report}", "-q", "-o", "junit_family=xunit1",
+        "--db", name, f"--junitxml={report}", "-q", "-o", "junit_family=xunit1",
         "-W", "ignore", *(["-k", select] if select else []), *paths,
     ]  # fmt: skip
     return cmd, tree, {}
@@ -499,11 +523,8 @@ def main(argv: list[str] | None = None) -> int:
                 for side, name in names.items():
                     dbname = server.database(name)
                     if suite == "sqlalchemy":
-                        urls = {
-                            s: server.url(SQLALCHEMY_CONFIGS[config][s == "safepg"], names[s])
-                            for s in SIDES
-                        }
-                        job = sqlalchemy_job(tree, urls, side, work / f"{name}.xml",
+                        url = server.url(SQLALCHEMY_CONFIGS[config][side == "safepg"], dbname)
+                        job = sqlalchemy_job(tree, url, name, work / f"{name}.xml",
                                              args.sqlalchemy_paths, args.select)  # fmt: skip
                     else:
                         stock_engine, safepg_engine, pool = DJANGO_CONFIGS[config]
@@ -511,7 +532,13 @@ def main(argv: list[str] | None = None) -> int:
                         options = {"pool": True} if pool else {}
                         job = django_job(tree, engine, options, server, dbname,
                                          work / f"{name}.json", args.django_apps)  # fmt: skip
-                    jobs[side] = (*job, work / f"{name}.log")
+                    cmd, cwd, env = job
+                    jobs[side] = (
+                        cmd,
+                        cwd,
+                        {**env, **server.environment(side)},
+                        work / f"{name}.log",
+                    )
                 for side, done in run_jobs(jobs).items():
                     (work / f"{names[side]}.done").write_text(json.dumps(done))
             timings = {}

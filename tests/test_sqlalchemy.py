@@ -821,3 +821,40 @@ def test_an_async_creator_of_no_connection_is_refused(server: PostgresServer) ->
         asyncio.run(main())
     assert isinstance(info.value.orig, safepg.InsecureConnectionError)
     assert "NotAConnection" in str(info.value.orig)
+
+
+class Proxy:
+    """A connection proxy as SQLAlchemy's testing DBAPIProxyConnection: hands everything on."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def __getattr__(self, key: str) -> Any:
+        return getattr(self.conn, key)
+
+
+@pytest.mark.parametrize("opened", ["safepg", "verify-full", "require"])
+def test_a_proxy_of_a_connection_is_judged_by_its_connection(
+    server: PostgresServer, opened: str
+) -> None:
+    # SQLAlchemy's own tests (test_reconnect's ping_fixture) wrap the dialect's connections so.
+    if opened == "safepg":
+        make = lambda: Proxy(safepg.connect(server.conninfo()))  # noqa: E731
+    else:
+        conninfo = server.conninfo(sslmode=opened)
+        make = lambda: Proxy(psycopg.connect(conninfo))  # noqa: E731
+    # As that fixture: without the dialect's first-connect setup (psycopg's type registration
+    # wants a Connection itself).
+    url = server.url(scheme="postgresql+safepg")
+    eng = sqlalchemy.create_engine(url, creator=make, _initialize=False)
+    try:
+        if opened == "require":
+            with pytest.raises(OperationalError) as info, eng.connect():
+                pass  # pragma: no cover
+            assert isinstance(info.value.orig, safepg.InsecureConnectionError)
+            assert "sslmode=require" in str(info.value.orig)
+        else:
+            with eng.connect() as conn:
+                assert conn.scalar(text("SELECT 1")) == 1
+    finally:
+        eng.dispose()

@@ -58,7 +58,7 @@ from typing import Any
 
 import psycopg
 import sqlalchemy
-from psycopg import AsyncConnection, Connection
+from psycopg import AsyncConnection, Connection, pq
 from psycopg.pq import ExecStatus
 from sqlalchemy.dialects.postgresql.psycopg import (
     PGDialect_psycopg,
@@ -349,13 +349,15 @@ def _through_safepg(driver: Any) -> Callable[..., Connection[Any]]:
 
 def _unverified(conn: Any) -> str | None:
     """Why a connection that safepg did not open is below policy, or None. No round trip."""
-    if not isinstance(conn, (Connection, AsyncConnection)):
-        # Nothing to read its TLS state from: refused as such, not by the TypeError or
-        # AttributeError that looking it up in _plans or reading its pgconn would raise.
+    if isinstance(conn, (Connection, AsyncConnection)) and conn in _check._plans:
+        return None  # opened by safepg, and checked then
+    # A proxy of a connection (SQLAlchemy's DBAPIProxyConnection, a tracing wrapper) is judged
+    # by the libpq connection it hands on. Anything else has no TLS state to read: refused as
+    # such, not by the TypeError or AttributeError that a look-up in _plans or at its pgconn
+    # would raise.
+    pgconn = getattr(conn, "pgconn", None)
+    if not isinstance(pgconn, pq.PGconn):
         return f"it is not a psycopg connection but {shown(_type_name(conn))}"
-    if conn in _check._plans:  # opened by safepg, and checked then
-        return None
-    pgconn = conn.pgconn
     if not pgconn.ssl_in_use:
         return "the session is not encrypted (libpq reports no TLS in use)"
     sslmode = _check._sslmode(pgconn)
