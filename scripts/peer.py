@@ -5,8 +5,9 @@ through the stock driver on one TLS server, compared test by test.
    --no-deps --no-binary NAME NAME==VERSION``) into the cache directory and unpacks them (once).
 2. Starts one PostgreSQL with TLS (`safepg.testing.PostgresServer`), a certificate from a CA
    made for this run, and a superuser role ``peer`` (Django's postgres_tests create extensions).
-3. Runs each part for each configuration, stock first (psycopg with ``sslmode=verify-full`` and
-   the test CA), then safepg, each in its own database:
+3. Runs each part for each configuration, the stock side (psycopg with ``sslmode=verify-full``
+   and the test CA, in the URL and in libpq's environment) and the safepg side at once, each in
+   its own database (the test CA in ``PGSSLROOTCERT`` for both):
 
    - SQLAlchemy (pytest, SQLAlchemy's plugin, ``--junitxml``): SQLALCHEMY_PATHS, sync
      (``postgresql+psycopg`` / ``postgresql+safepg``) and async (``postgresql+psycopg_async`` /
