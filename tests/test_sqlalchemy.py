@@ -329,6 +329,31 @@ def test_dialects_provide_sqlalchemys_test_provisioning(
     assert "postgresql" in provision.temp_table_keyword_args.fns
 
 
+def test_requirements_class_reads_psycopg_specs_as_safepg(monkeypatch: pytest.MonkeyPatch) -> None:
+    # SQLAlchemy's own tests key psycopg's tests and skips on the driver name ("+psycopg");
+    # with safepg's requirements class they apply to safepg's dialects, and to no other driver.
+    from sqlalchemy.testing import exclusions
+
+    from safepg.sqlalchemy.requirements import Requirements
+
+    monkeypatch.setattr(exclusions.SpecPredicate, "__call__", exclusions.SpecPredicate.__call__)
+    Requirements()  # as SQLAlchemy's plugin makes it
+
+    def on(driver: str) -> Any:
+        return types.SimpleNamespace(db=types.SimpleNamespace(name="postgresql", driver=driver))
+
+    def matches(spec: str, driver: str) -> bool:
+        return bool(exclusions.SpecPredicate(spec)(on(driver)))  # type: ignore[no-untyped-call]
+
+    for spec in ("postgresql+psycopg", "+psycopg", "postgresql+safepg", "postgresql"):
+        assert matches(spec, "safepg"), spec
+    for spec in ("postgresql+psycopg2", "+asyncpg", "+pg8000", "mysql+psycopg"):
+        assert not matches(spec, "safepg"), spec
+    assert matches("+psycopg", "psycopg")
+    assert not matches("+safepg", "psycopg")  # the stock driver is not safepg
+    assert not matches("+psycopg", "asyncpg")
+
+
 # -- the dialects' DBAPI: hooks, module=, creators ---------------------------------------------
 
 
@@ -651,3 +676,185 @@ def test_url_direct_tls_false(server: PostgresServer, way: str) -> None:
         described = _open_once(way, _tcp_url(server, direct_tls="false"))
         assert described["ssl"]
         assert described["sslnegotiation"] != "direct"
+
+
+# -- DBAPIs that hand on to another; mock.patch.object; objects that are not connections -------
+
+
+class Forwarding:
+    """A DBAPI that hands everything on to another, as SQLAlchemy's test ReconnectFixture does."""
+
+    def __init__(self, dbapi: Any) -> None:
+        self.dbapi = dbapi
+        self.calls = 0
+
+    def __getattr__(self, key: str) -> Any:
+        return getattr(self.dbapi, key)
+
+    def connect(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return self.dbapi.connect(*args, **kwargs)
+
+
+def _stock_async_adapter() -> Any:
+    from psycopg.pq import ExecStatus
+    from sqlalchemy.dialects.postgresql.psycopg import PsycopgAdaptDBAPI
+
+    return PsycopgAdaptDBAPI(psycopg, ExecStatus)
+
+
+@pytest.mark.parametrize("inner", ["safepg", "sqlalchemy"])
+def test_async_module_that_hands_on_to_a_dbapi(server: PostgresServer, inner: str) -> None:
+    # SQLAlchemy's engines.reconnecting_engine() passes module=ReconnectFixture(dialect.dbapi);
+    # it was adapted again as if it were psycopg's module, and failed: "'_AsyncDBAPI' object
+    # has no attribute 'paramstyle'". Around SQLAlchemy's own adapter, the URL's parameters
+    # (no sslmode: libpq's prefer) still reach libpq only hardened.
+    url = server.url(scheme="postgresql+safepg_async")
+    if inner == "safepg":
+        dbapi = sa_create_async_engine(url).dialect.dbapi
+    else:
+        dbapi = _stock_async_adapter()
+    module = Forwarding(dbapi)
+    eng = sa_create_async_engine(url, module=module)
+    shown_dbapi: Any = eng.dialect.dbapi
+    assert shown_dbapi.paramstyle == "pyformat"
+
+    async def main() -> None:
+        try:
+            async with eng.connect() as conn:
+                raw = (await conn.get_raw_connection()).driver_connection
+                assert raw is not None
+                assert sslmode(raw) == "verify-full"
+                assert (await safepg.check_async(raw)).verified
+                assert (await conn.scalar(text("SELECT 1"))) == 1
+        finally:
+            await eng.dispose()
+
+    asyncio.run(main())
+    assert module.calls == 1
+    assert shown_dbapi.calls == 1  # the module's own attributes, as the fixture reads them
+
+
+def test_async_module_that_drops_safepgs_opener_is_refused(server: PostgresServer) -> None:
+    stock = _stock_async_adapter()
+
+    class Dropping(Forwarding):
+        def connect(self, *args: Any, **kwargs: Any) -> Any:
+            kwargs.pop("async_creator_fn")  # opens with the URL's parameters: sslmode=prefer
+            return stock.connect(*args, **kwargs)
+
+    eng = sa_create_async_engine(
+        server.url(scheme="postgresql+safepg_async"), module=Dropping(stock)
+    )
+
+    async def main() -> None:
+        try:
+            async with eng.connect():
+                pass  # pragma: no cover
+        finally:
+            await eng.dispose()
+
+    with pytest.raises(OperationalError) as info:
+        asyncio.run(main())
+    assert isinstance(info.value.orig, safepg.InsecureConnectionError)
+    assert "sslmode=prefer" in str(info.value.orig)
+
+
+@pytest.mark.parametrize("scheme", ["postgresql+safepg", "postgresql+safepg_async"])
+def test_mock_patch_object_restores_the_dbapi(server: PostgresServer, scheme: str) -> None:
+    from unittest import mock
+
+    # SQLAlchemy's test_execute patches testing.db.dialect's dbapi this way; without a deleter
+    # the patch could not be undone, and the shared dialect kept the stand-in.
+    eng = sqlalchemy.create_engine(server.url(scheme=scheme.replace("_async", "")))
+    if scheme.endswith("_async"):
+        eng = sa_create_async_engine(server.url(scheme=scheme)).sync_engine
+    dialect: Any = eng.dialect
+    original = dialect.dbapi
+    stand_in = Forwarding(original)
+    with mock.patch.object(dialect, "dbapi", stand_in):
+        patched = dialect.dbapi
+        assert patched is not original
+        assert patched.connect is not stand_in.connect  # hardened as any DBAPI set is
+    assert dialect.dbapi is original
+    del dialect.dbapi
+    with pytest.raises(AttributeError):
+        dialect.dbapi  # noqa: B018
+    dialect.dbapi = original
+    assert dialect.dbapi is original
+
+
+class NotAConnection:
+    """Something a creator might return that is no psycopg connection."""
+
+
+@pytest.mark.parametrize("made", [NotAConnection, object, list])
+def test_a_pooled_object_that_is_no_connection_is_refused(
+    server: PostgresServer, made: type
+) -> None:
+    # Refused as documented, with InsecureConnectionError: it was an AttributeError (no pgconn)
+    # or a TypeError (the weak-key lookup of an object that cannot be weakly referenced).
+    eng = sqlalchemy.create_engine(server.url(scheme="postgresql+safepg"), creator=made)
+    with pytest.raises(OperationalError) as info, eng.connect():
+        pass  # pragma: no cover
+    eng.dispose()
+    assert isinstance(info.value.orig, safepg.InsecureConnectionError)
+    assert "not a psycopg connection" in str(info.value.orig)
+    assert made.__qualname__ in str(info.value.orig)
+
+
+def test_an_async_creator_of_no_connection_is_refused(server: PostgresServer) -> None:
+    async def make() -> Any:
+        return NotAConnection()
+
+    async def main() -> None:
+        eng = sa_create_async_engine(
+            server.url(scheme="postgresql+safepg_async"), async_creator=make
+        )
+        try:
+            async with eng.connect():
+                pass  # pragma: no cover
+        finally:
+            await eng.dispose()
+
+    with pytest.raises(OperationalError) as info:
+        asyncio.run(main())
+    assert isinstance(info.value.orig, safepg.InsecureConnectionError)
+    assert "NotAConnection" in str(info.value.orig)
+
+
+class Proxy:
+    """A connection proxy as SQLAlchemy's testing DBAPIProxyConnection: hands everything on."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def __getattr__(self, key: str) -> Any:
+        return getattr(self.conn, key)
+
+
+@pytest.mark.parametrize("opened", ["safepg", "verify-full", "require"])
+def test_a_proxy_of_a_connection_is_judged_by_its_connection(
+    server: PostgresServer, opened: str
+) -> None:
+    # SQLAlchemy's own tests (test_reconnect's ping_fixture) wrap the dialect's connections so.
+    if opened == "safepg":
+        make = lambda: Proxy(safepg.connect(server.conninfo()))  # noqa: E731
+    else:
+        conninfo = server.conninfo(sslmode=opened)
+        make = lambda: Proxy(psycopg.connect(conninfo))  # noqa: E731
+    # As that fixture: without the dialect's first-connect setup (psycopg's type registration
+    # wants a Connection itself).
+    url = server.url(scheme="postgresql+safepg")
+    eng = sqlalchemy.create_engine(url, creator=make, _initialize=False)
+    try:
+        if opened == "require":
+            with pytest.raises(OperationalError) as info, eng.connect():
+                pass  # pragma: no cover
+            assert isinstance(info.value.orig, safepg.InsecureConnectionError)
+            assert "sslmode=require" in str(info.value.orig)
+        else:
+            with eng.connect() as conn:
+                assert conn.scalar(text("SELECT 1")) == 1
+    finally:
+        eng.dispose()

@@ -4,9 +4,9 @@
 ``sqlalchemy.testing.suite`` ships with SQLAlchemy and is how third-party dialects show that they
 behave as SQLAlchemy expects. It runs here in a pytest subprocess with SQLAlchemy's plugin, set
 up as a third-party dialect's tests are: a ``conftest.py`` importing the plugin, a ``setup.cfg``
-naming the requirements class, the profile file and the database URL (``[db] default``, which
-``--dburi`` would override). The dialects are found through safepg's ``sqlalchemy.dialects``
-entry points.
+naming the requirements class (safepg's: `safepg.sqlalchemy.requirements`), the profile file
+and the database URL (``[db] default``, which ``--dburi`` would override). The dialects are
+found through safepg's ``sqlalchemy.dialects`` entry points.
 
 SQLAlchemy asks each dialect for its test provisioning (`safepg.sqlalchemy.provision`). Without
 it, the reflection tests' temporary tables cannot be made, and ``pytest -n`` stops at start-up
@@ -67,6 +67,7 @@ SELECT = (
     "or get_indexes or get_schema_names or get_table_names) and not round_trip_custom_json"
 )
 FOLLOWER_TEST = "FollowerDatabaseTest"
+PSYCOPG_ONLY_TEST = "PsycopgOnlyTest"
 
 SETUP_CFG = """\
 [tool:pytest]
@@ -80,7 +81,7 @@ markers =
     mypy
 
 [sqla_testing]
-requirement_cls = requirements:Requirements
+requirement_cls = safepg.sqlalchemy.requirements:Requirements
 profile_file = profiles.txt
 
 [db]
@@ -93,46 +94,6 @@ import pytest
 pytest.register_assert_rewrite("sqlalchemy.testing.assertions")
 
 from sqlalchemy.testing.plugin.pytestplugin import *  # noqa: E402, F403
-"""
-
-REQUIREMENTS = """\
-from sqlalchemy.testing import exclusions
-from sqlalchemy.testing.requirements import SuiteRequirements
-
-
-class Requirements(SuiteRequirements):
-    # PostgreSQL's, where SQLAlchemy's generic class says no.
-    @property
-    def index_reflects_included_columns(self):
-        return exclusions.open()
-
-    @property
-    def autocommit(self):
-        return exclusions.open()
-
-    @property
-    def isolation_level(self):
-        return exclusions.open()
-
-    def get_isolation_levels(self, config):
-        return {
-            "default": "READ COMMITTED",
-            "supported": [
-                "AUTOCOMMIT",
-                "READ COMMITTED",
-                "READ UNCOMMITTED",
-                "REPEATABLE READ",
-                "SERIALIZABLE",
-            ],
-        }
-
-    @property
-    def datetime_timezone(self):
-        return exclusions.open()
-
-    @property
-    def json_type(self):
-        return exclusions.open()
 """
 
 TEST_SUITE = f"""\
@@ -149,6 +110,7 @@ TEST_PROVISION = f"""\
 import uuid
 
 from sqlalchemy import text
+from sqlalchemy import testing
 from sqlalchemy.testing import config, engines, fixtures, provision
 
 
@@ -167,6 +129,19 @@ class {FOLLOWER_TEST}(fixtures.TestBase):
             eng.dispose()
         finally:
             provision.drop_follower_db(ident)
+
+
+class {PSYCOPG_ONLY_TEST}(fixtures.TestBase):
+    # SQLAlchemy's own tests key psycopg's on its driver name; safepg's dialects are psycopg's,
+    # and safepg's requirements class says so.
+    __only_on__ = "postgresql+psycopg"
+    __backend__ = True
+
+    def test_generated_for_psycopgs_dialects(self):
+        assert testing.against("postgresql+psycopg")
+        assert testing.against("+psycopg")
+        assert not testing.against("+psycopg2")
+        assert not testing.against("+asyncpg")
 """
 
 
@@ -213,7 +188,6 @@ def _write_project(root: Path, url: URL) -> None:
     for name, text in {
         "setup.cfg": SETUP_CFG.replace("DBURI", dburi),
         "conftest.py": CONFTEST,
-        "requirements.py": REQUIREMENTS,
         "test_provision.py": TEST_PROVISION,
         "test_suite.py": TEST_SUITE,
     }.items():
@@ -275,8 +249,10 @@ def test_sqlalchemys_dialect_suite(suite_url: URL, tmp_path: Path, driver: str) 
     assert not failed, output
     # Every class chosen ran, so that the subset cannot shrink unnoticed, and the tests that
     # need the provisioning passed.
-    expected = {name for names in SUITE.values() for name in names} | {FOLLOWER_TEST}
+    expected = {name for names in SUITE.values() for name in names}
+    expected |= {FOLLOWER_TEST, PSYCOPG_ONLY_TEST}
     assert {cls for cls, n in outcomes.items() if n["passed"]} == expected, outcomes
     assert outcomes[FOLLOWER_TEST]["passed"] == 1
+    assert outcomes[PSYCOPG_ONLY_TEST]["passed"] == 1
     assert outcomes["ComponentReflectionTest"]["passed"] >= 10
     assert sum(n["passed"] for n in outcomes.values()) >= 100, output

@@ -20,6 +20,7 @@ options go there too: ``allow_unencrypted_unix_socket``, ``verify_as``, and for 
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Callable
 from typing import Any
@@ -102,6 +103,7 @@ def _driver() -> types.ModuleType:
 
         opener = connect_psycopg2
 
+    @functools.wraps(opener)
     def connect_named(*args: Any, **kwargs: Any) -> Any:
         with keywords_from(DJANGO_NAMES):
             return opener(*args, **kwargs)

@@ -52,11 +52,12 @@ import inspect
 import logging
 import re
 import types
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
-from psycopg import AsyncConnection, Connection
+from psycopg import AsyncConnection, Connection, pq
 from psycopg.pq import ExecStatus
 
 try:
@@ -389,9 +390,15 @@ def _through_safepg(driver: Any) -> Callable[..., Connection[Any]]:
 
 def _unverified(conn: Any) -> str | None:
     """Why a connection that safepg did not open is below policy, or None. No round trip."""
-    if conn in _check._plans:  # opened by safepg, and checked then
-        return None
-    pgconn = conn.pgconn
+    if isinstance(conn, (Connection, AsyncConnection)) and conn in _check._plans:
+        return None  # opened by safepg, and checked then
+    # A proxy of a connection (SQLAlchemy's DBAPIProxyConnection, a tracing wrapper) is judged
+    # by the libpq connection it hands on. Anything else has no TLS state to read: refused as
+    # such, not by the TypeError or AttributeError that a look-up in _plans or at its pgconn
+    # would raise.
+    pgconn = getattr(conn, "pgconn", None)
+    if not isinstance(pgconn, pq.PGconn):
+        return f"it is not a psycopg connection but {shown(_type_name(conn))}"
     if not pgconn.ssl_in_use:
         return "the session is not encrypted (libpq reports no TLS in use)"
     sslmode = _check._sslmode(pgconn)
@@ -403,6 +410,11 @@ def _unverified(conn: Any) -> str | None:
     if protocol not in _check.ACCEPTED_PROTOCOLS:
         return f"it uses {shown(protocol)}, below the TLS 1.2 minimum"
     return None
+
+
+def _type_name(obj: Any) -> str:
+    kind = type(obj)
+    return f"{kind.__module__}.{kind.__qualname__}"
 
 
 def _refuse_unverified(conn: Any) -> None:
@@ -440,24 +452,62 @@ class _DBAPI(types.ModuleType):
         return f"<safepg's DBAPI for {self.driver!r}>"
 
 
+def _safe_creator(kw: dict[str, Any], default_opener: Any, has_params: bool) -> Any:
+    """The ``async_creator_fn`` that an adapter's ``connect`` is to use: *kw*'s (popped), made
+    safe, or *default_opener* through safepg.
+
+    A creator given with connection parameters is the opener (``AsyncConnection.connect``'s
+    call shape) and gets the hardened parameters; given alone, it is called as it is, and what
+    it returns is refused unless it is verified. One that is safepg's already stays as it is.
+    """
+    creator = kw.pop("async_creator_fn", None)
+    if creator is None:
+        return _through_safepg_async(default_opener)
+    if creator is connect_async or creator in _HARDENING_OPENERS:
+        return creator
+    if has_params or kw:
+        return _through_safepg_async(creator)
+    return _checked(creator)
+
+
 class _AsyncDBAPI(PsycopgAdaptDBAPI):
     """The async dialect's DBAPI: SQLAlchemy's psycopg adapter, connecting through safepg.
 
-    ``connect(...)`` opens with `safepg.connect_async`. An ``async_creator_fn`` given with
-    connection parameters is the opener (``AsyncConnection.connect``'s call shape) and gets the
-    hardened parameters; given alone (``create_async_engine(async_creator=...)``), it is called
-    as it is, and what it returns is refused unless it is verified.
+    ``connect(...)`` opens with `safepg.connect_async`; an ``async_creator_fn`` is made safe
+    as `_safe_creator` says.
     """
 
     def connect(self, *arg: Any, **kw: Any) -> Any:
-        creator = kw.pop("async_creator_fn", None)
-        if creator is None:
-            kw["async_creator_fn"] = _through_safepg_async(self.psycopg.AsyncConnection.connect)
-        elif arg or kw:
-            kw["async_creator_fn"] = _through_safepg_async(creator)
-        else:
-            kw["async_creator_fn"] = _checked(creator)
+        opener = self.psycopg.AsyncConnection.connect
+        kw["async_creator_fn"] = _safe_creator(kw, opener, bool(arg))
         return super().connect(*arg, **kw)  # type: ignore[no-untyped-call]
+
+
+class _WrappedAsyncDBAPI(types.ModuleType):
+    """The async dialect's DBAPI for ``module=W``, where W is a DBAPI in SQLAlchemy's adapted
+    form that hands its calls on to another (SQLAlchemy's test ``ReconnectFixture``, a
+    tracing wrapper): W's attributes, and W's ``connect``, given a safe ``async_creator_fn``.
+
+    W's ``connect`` is expected to pass the ``async_creator_fn`` on to an adapter's, as
+    SQLAlchemy's adapters take it; whatever it returns is checked by the pool all the same.
+    """
+
+    def __init__(self, wrapped: Any) -> None:
+        super().__init__(type(wrapped).__name__, None)
+        self.wrapped = wrapped
+
+    def __getattr__(self, name: str) -> Any:
+        if "wrapped" not in self.__dict__:  # not initialised (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.__dict__["wrapped"], name)
+
+    def connect(self, *arg: Any, **kw: Any) -> Any:
+        opener = self.wrapped.AsyncConnection.connect
+        kw["async_creator_fn"] = _safe_creator(kw, opener, bool(arg))
+        return self.wrapped.connect(*arg, **kw)
+
+    def __repr__(self) -> str:
+        return f"<safepg's DBAPI for {self.wrapped!r}>"
 
 
 # SQLAlchemy 2.1's adapter also takes psycopg's ExecStatus; 2.0's takes the module only.
@@ -478,6 +528,10 @@ def _adapted(module: Any) -> _AsyncDBAPI:
     return _AsyncDBAPI(module)  # type: ignore[call-arg,unused-ignore]
 
 
+# The openers _through_safepg_async made: they harden what they are given, and check.
+_HARDENING_OPENERS: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
+
+
 def _through_safepg_async(opener: Any) -> Callable[..., Awaitable[AsyncConnection[Any]]]:
     if opener == AsyncConnection.connect:
         return connect_async
@@ -489,6 +543,7 @@ def _through_safepg_async(opener: Any) -> Callable[..., Awaitable[AsyncConnectio
         )
         return conn
 
+    _HARDENING_OPENERS.add(connect_with)
     return connect_with
 
 
@@ -498,7 +553,8 @@ def _checked(creator: Any) -> Callable[[], Awaitable[AsyncConnection[Any]]]:
         try:
             _refuse_unverified(conn)
         except InsecureConnectionError:
-            await conn.close()
+            if isinstance(conn, AsyncConnection):  # anything else: not safepg's to close
+                await conn.close()
             raise
         return conn
 
@@ -512,7 +568,7 @@ def _sync_dbapi(value: Any) -> Any:
 
 
 def _async_dbapi(value: Any) -> Any:
-    if value is None or isinstance(value, _AsyncDBAPI):
+    if value is None or isinstance(value, (_AsyncDBAPI, _WrappedAsyncDBAPI)):
         return value
     if isinstance(value, PsycopgAdaptDBAPI):
         return _adapted(value.psycopg)
@@ -521,6 +577,12 @@ def _async_dbapi(value: Any) -> Any:
             f"{value!r} has no AsyncConnection.connect(): postgresql+safepg_async needs a "
             "psycopg-like DBAPI module"
         )
+    if "AsyncConnection" not in getattr(value, "__dict__", {}) and hasattr(value, "paramstyle"):
+        # Not a module like psycopg's (whose attributes the adapter copies from its __dict__)
+        # but a DBAPI that hands its attributes on from another, such as SQLAlchemy's
+        # ReconnectFixture of the dialect's own DBAPI: adapting that as a module failed with
+        # "'_AsyncDBAPI' object has no attribute 'paramstyle'".
+        return _WrappedAsyncDBAPI(value)
     return _adapted(value)
 
 
@@ -559,13 +621,25 @@ class _Safe:
     def load_provisioning(cls) -> None:
         _load_provisioning()
 
+    # A property, so that every DBAPI set is hardened, with a deleter: mock.patch.object(dialect,
+    # "dbapi", ...) sets, then deletes and, the attribute being gone, sets the original again.
     @property
     def dbapi(self) -> Any:
-        return self.__dict__.get("_safepg_dbapi")
+        try:
+            return self.__dict__["_safepg_dbapi"]
+        except KeyError:
+            raise AttributeError("dbapi") from None
 
     @dbapi.setter
     def dbapi(self, value: Any) -> None:
         self.__dict__["_safepg_dbapi"] = self._harden_dbapi(value)
+
+    @dbapi.deleter
+    def dbapi(self) -> None:
+        try:
+            del self.__dict__["_safepg_dbapi"]
+        except KeyError:
+            raise AttributeError("dbapi") from None
 
     @classmethod
     def get_async_dialect_cls(cls, url: URL) -> type[SafePGAsyncDialect]:
