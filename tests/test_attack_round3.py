@@ -7,6 +7,7 @@ import os
 import shutil
 import ssl
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -109,11 +110,36 @@ def test_a_crl_directory_that_cannot_be_listed_is_refused(
         try:
             os.listdir(rogue)
         except PermissionError:
-            pass
-        else:
-            pytest.skip("this process lists every directory (root with CAP_DAC_READ_SEARCH)")
-        with pytest.raises(ConfigurationError, match="cannot be listed"):
-            safepg.secure_conninfo("host=db.example.com", sslcrldir=str(rogue))
+            with pytest.raises(ConfigurationError, match="cannot be listed"):
+                safepg.secure_conninfo("host=db.example.com", sslcrldir=str(rogue))
+            return
+        # Root lists every directory: the check runs in a child without the capabilities that
+        # let it (as a root service confined by systemd's CapabilityBoundingSet would be).
+        if os.geteuid() != 0 or shutil.which("setpriv") is None:
+            pytest.skip("this process lists every directory, and setpriv cannot drop that")
+        code = (
+            "import os, sys, safepg\n"
+            "try:\n    os.listdir(sys.argv[1])\nexcept PermissionError:\n    pass\n"
+            "else:\n    print('listed')\n    sys.exit()\n"
+            "try:\n    safepg.secure_conninfo('host=db.example.com', sslcrldir=sys.argv[1])\n"
+            "except safepg.ConfigurationError as ex:\n"
+            "    print('refused', 'cannot be listed' in str(ex))\n"
+            "else:\n    print('accepted')\n"
+        )
+        proc = subprocess.run(
+            [
+                *("setpriv", "--bounding-set=-dac_override,-dac_read_search"),
+                *(sys.executable, "-c", code, str(rogue)),
+            ],
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if proc.stdout.strip() == "listed" or "setpriv:" in proc.stderr:
+            pytest.skip(f"cannot drop root's directory access here: {proc.stderr.strip()[:200]}")
+        assert proc.stdout.strip() == "refused True", proc.stderr[-2000:]
     finally:
         rogue.chmod(0o755)
 
