@@ -106,18 +106,10 @@ _indexes: dict[str, tuple[_StatKey, _Index]] = {}
 _known: dict[str, tuple[_StatKey, str]] = {}
 
 
-def _stat_key(path: str) -> _StatKey | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 def _digest(path: str) -> str | None:
     """The digest of the full set at *path*, if known in this process for its current stat key:
     parsed here, or recorded by a process that parsed it (`_warm_start`)."""
-    key = _stat_key(path)
+    key = _trust.file_key(path)
     if key is None:
         return None
     parsed = _indexes.get(path)
@@ -130,7 +122,7 @@ def _digest(path: str) -> str | None:
 
 
 def _index(path: str) -> _Index | None:
-    key = _stat_key(path)
+    key = _trust.file_key(path)
     if key is None:
         return None
     memo = _indexes.get(path)
@@ -362,7 +354,7 @@ def _warm_start(plan: Plan, libpq: int) -> Plan | None:
     """
     full = plan.trust
     record = _read_json(_trust_record_name(full.path))
-    stat_key = _stat_key(full.path)
+    stat_key = _trust.file_key(full.path)
     if record is None or stat_key is None:
         return None
     digest = record.get("digest")
@@ -398,7 +390,7 @@ def _warm_start(plan: Plan, libpq: int) -> Plan | None:
         source = TrustSource(str(path), _label(full, len(anchors), keys), full.origin)
     else:
         return None
-    small_key = _stat_key(source.path)
+    small_key = _trust.file_key(source.path)
     if small_key is None:
         return None
     _known[full.path] = (stat_key, digest)
@@ -586,7 +578,7 @@ def _build(
         source = TrustSource(
             str(path), _label(plan.trust, len(fingerprints), keys), plan.trust.origin
         )
-    stat_key = _stat_key(source.path)
+    stat_key = _trust.file_key(source.path)
     if stat_key is not None:
         _memo[keys] = (source, stat_key, direct)
         _write_records(plan.trust, keys, fingerprints, source)
@@ -597,7 +589,7 @@ def _still_good(source: TrustSource, stat_key: _StatKey, full: TrustSource) -> b
     """The memoized trust file is as it was: a small file safepg wrote is checked with its
     directories (`_cache.unchanged`); the caller's own file by its stat key."""
     if source.path == full.path:
-        return _stat_key(source.path) == stat_key
+        return _trust.file_key(source.path) == stat_key
     return _cache.unchanged(source.path)
 
 

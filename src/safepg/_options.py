@@ -482,7 +482,7 @@ def crls(path: str | None, origin: str) -> bytes:
 
 def _stat(path: str) -> tuple[int, int, int] | None:
     try:
-        return _trust._stat_key(os.stat(path))
+        return _trust.stat_key(os.stat(path))
     except OSError:
         return None
 
@@ -532,7 +532,7 @@ def _check_crl_dir(crldir: str, where: str) -> None:
         return  # OpenSSL finds nothing under it either
     if not stat.S_ISDIR(st.st_mode):
         return
-    key = _trust._stat_key(st)
+    key = _trust.stat_key(st)
     if (crldir, key) in _CLEAN:
         return
     try:

@@ -68,14 +68,6 @@ def _same_environment(snapshot: dict[Any, Any]) -> bool:
     return isinstance(_ENVIRON, dict) and snapshot == _ENVIRON
 
 
-def _stat_key(path: str) -> _StatKey | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 def _default_root() -> tuple[str | None, bool]:
     root = _trust.libpq_default_root()
     return (None, False) if root is None else (str(root), os.path.exists(root))
@@ -124,7 +116,7 @@ def plan_for(
             kept, snapshot, trust_key, default_root = found
             if (
                 _same_environment(snapshot)
-                and _stat_key(kept.trust.path) == trust_key
+                and _trust.file_key(kept.trust.path) == trust_key
                 and _same_default_root(default_root)
             ):
                 # libpq loads certificates from CRL files as trust anchors: a file that changed
@@ -156,7 +148,7 @@ def plan_for(
         or not _same_environment(environ)
     ):
         return plan
-    stat_key = _stat_key(plan.trust.path)
+    stat_key = _trust.file_key(plan.trust.path)
     if stat_key is None:
         return plan
     without = replace(plan, params={k: v for k, v in plan.params.items() if k not in secrets})

@@ -165,7 +165,7 @@ def cached_context(trust: TrustSource, *, tls13: bool = False, crl: bytes = b"")
     connections, so sealed."""
     crl_key = hashlib.sha256(crl).hexdigest() if crl else ""
     try:
-        key = (trust.path, _trust._stat_key(os.stat(trust.path)), tls13, crl_key)
+        key = (trust.path, _trust.stat_key(os.stat(trust.path)), tls13, crl_key)
     except OSError:
         return new_context(trust, tls13=tls13, sealed=True, crl=crl)
     ctx = _contexts.get(key)

@@ -86,8 +86,18 @@ WELL_KNOWN_STORE_FILES = (
 _valid_files: dict[str, tuple[int, int, int]] = {}
 
 
-def _stat_key(st: os.stat_result) -> tuple[int, int, int]:
+def stat_key(st: os.stat_result) -> tuple[int, int, int]:
+    """A file's version on disk: inode, size and modification time (ns)."""
     return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def file_key(path: str) -> tuple[int, int, int, int] | None:
+    """*path*'s version on disk with its device (None when it cannot be stat'ed)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _record_name(path: str) -> str:
@@ -133,7 +143,7 @@ def record_checked(path: str) -> None:
         st = os.stat(path)
     except OSError:
         return
-    if _valid_files.get(path) == _stat_key(st):
+    if _valid_files.get(path) == stat_key(st):
         _record_valid(path, st)
 
 
@@ -149,10 +159,10 @@ def check_ca_file(path: str, named_by: str) -> None:
     problem = None
     try:
         st = os.stat(path)
-        if _valid_files.get(path) == _stat_key(st):
+        if _valid_files.get(path) == stat_key(st):
             return
         if stat.S_ISREG(st.st_mode) and _recorded_valid(path, st):
-            _valid_files[path] = _stat_key(st)
+            _valid_files[path] = stat_key(st)
             return
         if not stat.S_ISREG(st.st_mode):
             problem = "is not a regular file"
@@ -173,7 +183,7 @@ def check_ca_file(path: str, named_by: str) -> None:
             "other trust anchors when you name a file: fix the path or the file, or remove the "
             "setting to let safepg choose."
         )
-    _valid_files[path] = _stat_key(st)
+    _valid_files[path] = stat_key(st)
     _record_valid(path, st)
 
 
@@ -345,7 +355,7 @@ def _warn_if_expiring(path: str, label: str) -> None:
     """Warn (once) about anchors of a bundled file expiring within 90 days: every one of them
     may be the anchor a server of that provider relies on."""
     try:
-        key = _stat_key(os.stat(path))
+        key = stat_key(os.stat(path))
         if _expiry_checked.get(path) == key:
             return
         with open(path, "rb") as f:
@@ -457,7 +467,7 @@ def _union(sources: Sequence[TrustSource]) -> TrustSource:
     Made once while the sources are unchanged, not re-read on every connect. If the file itself
     changes on disk (tampering, a partial write), it is checked and rebuilt.
     """
-    key = tuple((s.path, _stat_key(os.stat(s.path))) for s in sources)
+    key = tuple((s.path, stat_key(os.stat(s.path))) for s in sources)
     memo = _union_memo.get(key)
     if memo is not None and _cache.unchanged(memo.path):
         return memo
