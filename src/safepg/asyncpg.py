@@ -35,6 +35,7 @@ from ._deadline import Deadline
 from ._environ import getenv
 from ._errors import ConfigurationError, InsecureConnectionError, SafePGError
 from ._params import Plan, _raise_logged, as_optional_bool, build_plan, keyword_origin
+from ._plans import plan_for
 from ._trust import TrustSource
 from ._typos import unknown_option
 
@@ -439,7 +440,7 @@ async def connect(
             kwargs[name] = _seconds(name, kwargs[name])
     # A CA fetch from a provider's API (rare: then cached) runs in a thread, off the loop.
     plan = await _fetch.off_loop(
-        lambda: build_plan(
+        lambda: plan_for(
             dsn or "", libpq_kwargs, allow_unencrypted_unix_socket=allow_unencrypted_unix_socket
         )
     )
