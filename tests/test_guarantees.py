@@ -1,0 +1,404 @@
+"""Security decisions that a careless refactor could break without any other test noticing.
+
+Each test here was written against a mutant: the decision removed or inverted, one at a time
+(see mutation/RESULTS.md). Each fails on that mutant and passes on the code as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import ssl
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import certifi
+import psycopg
+import pytest
+
+import safepg
+from safepg import ConfigurationError, InsecureConnectionError, _cache, _check, _fastpath, _params
+from safepg._cli import main
+from safepg._password import ConnectTarget
+from safepg._redact import redact
+from safepg.testing import CertificateAuthority, PostgresServer
+
+from .conftest import CertificateShop
+
+# -- the cache's chain of directories: owner and group-writable checks --------------------------
+
+NOBODY = 65534
+OTHER = 64999  # a user id nobody on this machine has: "another user"
+
+needs_root = pytest.mark.skipif(
+    os.name != "posix" or os.geteuid() != 0,
+    reason="making directories of other users and running as another user needs root",
+)
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[Path]:
+    """A directory every user can reach (tmp_path's parents are root's, mode 0700).
+
+    Made with mkdtemp next to pytest's own directories and removed afterwards: the user
+    ``nobody`` must be able to walk to it from ``/``.
+    """
+    base = Path(tempfile.mkdtemp(prefix="safepg-guarantees-"))
+    try:
+        base.chmod(0o755)
+        yield Path(os.path.realpath(base))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def as_user(uid: int, fn: Callable[[], object]) -> object:
+    """Run *fn* in a forked child whose real and effective user is *uid*; return its result."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 0
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            result: object = fn()
+        except BaseException as ex:  # reported to the parent
+            result, code = {"error": repr(ex)}, 1
+        with contextlib.suppress(BaseException):
+            os.write(write, json.dumps(result).encode())
+        os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        data = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, data
+    return json.loads(data)
+
+
+def make(path: Path, mode: int, uid: int = 0) -> Path:
+    path.mkdir()
+    os.chown(path, uid, uid)
+    path.chmod(mode)
+    return path
+
+
+@needs_root
+def test_owner_check_as_another_user(world: Path) -> None:
+    """As ``nobody``: the cache must be its own; above it, root's or its own, nobody else's."""
+    mine = make(world / "mine", 0o700, NOBODY)
+    roots = make(world / "roots", 0o755)
+    other = make(world / "other", 0o755, OTHER)
+    under_other = make(other / "cache", 0o700, NOBODY)
+    under_root = make(roots / "cache", 0o700, NOBODY)
+    sticky = make(world / "sticky", 0o1777, NOBODY)  # sticky, but not root's
+    under_sticky = make(sticky / "cache", 0o700, NOBODY)
+
+    def look() -> dict[str, Any]:
+        assert os.geteuid() == NOBODY
+        return {
+            "mine": _cache.chain_problem(str(mine)),
+            "under_root": _cache.chain_problem(str(under_root)),
+            "roots": _cache.chain_problem(str(roots)),
+            "roots_may_own": _cache.chain_problem(str(roots), root_may_own=True),
+            "under_other": _cache.chain_problem(str(under_other)),
+            "other": _cache.chain_problem(str(other), root_may_own=True),
+            "under_sticky": _cache.chain_problem(str(under_sticky)),
+        }
+
+    found = as_user(NOBODY, look)
+    assert isinstance(found, dict)
+    assert found["mine"] is None
+    assert found["under_root"] is None  # root's directories above it are fine
+    assert found["roots_may_own"] is None
+    # The cache itself belongs to root: refused unless the caller allows it (trust files).
+    assert f"{roots} belongs to another user (uid 0)" in found["roots"]
+    # A directory of a third user above the cache: that user could swap the cache.
+    assert f"{other} belongs to another user (uid {OTHER})" in found["under_other"]
+    assert f"{other} belongs to another user (uid {OTHER})" in found["other"]
+    # The sticky bit protects only in root's directories: its owner may rename anything.
+    assert f"{sticky} can be written by other users" in found["under_sticky"]
+
+
+@needs_root
+def test_cache_under_another_users_directory_is_refused(world: Path) -> None:
+    other = make(world / "other", 0o755, OTHER)
+    with pytest.raises(ConfigurationError, match=f"belongs to another user .uid {OTHER}."):
+        _cache.private_dir(other / "safepg")
+    # The same place, once it is root's (this user's): accepted.
+    os.chown(other, 0, 0)
+    assert _cache.private_dir(other / "safepg") == other / "safepg"
+
+
+@needs_root
+@pytest.mark.parametrize("mode", [0o770, 0o730, 0o707])
+def test_cache_under_a_directory_others_can_write_is_refused(world: Path, mode: int) -> None:
+    """Group-writable is as bad as world-writable (the suite elsewhere only tries 0777)."""
+    parent = make(world / "parent", mode)
+    with pytest.raises(ConfigurationError, match="can be written by other users") as info:
+        _cache.private_dir(parent / "safepg")
+    assert f"{parent} can be written" in str(info.value)
+
+
+@needs_root
+def test_sticky_directory_of_roots_is_accepted_above_the_cache_only(world: Path) -> None:
+    shared = make(world / "shared", 0o1777)  # /tmp's kind
+    assert _cache.private_dir(shared / "safepg") == shared / "safepg"
+    with pytest.raises(ConfigurationError, match="can be written by other users"):
+        _cache.private_dir(shared)  # never as the cache itself
+
+
+@needs_root
+@pytest.mark.parametrize("mode", [0o720, 0o702, 0o1770])
+def test_a_cache_directory_others_can_write_is_refused(world: Path, mode: int) -> None:
+    cache = make(world / "safepg", mode)
+    with pytest.raises(ConfigurationError, match="can be written by other users"):
+        _cache.private_dir(cache)
+
+
+# -- redaction ---------------------------------------------------------------------------------
+
+
+def test_redact_masks_each_listed_secret_wherever_it_appears() -> None:
+    # Nothing marks these as passwords but the list: no "password=", no URL user-info.
+    text = "server said: token eyJ0eXAi.abc rejected; retry with eyJ0eXAi.abc or s3cr"
+    out = redact(text, ["eyJ0eXAi.abc", None, "s3cr"])
+    assert "eyJ0eXAi" not in out
+    assert "s3cr" not in out  # four characters: long enough to be looked for
+    assert out == "server said: token *** rejected; retry with *** or ***"
+    # Three characters are too short to be searched for in free text (the message would be
+    # garbled), but are still masked after password=.
+    assert redact("abc password=abc", ["abc"]) == "abc password=***"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("sslpassword=hunter2 host=db", "sslpassword=*** host=db"),
+        ("host=db sslpassword = 'hun ter2' x=1", "host=db sslpassword = *** x=1"),
+        (
+            "postgresql://db/app?sslpassword=hunter2&user=u",
+            "postgresql://db/app?sslpassword=***&user=u",
+        ),
+        ("SSLPASSWORD=hunter2", "SSLPASSWORD=***"),
+        ("postgresql://u:hunter2@db/app", "postgresql://u:***@db/app"),
+    ],
+)
+def test_redact_masks_sslpassword_in_text(text: str, expected: str) -> None:
+    assert redact(text) == expected
+
+
+def test_the_plan_lists_both_secrets(server: PostgresServer) -> None:
+    plan = _params.build_plan(server.conninfo(sslpassword="key-pass-phrase"), {})
+    assert server.password in plan.secrets
+    assert "key-pass-phrase" in plan.secrets
+
+
+# -- the fast path never learns a multi-host plan from a probe --------------------------------
+
+
+def test_multi_host_plan_is_never_learned_by_a_probe(
+    server: PostgresServer, tmp_path: Path, stalled_port: int
+) -> None:
+    """A probe reads an unauthenticated chain: for a multi-host plan, whose anchors decide
+    which host libpq silently moves on to, only verified sessions teach."""
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(Path(certifi.where()).read_bytes() + server.ca.cert_pem)
+
+    def probes_started(conninfo: str) -> int:
+        plan = _params.build_plan(f"{conninfo} sslrootcert={bundle} connect_timeout=2", {})
+        # The session could not be read (another TLS library): only a probe could teach.
+        _fastpath.learn_from_session(plan, 0, None, server.major_version * 10000, timeout=2)
+        with _fastpath._locks_guard:
+            return len(_fastpath._probing)
+
+    hosts = "host=localhost,127.0.0.1 hostaddr=127.0.0.1,127.0.0.1"
+    assert probes_started(f"{hosts} port={stalled_port},{stalled_port}") == 0
+    # The same for one host does probe (so the check above can see a probe).
+    assert probes_started(f"host=localhost hostaddr=127.0.0.1 port={stalled_port}") == 1
+
+
+# -- presented_chain: the chain OpenSSL verified, not what the server sent ---------------------
+
+
+def test_presented_chain_is_the_verified_chain_not_the_sent_one(
+    server: PostgresServer,
+    certs: CertificateShop,
+    rogue_ca: CertificateAuthority,
+    tmp_path: Path,
+) -> None:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from safepg import _libpq
+
+    leaf = certs.present("localhost", ip_addresses=["127.0.0.1"])
+    # The server sends its leaf, then a CA certificate that has nothing to do with it.
+    padded = dataclasses.replace(leaf, chain=(rogue_ca.cert,))
+    server.use_certificate(padded)
+    rogue_der = rogue_ca.cert.public_bytes(Encoding.DER)
+    sent = _probe_chain(server)
+    assert rogue_der in sent  # the server does send it
+    with safepg.connect(server.conninfo(), fast_path=False) as conn:
+        chain = _libpq.presented_chain(conn.pgconn)
+    if chain is None:
+        pytest.skip("this libpq's session cannot be read (not OpenSSL)")
+    assert chain == [
+        leaf.cert.public_bytes(Encoding.DER),
+        server.ca.cert.public_bytes(Encoding.DER),
+    ]
+    # So the fast path learns only the anchor that verifies, even with the rogue CA in the set.
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(Path(certifi.where()).read_bytes() + rogue_ca.cert_pem + server.ca.cert_pem)
+    conninfo = server.conninfo(sslrootcert=str(bundle))
+    for _ in range(2):
+        with safepg.connect(conninfo) as conn:
+            trust = safepg.check(conn).trust
+    assert trust is not None
+    assert trust.path != str(bundle)
+    assert Path(trust.path).read_bytes().count(b"BEGIN CERTIFICATE") == 1
+    assert Path(trust.path).read_bytes() == server.ca.cert_pem
+
+
+def _probe_chain(server: PostgresServer) -> list[bytes]:
+    from safepg import _probe
+
+    probed = _probe.presented_chain("127.0.0.1", server.port, server_hostname=None, timeout=5)
+    assert probed is not None
+    return list(probed.chain)
+
+
+# -- the socket opt-in never lets an unencrypted TCP session through ---------------------------
+
+
+def test_socket_opt_in_does_not_pass_an_unencrypted_tcp_session(server: PostgresServer) -> None:
+    plan = _params.build_plan(
+        server.conninfo(host=str(server.socket_dir)), {}, allow_unencrypted_unix_socket=True
+    )
+    assert plan.allow_unix_socket
+    with psycopg.connect(server.conninfo(sslmode="disable")) as plain:
+        assert not plain.pgconn.ssl_in_use
+        assert _check.session_problem(plain.pgconn, allow_socket=True) is not None
+        assert _check.tls_problem(False, "127.0.0.1", allow_socket=True) is not None
+        _check._plans[plain] = plan  # as if safepg had opened it, with the opt-in
+        with pytest.raises(InsecureConnectionError, match="below safepg's policy"):
+            safepg.check(plain)
+    # The opt-in does pass a real socket session (so the refusal above is about TCP).
+    with psycopg.connect(server.conninfo(host=str(server.socket_dir), sslmode="disable")) as sock:
+        assert _check.session_problem(sock.pgconn, allow_socket=True) is None
+        _check._plans[sock] = plan
+        assert safepg.check(sock).local_socket
+
+
+def test_asyncpg_socket_opt_in_does_not_pass_an_unencrypted_tcp_session(
+    server: PostgresServer,
+) -> None:
+    asyncpg = pytest.importorskip("asyncpg")
+    import safepg.asyncpg
+
+    plan = _params.build_plan(
+        server.conninfo(host=str(server.socket_dir)), {}, allow_unencrypted_unix_socket=True
+    )
+
+    async def problem() -> str | None:
+        conn = await asyncpg.connect(
+            host="127.0.0.1",
+            port=server.port,
+            user=server.user,
+            password=server.password,
+            database=server.dbname,
+            ssl=False,
+        )
+        try:
+            return safepg.asyncpg._session_problem(conn, plan)
+        finally:
+            await conn.close()
+
+    assert asyncio.run(problem()) == "the session is not encrypted"
+
+
+# -- asyncpg: a caller's context that does not check the host name -----------------------------
+
+
+def test_asyncpg_refuses_a_context_without_host_name_checks_before_connecting(
+    server: PostgresServer,
+) -> None:
+    pytest.importorskip("asyncpg")
+    import safepg.asyncpg
+
+    ctx = ssl.create_default_context(cafile=str(server.ca_path))
+    ctx.check_hostname = False  # the chain is still verified (CERT_REQUIRED)
+    assert ctx.verify_mode == ssl.CERT_REQUIRED
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+
+        async def attempt() -> None:
+            await safepg.asyncpg.connect(
+                host="127.0.0.1",
+                port=listener.getsockname()[1],
+                user=server.user,
+                password=server.password,
+                database=server.dbname,
+                ssl=ctx,
+                timeout=3,
+            )
+
+        with pytest.raises(ConfigurationError, match="check_hostname=True"):
+            asyncio.run(attempt())
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nothing was dialled: the password went nowhere
+
+
+# -- AWS tokens: one per host -----------------------------------------------------------------
+
+
+def test_aws_token_for_one_host_is_never_sent_to_another(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    botocore_session = pytest.importorskip("botocore.session")
+    import safepg.aws
+
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    session = botocore_session.Session()
+    session.set_credentials("AKIDEXAMPLE1234567890", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
+    auth = safepg.aws.IAMAuth(region="eu-central-1", session=session)
+    a = "db-a.abc123xyz.eu-central-1.rds.amazonaws.com"
+    b = "db-b.abc123xyz.eu-central-1.rds.amazonaws.com"
+    token_a = auth(ConnectTarget(a, 5432, "app_iam", "app"))
+    token_b = auth(ConnectTarget(b, 5432, "app_iam", "app"))
+    assert urlsplit("https://" + token_a).hostname == a
+    assert urlsplit("https://" + token_b).hostname == b
+    assert parse_qs(urlsplit("https://" + token_b).query)["DBUser"] == ["app_iam"]
+    assert auth(ConnectTarget(a, 5432, "app_iam", "app")) == token_a  # still cached per host
+
+
+# -- safepg env: a target must name a host ------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["dbname=app", "postgresql:///app", "user=app port=5433"])
+def test_env_refuses_a_target_that_names_no_host(
+    target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["env", target]) == 2
+    out, err = capsys.readouterr()
+    assert "export" not in out
+    assert "Unix-domain socket" in err
+
+
+def test_env_without_a_target_still_exports(
+    server: PostgresServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(server.ca_path))
+    assert main(["env"]) == 0
+    assert "export PGSSLMODE=verify-full" in capsys.readouterr().out
