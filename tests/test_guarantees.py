@@ -196,6 +196,51 @@ def test_redact_masks_sslpassword_in_text(text: str, expected: str) -> None:
     assert redact(text) == expected
 
 
+@pytest.mark.parametrize(
+    ("conninfo", "kwargs", "shown", "hidden"),
+    [
+        # libpq quotes the fragment it choked on, which may be the password.
+        ("postgresql://u:s3cr%zz@db/app", {}, "invalid percent-encoded token (the text", "s3cr"),
+        ("host=db pa55 word=x", {}, "missing '=' after (the text is not shown", "pa55"),
+        # An option named in a conninfo string may be a piece of a badly quoted password.
+        ("host=db hunter2=x", {}, "invalid connection option (its name is not shown", "hunter2"),
+        # One the caller passed as a keyword argument is named: it is not a secret.
+        ("host=db", {"nosuchopt": "1"}, 'invalid connection option "nosuchopt"', "\n"),
+    ],
+)
+def test_libpq_parse_errors_never_quote_the_input(
+    conninfo: str, kwargs: dict[str, str], shown: str, hidden: str
+) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        _params.build_plan(conninfo, kwargs)
+    assert shown in str(info.value)
+    assert hidden not in str(info.value)
+    assert info.value.__context__ is None
+
+
+def test_redact_parse_error_branches() -> None:
+    from safepg._redact import redact_parse_error
+
+    assert redact_parse_error("") == "unknown error"
+    assert redact_parse_error("  \n") == "unknown error"
+    assert redact_parse_error("first line\nsecond s3cret line") == "first line"
+    # No quote at all: the text is kept, with password= masked all the same.
+    assert redact_parse_error("bad password=s3cret here") == "bad password=*** here"
+    # libpq's own quoted characters are kept (as single quotes), not taken for input.
+    assert redact_parse_error('missing "=" after "s3cret" in x') == (
+        "missing '=' after (the text is not shown: it may hold part of a password)"
+    )
+    assert redact_parse_error('unexpected "]" in "s3cret"').startswith("unexpected ']' in (")
+    assert redact_parse_error('bad "?" in "s3cret"').startswith("bad '?' in (")
+    assert redact_parse_error('bad "/" in "s3cret"').startswith("bad '/' in (")
+    option = 'invalid connection option "s3cret"'
+    assert redact_parse_error(option, ["s3cret"]) == option
+    for keywords in ((), ["other"]):
+        out = redact_parse_error(option, keywords)
+        assert out.startswith("invalid connection option (its name is not shown")
+        assert "s3cret" not in out
+
+
 def test_the_plan_lists_both_secrets(server: PostgresServer) -> None:
     plan = _params.build_plan(server.conninfo(sslpassword="key-pass-phrase"), {})
     assert server.password in plan.secrets
