@@ -113,8 +113,14 @@ def work_items(module: Path, operators: list[str], functions: list[str] | None) 
 
 
 def run_target(
-    target: dict[str, Any], operators: list[str], timeout: float, scratch: Path
+    target: dict[str, Any],
+    operators: list[str],
+    timeout: float,
+    scratch: Path,
+    previous: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Run *target*'s mutants; with *previous* (its last results, same module source), only
+    the ones that were not killed then, merged into those results."""
     from cosmic_ray.work_db import WorkDB, use_db  # type: ignore[import-untyped]
     from cosmic_ray.work_item import WorkerOutcome, WorkResult  # type: ignore[import-untyped]
 
@@ -144,6 +150,12 @@ def run_target(
         (item.mutations[0].operator_name, item.mutations[0].occurrence)
         for item in work_items(scratch / module, operators, functions)
     }
+    if previous is not None:
+        wanted &= {
+            (m["operator"], m["occurrence"])
+            for m in previous["mutants"]
+            if m["outcome"] not in ("killed", "timeout")
+        }
     with use_db(session, WorkDB.Mode.open) as db:
         for item in db.work_items:
             spec = item.mutations[0]
@@ -184,14 +196,23 @@ def run_target(
                     "diff": diff if outcome != "killed" else "",
                 }
             )
+    if previous is not None:
+        again = {(m["operator"], m["occurrence"]) for m in mutants}
+        mutants += [m for m in previous["mutants"] if (m["operator"], m["occurrence"]) not in again]
     mutants.sort(key=lambda m: (m["line"], m["operator"], m["occurrence"]))
     return {
+        "source_sha256": hashlib.sha256((ROOT / module).read_bytes()).hexdigest(),
+        "retried": [
+            *(previous.get("retried", []) if previous else []),
+            *([f"{started:%Y-%m-%d %H:%M UTC}: {len(wanted)}"] if previous else []),
+        ],
         "module": module,
         "functions": functions,
         "tests": target["tests"],
         "test_command": test_command.replace(sys.executable, "python"),
-        "started": started.strftime("%Y-%m-%d %H:%M UTC"),
-        "seconds": round((dt.datetime.now(dt.UTC) - started).total_seconds()),
+        "started": previous["started"] if previous else f"{started:%Y-%m-%d %H:%M UTC}",
+        "seconds": round((dt.datetime.now(dt.UTC) - started).total_seconds())
+        + (previous["seconds"] if previous else 0),
         "commit": subprocess.run(
             ["git", "describe", "--always", "--dirty"],
             cwd=ROOT,
@@ -309,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("only", nargs="*", help="run the targets whose module contains these")
     parser.add_argument("--report", action="store_true", help="only rebuild RESULTS.md")
     parser.add_argument("--list", action="store_true", help="list targets and mutant counts")
+    parser.add_argument(
+        "--retry",
+        action="store_true",
+        help="run again only the mutants not killed last time (after adding tests)",
+    )
     args = parser.parse_args(argv)
     config = tomllib.loads(CONFIG.read_text())
     operators = config["operators"]
@@ -326,8 +352,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             scratch_copy(scratch)
             for target in targets:
-                result = run_target(target, operators, float(config["timeout"]), scratch)
                 out = RESULTS_DIR / f"{slug(target['module'])}.json"
+                previous = None
+                if args.retry and out.exists():
+                    previous = json.loads(out.read_text())
+                    source = hashlib.sha256((ROOT / target["module"]).read_bytes()).hexdigest()
+                    if previous.get("source_sha256", source) != source:  # older files: trusted
+                        raise SystemExit(f"{target['module']} changed since its last run: run all")
+                result = run_target(target, operators, float(config["timeout"]), scratch, previous)
                 out.write_text(json.dumps(result, indent=1) + "\n")
                 report(config)
         finally:

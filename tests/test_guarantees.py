@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import ssl
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,7 +46,7 @@ needs_root = pytest.mark.skipif(
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[Path]:
+def world() -> Iterator[Path]:
     """A directory every user can reach (tmp_path's parents are root's, mode 0700).
 
     Made with mkdtemp next to pytest's own directories and removed afterwards: the user
@@ -447,3 +448,114 @@ def test_env_without_a_target_still_exports(
     monkeypatch.setenv("SSL_CERT_FILE", str(server.ca_path))
     assert main(["env"]) == 0
     assert "export PGSSLMODE=verify-full" in capsys.readouterr().out
+
+
+# -- files read back from the cache -------------------------------------------------------------
+
+
+def test_only_private_regular_files_of_this_user_are_read_back(tmp_path: Path) -> None:
+    cache = _cache.private_dir(tmp_path / "cache")
+    good = cache / "good.json"
+    _cache.write_private_file(good, b"{}")
+    assert _cache.read_private_file(good) == b"{}"
+    assert stat.S_IMODE(good.stat().st_mode) == 0o600
+
+    def refused(path: Path) -> None:
+        with pytest.raises(OSError):  # noqa: PT011 - any OSError: the file is not used
+            _cache.read_private_file(path)
+
+    loose = cache / "loose.json"
+    loose.write_bytes(b"{}")
+    for mode in (0o640, 0o604, 0o610):
+        loose.chmod(mode)
+        refused(loose)
+    linked = cache / "linked.json"
+    os.link(good, linked)  # two names: the other one may be in a directory others can write
+    refused(linked)
+    refused(good)
+    linked.unlink()
+    fifo = cache / "fifo.json"
+    os.mkfifo(fifo, 0o600)
+    refused(fifo)
+    (cache / "link.json").symlink_to(good)
+    refused(cache / "link.json")
+    if os.geteuid() == 0:
+        theirs = cache / "theirs.json"
+        theirs.write_bytes(b"{}")
+        theirs.chmod(0o600)
+        os.chown(theirs, OTHER, OTHER)
+        refused(theirs)
+
+
+def test_a_trust_file_is_reused_only_while_it_is_unchanged(tmp_path: Path) -> None:
+    cache = _cache.private_dir(tmp_path / "cache")
+    pem = b"-----BEGIN CERTIFICATE-----\nfake\n-----END CERTIFICATE-----\n"
+    path = _cache.write_trust_file("anchors", pem)
+    assert path.parent == cache
+    assert _cache.unchanged(str(path))
+    assert not _cache.unchanged(str(cache / "never-written.pem"))
+    # Changed behind safepg's back: no longer "unchanged", and rewritten on the next use.
+    path.write_bytes(pem.replace(b"fake", b"evil"))
+    assert not _cache.unchanged(str(path))
+    assert _cache.write_trust_file("anchors", pem) == path
+    assert path.read_bytes() == pem
+    assert _cache.unchanged(str(path))
+    # Written by another process (same content, not remembered here): checked, then reused.
+    _cache.clear_memory()
+    before = path.stat().st_ino
+    assert _cache.write_trust_file("anchors", pem) == path
+    assert path.stat().st_ino == before
+    # A directory above that becomes writable by others: nothing in it is trusted any more.
+    (tmp_path).chmod(0o777)
+    try:
+        assert not _cache.unchanged(str(path))
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def test_a_verified_chain_is_not_checked_again_until_it_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    real = _cache.chain_problem
+
+    def counted(directory: str, *, root_may_own: bool = False) -> str | None:
+        calls.append(directory)
+        return real(directory, root_may_own=root_may_own)
+
+    monkeypatch.setattr(_cache, "chain_problem", counted)
+    location = tmp_path / "cache"
+    first = _cache.private_dir(location)
+    for _ in range(3):
+        assert _cache.private_dir(location) == first
+    assert len(calls) == 1  # lstat of each directory only, while nothing changed
+    location.chmod(0o750)  # a change of mode: checked again, in full
+    assert _cache.private_dir(location) == first
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_a_file_replaced_while_written_is_kept_only_if_identical(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, same: bool
+) -> None:
+    """Another writer (a thread, a process of this user's) replaces the file just after
+    safepg's rename: safepg keeps it only when it holds the same bytes."""
+    cache = _cache.private_dir(tmp_path / "cache")
+    path = cache / "entry.json"
+    real_replace = os.replace
+
+    def and_then_another_writer(src: str, dst: str | Path) -> None:
+        real_replace(src, dst)
+        other = cache / ".other"
+        other.write_bytes(b"{}" if same else b'{"evil": 1}')
+        other.chmod(0o600)
+        real_replace(other, dst)
+
+    monkeypatch.setattr(os, "replace", and_then_another_writer)
+    if same:
+        _cache.write_private_file(path, b"{}")
+        monkeypatch.undo()
+        assert _cache.unchanged(str(path))
+    else:
+        with pytest.raises(ConfigurationError, match="was replaced while safepg wrote it"):
+            _cache.write_private_file(path, b"{}")
