@@ -44,15 +44,15 @@ def log(message: str) -> None:
     print(f"scripts/mutate: {message}", file=sys.stderr, flush=True)
 
 
-def mutant_id(module: str, operator: str, diff: str) -> str:
-    """A name for a mutant that survives unrelated edits: its module, operator and changed
-    lines (without line numbers)."""
+def mutant_id(module: str, function: str | None, operator: str, diff: str) -> str:
+    """A name for a mutant that survives unrelated edits: its module, function, operator and
+    changed lines (without line numbers)."""
     changed = [
         line[0] + line[1:].strip()
         for line in diff.splitlines()
         if line[:1] in "+-" and not line.startswith(("+++", "---"))
     ]
-    text = "\n".join([module, operator, *changed])
+    text = "\n".join([module, str(function), operator, *changed])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -187,7 +187,7 @@ def run_target(
                 outcome = str(result.worker_outcome.value)  # timeout, exception, abnormal
             mutants.append(
                 {
-                    "id": mutant_id(module, spec.operator_name, diff),
+                    "id": mutant_id(module, spec.definition_name, spec.operator_name, diff),
                     "operator": spec.operator_name,
                     "occurrence": spec.occurrence,
                     "function": spec.definition_name,
@@ -245,6 +245,7 @@ def report(config: dict[str, Any]) -> int:
         data = json.loads(path.read_text())
         counts = {"killed": 0, "timeout": 0, "equivalent": 0, "survived": 0, "other": 0}
         for m in data["mutants"]:
+            m["id"] = mutant_id(data["module"], m["function"], m["operator"], m["diff"])
             if m["outcome"] == "killed":
                 counts["killed"] += 1
             elif m["outcome"] == "timeout":

@@ -102,6 +102,7 @@ def test_owner_check_as_another_user(world: Path) -> None:
     under_root = make(roots / "cache", 0o700, NOBODY)
     sticky = make(world / "sticky", 0o1777, NOBODY)  # sticky, but not root's
     under_sticky = make(sticky / "cache", 0o700, NOBODY)
+    hidden = make(world / "hidden", 0o700)  # root's, closed: nobody cannot look inside
 
     def look() -> dict[str, Any]:
         assert os.geteuid() == NOBODY
@@ -113,6 +114,7 @@ def test_owner_check_as_another_user(world: Path) -> None:
             "under_other": _cache.chain_problem(str(under_other)),
             "other": _cache.chain_problem(str(other), root_may_own=True),
             "under_sticky": _cache.chain_problem(str(under_sticky)),
+            "hidden": _cache.chain_problem(str(hidden / "cache")),
         }
 
     found = as_user(NOBODY, look)
@@ -127,6 +129,7 @@ def test_owner_check_as_another_user(world: Path) -> None:
     assert f"{other} belongs to another user (uid {OTHER})" in found["other"]
     # The sticky bit protects only in root's directories: its owner may rename anything.
     assert f"{sticky} can be written by other users" in found["under_sticky"]
+    assert f"{hidden / 'cache'} cannot be checked" in found["hidden"]
 
 
 @needs_root
@@ -505,6 +508,18 @@ def test_a_trust_file_is_reused_only_while_it_is_unchanged(tmp_path: Path) -> No
     before = path.stat().st_ino
     assert _cache.write_trust_file("anchors", pem) == path
     assert path.stat().st_ino == before
+    assert _cache.unchanged(str(path))
+    path.unlink()
+    assert not _cache.unchanged(str(path))  # gone
+    assert _cache.write_trust_file("anchors", pem) == path
+    # Tampered with while this process was not looking: rewritten, not reused.
+    _cache.clear_memory()
+    path.write_bytes(pem.replace(b"fake", b"evil"))
+    assert _cache.write_trust_file("anchors", pem) == path
+    assert path.read_bytes() == pem
+    # The directory changed in a harmless way: checked again in full, and still trusted.
+    cache.chmod(0o750)
+    assert _cache.unchanged(str(path))
     # A directory above that becomes writable by others: nothing in it is trusted any more.
     (tmp_path).chmod(0o777)
     try:
@@ -532,11 +547,19 @@ def test_a_verified_chain_is_not_checked_again_until_it_changes(
     location.chmod(0o750)  # a change of mode: checked again, in full
     assert _cache.private_dir(location) == first
     assert len(calls) == 2
+    location.rmdir()  # removed: made again, and checked
+    assert _cache.private_dir(location) == first
+    assert len(calls) == 3
+    # Missing parents are made too (mode 0700); a place that cannot be made is refused.
+    assert _cache.private_dir(tmp_path / "a" / "b" / "c") == tmp_path / "a" / "b" / "c"
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(ConfigurationError, match="cannot create"):
+        _cache.private_dir(tmp_path / "file" / "cache")
 
 
-@pytest.mark.parametrize("same", [True, False])
+@pytest.mark.parametrize(("same", "mode"), [(True, 0o600), (False, 0o600), (True, 0o644)])
 def test_a_file_replaced_while_written_is_kept_only_if_identical(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, same: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, same: bool, mode: int
 ) -> None:
     """Another writer (a thread, a process of this user's) replaces the file just after
     safepg's rename: safepg keeps it only when it holds the same bytes."""
@@ -548,14 +571,28 @@ def test_a_file_replaced_while_written_is_kept_only_if_identical(
         real_replace(src, dst)
         other = cache / ".other"
         other.write_bytes(b"{}" if same else b'{"evil": 1}')
-        other.chmod(0o600)
+        other.chmod(mode)
         real_replace(other, dst)
 
     monkeypatch.setattr(os, "replace", and_then_another_writer)
-    if same:
+    if same and mode == 0o600:
         _cache.write_private_file(path, b"{}")
         monkeypatch.undo()
         assert _cache.unchanged(str(path))
     else:
         with pytest.raises(ConfigurationError, match="was replaced while safepg wrote it"):
             _cache.write_private_file(path, b"{}")
+
+
+def test_a_failed_write_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = _cache.private_dir(tmp_path / "cache")
+
+    def fails(src: str, dst: str | Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", fails)
+    with pytest.raises(OSError, match="No space left"):
+        _cache.write_private_file(cache / "entry.json", b"{}")
+    assert list(cache.iterdir()) == []
