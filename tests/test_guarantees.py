@@ -596,3 +596,64 @@ def test_a_failed_write_leaves_no_temporary_file(
     with pytest.raises(OSError, match="No space left"):
         _cache.write_private_file(cache / "entry.json", b"{}")
     assert list(cache.iterdir()) == []
+
+
+# -- the session check: what the report says, and what it refuses --------------------------------
+
+
+def test_check_refuses_a_protocol_below_tls_1_2(server: PostgresServer) -> None:
+    with safepg.connect(server.conninfo(hostaddr="127.0.0.1")) as conn:
+        report = safepg.check(conn)
+    assert report.hostaddr == "127.0.0.1"
+    assert report.protocol in _check.ACCEPTED_PROTOCOLS
+    for client, backend in (("TLSv1.1", "TLSv1.3"), (None, "TLSv1"), ("SSLv3", None)):
+        weak = dataclasses.replace(report, protocol=client, backend_protocol=backend)
+        with pytest.raises(InsecureConnectionError, match="below the TLS 1.2 minimum"):
+            _check._finish(weak, None, allow_socket=False)
+    unknown = dataclasses.replace(report, protocol=None, backend_protocol=None)
+    assert _check._finish(unknown, None, allow_socket=False) is unknown  # a pooler in between
+    assert report.port == server.port
+    text = str(report)
+    assert f"({report.bits} bits)" in text
+    assert f"  protocol:      {report.protocol}\n" in text
+    assert f"  TLS library:   {report.ssl_library}\n" in text
+    assert "client cert:" not in text
+    with_client = dataclasses.replace(report, client_dn="/CN=app")
+    assert "  client cert:   /CN=app" in str(with_client)
+
+
+def test_a_socket_session_without_the_opt_in_fails_the_check(server: PostgresServer) -> None:
+    plan = _params.build_plan(server.conninfo(), {})  # no opt-in
+    socket_conninfo = server.conninfo(host=str(server.socket_dir), sslmode="disable")
+    with psycopg.connect(socket_conninfo) as conn:
+        _check._plans[conn] = plan
+        with pytest.raises(InsecureConnectionError, match="below safepg's policy"):
+            safepg.check(conn)
+
+    async def run_async() -> None:
+        async with await psycopg.AsyncConnection.connect(socket_conninfo) as aconn:
+            _check._plans[aconn] = plan
+            with pytest.raises(InsecureConnectionError, match="below safepg's policy"):
+                await safepg.check_async(aconn)
+
+    asyncio.run(run_async())
+
+
+def test_the_report_shows_both_sides_and_cannot_be_altered(server: PostgresServer) -> None:
+    with safepg.connect(server.conninfo()) as conn:
+        report = safepg.check(conn)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        report.verified = False  # type: ignore[misc]
+    text = str(report)
+    assert f"  trust anchors: {report.trust}\n" in text
+    assert f", {report.backend_protocol}, {report.backend_cipher}" in text
+    assert report.backend_ssl is True
+
+    async def async_report() -> safepg.SSLReport:
+        async with await safepg.connect_async(server.conninfo()) as aconn:
+            return await safepg.check_async(aconn)
+
+    seen = asyncio.run(async_report())
+    assert seen.verified
+    assert seen.backend_ssl is True  # the server's side was read too
+    assert seen.backend_protocol == seen.protocol
