@@ -15,6 +15,7 @@ import shutil
 import socket
 import ssl
 import stat
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -432,6 +433,16 @@ def test_aws_token_for_one_host_is_never_sent_to_another(
     assert auth(ConnectTarget(a, 5432, "app_iam", "app")) == token_a  # still cached per host
 
 
+def test_aws_without_botocore_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import safepg.aws
+
+    monkeypatch.setitem(sys.modules, "botocore", None)  # import botocore raises ImportError
+    monkeypatch.setitem(sys.modules, "botocore.session", None)
+    auth = safepg.aws.IAMAuth(region="eu-central-1")
+    with pytest.raises(ConfigurationError, match=r"pip install 'safepg-tls\[aws\]'"):
+        auth(ConnectTarget("db.abc123xyz.eu-central-1.rds.amazonaws.com", 5432, "u", "app"))
+
+
 # -- safepg env: a target must name a host ------------------------------------------------------
 
 
@@ -608,13 +619,13 @@ def test_check_refuses_a_protocol_below_tls_1_2(server: PostgresServer) -> None:
     assert report.protocol in _check.ACCEPTED_PROTOCOLS
     for client, backend in (("TLSv1.1", "TLSv1.3"), (None, "TLSv1"), ("SSLv3", None)):
         weak = dataclasses.replace(report, protocol=client, backend_protocol=backend)
-        with pytest.raises(InsecureConnectionError, match="below the TLS 1.2 minimum"):
+        with pytest.raises(InsecureConnectionError, match=r"below the TLS 1\.2 minimum"):
             _check._finish(weak, None, allow_socket=False)
     unknown = dataclasses.replace(report, protocol=None, backend_protocol=None)
     assert _check._finish(unknown, None, allow_socket=False) is unknown  # a pooler in between
     assert report.port == server.port
     text = str(report)
-    assert f"({report.bits} bits)" in text
+    assert f"  cipher:        {report.cipher} ({report.bits} bits)\n" in text
     assert f"  protocol:      {report.protocol}\n" in text
     assert f"  TLS library:   {report.ssl_library}\n" in text
     assert "client cert:" not in text
@@ -657,3 +668,17 @@ def test_the_report_shows_both_sides_and_cannot_be_altered(server: PostgresServe
     assert seen.verified
     assert seen.backend_ssl is True  # the server's side was read too
     assert seen.backend_protocol == seen.protocol
+
+
+def test_env_leaves_the_environment_as_it_found_it(
+    server: PostgresServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`safepg env` asks libpq with its exports in place, then puts the environment back."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(server.ca_path))
+    monkeypatch.setenv("PGGSSENCMODE", "disable")
+    assert main(["env", "host=db.example.com"]) == 0
+    assert "export PGSSLMODE=verify-full" in capsys.readouterr().out
+    assert "PGSSLMODE" not in os.environ
+    assert "PGSSLROOTCERT" not in os.environ
+    assert "PGSSLMINPROTOCOLVERSION" not in os.environ
+    assert os.environ["PGGSSENCMODE"] == "disable"
