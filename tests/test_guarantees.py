@@ -682,3 +682,63 @@ def test_env_leaves_the_environment_as_it_found_it(
     assert "PGSSLROOTCERT" not in os.environ
     assert "PGSSLMINPROTOCOLVERSION" not in os.environ
     assert os.environ["PGGSSENCMODE"] == "disable"
+
+
+def test_token_margin_bounds() -> None:
+    from safepg._tokens import margin_seconds
+
+    assert margin_seconds(0) == 0.0  # no margin is allowed: the token is used until it expires
+    assert margin_seconds(899, 900) == 899.0
+    for margin, lifetime in ((-1, None), (-0.5, 900), (900, 900), (float("nan"), None)):
+        with pytest.raises(ConfigurationError, match="margin must be 0 or more seconds") as info:
+            margin_seconds(margin, lifetime)
+        assert ("token lifetime (900 s)" in str(info.value)) is (lifetime is not None)
+
+
+def test_azure_errors_auth_failures_only_and_no_token_refused() -> None:
+    import safepg.azure
+
+    class ClientAuthenticationError(Exception):  # azure-core's, matched by name
+        pass
+
+    class Raising:
+        def __init__(self, ex: BaseException) -> None:
+            self.ex = ex
+
+        def get_token(self, *scopes: str) -> Any:
+            raise self.ex
+
+    class Returning:
+        def __init__(self, token: object) -> None:
+            self.token = token
+
+        def get_token(self, *scopes: str) -> Any:
+            return type("AccessToken", (), {"token": self.token, "expires_on": 2**40})()
+
+    target = ConnectTarget("h", 5432, "u", "d")
+
+    def call(credential: object) -> str:
+        return safepg.azure.EntraAuth(credential, hosts=["h"])(target)
+
+    with pytest.raises(RuntimeError, match="network down"):  # not an auth failure: as it is
+        call(Raising(RuntimeError("network down")))
+    with pytest.raises(ConfigurationError, match=r"token: first line\. Sign in") as info:
+        call(Raising(ClientAuthenticationError("first line\nsecond line")))
+    assert "second line" not in str(info.value)
+    with pytest.raises(ConfigurationError, match=r"token: ClientAuthenticationError\. Sign in"):
+        call(Raising(ClientAuthenticationError("  ")))
+    for empty in ("", None, b"bytes"):
+        with pytest.raises(ConfigurationError, match="returned no token"):
+            call(Returning(empty))
+    assert call(Returning("entra-token")) == "entra-token"
+
+
+def test_azure_without_azure_identity_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import safepg.azure
+
+    monkeypatch.setitem(sys.modules, "azure.identity", None)  # import raises ImportError
+    auth = safepg.azure.EntraAuth(hosts=["h"])
+    with pytest.raises(ConfigurationError, match=r"pip install 'safepg-tls\[azure\]'"):
+        auth(ConnectTarget("h", 5432, "u", "d"))
