@@ -742,3 +742,60 @@ def test_azure_without_azure_identity_says_what_to_install(
     auth = safepg.azure.EntraAuth(hosts=["h"])
     with pytest.raises(ConfigurationError, match=r"pip install 'safepg-tls\[azure\]'"):
         auth(ConnectTarget("h", 5432, "u", "d"))
+
+
+class _GoogleCredentials:
+    """google.auth.credentials.Credentials' interface; records the request it refreshes with."""
+
+    def __init__(self, token: str | None = None, valid: bool = False, gives: object = "ya29.new"):
+        self.token: object = token
+        self.valid = valid
+        self.expiry = None
+        self.gives = gives
+        self.requests: list[object] = []
+
+    def refresh(self, request: object) -> None:
+        self.requests.append(request)
+        self.token, self.valid = self.gives, True
+
+
+def test_gcp_credentials_and_request_are_loaded_only_when_missing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    pytest.importorskip("google.auth.transport.requests")
+    import google.auth.transport.requests
+
+    import safepg.gcp
+
+    target = ConnectTarget("h", 5432, "u", "d")
+    # Credentials given, no request: a google-auth Request is made; the credentials are kept.
+    creds = _GoogleCredentials()
+    assert safepg.gcp.IAMAuth(creds)(target) == "ya29.new"
+    assert isinstance(creds.requests[0], google.auth.transport.requests.Request)
+    # Both given: used as they are.
+    mine = object()
+    creds = _GoogleCredentials()
+    assert safepg.gcp.IAMAuth(creds, request=mine)(target) == "ya29.new"
+    assert creds.requests == [mine]
+    # A token that is there but no longer valid is refreshed, not reused.
+    creds = _GoogleCredentials(token="ya29.stale", valid=False)
+    assert safepg.gcp.IAMAuth(creds, request=mine)(target) == "ya29.new"
+    # No credentials: google-auth's default ones, and none are found here.
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-such-key.json"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NO_GCE_CHECK", "True")
+    monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:9")
+    with pytest.raises(ConfigurationError, match="could not get a Google IAM token"):
+        safepg.gcp.IAMAuth(request=mine)(target)
+    # Credentials that give no token are refused.
+    for empty in ("", None, b"bytes"):
+        with pytest.raises(ConfigurationError, match="gave no access token"):
+            safepg.gcp.IAMAuth(_GoogleCredentials(gives=empty), request=mine)(target)
+
+
+def test_gcp_without_google_auth_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import safepg.gcp
+
+    monkeypatch.setitem(sys.modules, "google.auth", None)  # import raises ImportError
+    with pytest.raises(ConfigurationError, match=r"pip install 'safepg-tls\[gcp\]'"):
+        safepg.gcp.IAMAuth()(ConnectTarget("h", 5432, "u", "d"))
