@@ -799,3 +799,34 @@ def test_gcp_without_google_auth_says_what_to_install(monkeypatch: pytest.Monkey
     monkeypatch.setitem(sys.modules, "google.auth", None)  # import raises ImportError
     with pytest.raises(ConfigurationError, match=r"pip install 'safepg-tls\[gcp\]'"):
         safepg.gcp.IAMAuth()(ConnectTarget("h", 5432, "u", "d"))
+
+
+def test_psycopg2_socket_opt_in_does_not_pass_an_unencrypted_tcp_session(
+    server: PostgresServer,
+) -> None:
+    psycopg2 = pytest.importorskip("psycopg2")
+    import safepg.psycopg2
+
+    plan = _params.build_plan(
+        server.conninfo(host=str(server.socket_dir)), {}, allow_unencrypted_unix_socket=True
+    )
+    plain = psycopg2.connect(server.conninfo(sslmode="disable"))
+    try:
+        assert not plain.info.ssl_in_use
+        assert safepg.psycopg2._session_problem(plain, plan) is not None
+    finally:
+        plain.close()
+    sock = psycopg2.connect(server.conninfo(host=str(server.socket_dir), sslmode="disable"))
+    try:
+        assert safepg.psycopg2._session_problem(sock, plan) is None  # the opt-in's own case
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("name", ["async", "async_"])
+def test_psycopg2_asynchronous_connections_are_refused(server: PostgresServer, name: str) -> None:
+    pytest.importorskip("psycopg2")
+    import safepg.psycopg2
+
+    with pytest.raises(ConfigurationError, match="does not open asynchronous connections"):
+        safepg.psycopg2.connect(server.conninfo(), **{name: True})  # type: ignore[arg-type]
