@@ -830,3 +830,27 @@ def test_psycopg2_asynchronous_connections_are_refused(server: PostgresServer, n
 
     with pytest.raises(ConfigurationError, match="does not open asynchronous connections"):
         safepg.psycopg2.connect(server.conninfo(), **{name: True})  # type: ignore[arg-type]
+
+
+def test_gcp_errors_name_the_hosts_and_show_one_line() -> None:
+    exceptions = pytest.importorskip("google.auth.exceptions")
+    import safepg.gcp
+
+    class Failing(_GoogleCredentials):
+        def __init__(self, message: str) -> None:
+            super().__init__()
+            self.message = message
+
+        def refresh(self, request: object) -> None:
+            raise exceptions.RefreshError(self.message)
+
+    mine = object()
+    pinned = safepg.gcp.IAMAuth(_GoogleCredentials(), request=mine, hosts=["db.example.com"])
+    with pytest.raises(ConfigurationError, match=r"hosts it was given \(db\.example\.com\)"):
+        pinned(ConnectTarget("other.example.com", 5432, "u", "d"))
+    target = ConnectTarget("h", 5432, "u", "d")
+    with pytest.raises(ConfigurationError, match=r"\(RefreshError: first\)") as info:
+        safepg.gcp.IAMAuth(Failing("first\nsecond"), request=mine)(target)
+    assert "second" not in str(info.value)
+    with pytest.raises(ConfigurationError, match=r"\(RefreshError: \)"):
+        safepg.gcp.IAMAuth(Failing("  "), request=mine)(target)
