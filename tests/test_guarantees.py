@@ -854,3 +854,37 @@ def test_gcp_errors_name_the_hosts_and_show_one_line() -> None:
     assert "second" not in str(info.value)
     with pytest.raises(ConfigurationError, match=r"\(RefreshError: \)"):
         safepg.gcp.IAMAuth(Failing("  "), request=mine)(target)
+
+
+def test_the_shared_asyncpg_context_cannot_be_changed(server: PostgresServer) -> None:
+    """safepg's asyncpg connections share one context per trust file; whoever holds one
+    connection must not be able to weaken it for every later one."""
+    asyncpg = pytest.importorskip("asyncpg")
+    import safepg.asyncpg
+
+    async def shared() -> ssl.SSLContext:
+        conn = await safepg.asyncpg.connect(
+            host=server.host,
+            port=server.port,
+            user=server.user,
+            password=server.password,
+            database=server.dbname,
+            sslrootcert=str(server.ca_path),
+        )
+        try:
+            assert isinstance(conn, asyncpg.Connection)
+            ctx = conn._transport.get_extra_info("sslcontext")
+            assert isinstance(ctx, ssl.SSLContext)
+            return ctx
+        finally:
+            await conn.close()
+
+    ctx = asyncio.run(shared())
+    with pytest.raises(AttributeError, match="shared by safepg's connections"):
+        ctx.check_hostname = False
+    with pytest.raises(AttributeError, match="shared by safepg's connections"):
+        del ctx.keylog_filename
+    with pytest.raises(AttributeError, match="shared by safepg's connections"):
+        ctx.load_verify_locations(cadata="")
+    assert ctx.check_hostname
+    assert ctx.verify_mode == ssl.CERT_REQUIRED
