@@ -119,3 +119,27 @@ def test_direct_tls_option_conflicts_with_sslnegotiation(server: PostgresServer)
         pytest.skip("sslnegotiation is unknown to this libpq")
     with pytest.raises(ConfigurationError, match="never overrides"):
         safepg.connect(server.conninfo(sslnegotiation="postgres"), direct_tls=True)
+
+
+@pytest.mark.matrix
+@needs_libpq17
+def test_learned_direct_tls_never_overrides_the_callers_choice(
+    pg18: PostgresServer, cache: Path
+) -> None:
+    """Once a host is learned to take direct TLS, a caller who asked for the SSLRequest (by
+    direct_tls=False, sslnegotiation=postgres or PGSSLNEGOTIATION) still gets it."""
+    safepg.connect(pg18.conninfo()).close()  # learns
+    with safepg.connect(pg18.conninfo()) as conn:
+        assert negotiation(conn) == "direct"  # and uses it
+    for direct_tls, conninfo in (
+        (False, pg18.conninfo()),
+        (None, pg18.conninfo(sslnegotiation="postgres")),
+    ):
+        for _ in range(2):
+            with safepg.connect(conninfo, direct_tls=direct_tls) as conn:
+                assert negotiation(conn) == "postgres", (direct_tls, conninfo)
+                assert safepg.check(conn).verified
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PGSSLNEGOTIATION", "postgres")
+        with safepg.connect(pg18.conninfo()) as conn:
+            assert negotiation(conn) == "postgres"
