@@ -47,6 +47,7 @@ import contextvars
 import dataclasses
 import datetime as dt
 import hashlib
+import io
 import json
 import logging
 import os
@@ -147,6 +148,48 @@ class _Deadline:
         return left
 
 
+class _DeadlineReader(io.RawIOBase):
+    """What http.client reads the answer through: each read waits at most what is left of the
+    deadline. (A buffered read loops over reads, each given the socket's whole timeout: a
+    server sending a byte at a time would otherwise hold the fetch for as long as it likes.)"""
+
+    def __init__(self, sock: ssl.SSLSocket, deadline: _Deadline, what: str) -> None:
+        # The socket's own reader: it holds the socket open until closed, as http.client wants.
+        self._raw = sock.makefile("rb", buffering=0)
+        self._sock, self._deadline, self._what = sock, deadline, what
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int | None:
+        self._sock.settimeout(self._deadline.left(self._what))
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _DeadlineSocket:
+    """``conn.sock`` for http.client: sends and reads bounded by the one deadline."""
+
+    def __init__(self, sock: ssl.SSLSocket, deadline: _Deadline, where: str) -> None:
+        self._sock, self._deadline, self._where = sock, deadline, where
+
+    def sendall(self, data: bytes) -> None:
+        self._sock.settimeout(self._deadline.left(f"sending the request to {self._where}"))
+        self._sock.sendall(data)
+
+    def makefile(self, mode: str, *args: Any, **kwargs: Any) -> io.BufferedReader:
+        if mode != "rb":  # pragma: no cover - http.client reads its answers in binary
+            raise ValueError(f"unexpected mode {mode!r}")
+        what = f"reading the answer of {self._where}"
+        return io.BufferedReader(_DeadlineReader(self._sock, self._deadline, what))
+
+    def close(self) -> None:
+        self._sock.close()
+
+
 def _tls_context() -> ssl.SSLContext:
     """Verify the API's own certificate: the OS trust store, then certifi."""
     from . import _stdssl, _trust
@@ -215,6 +258,9 @@ def _get(
     response: http.client.HTTPResponse | None = None
     try:
         conn.connect()
+        if conn.sock is None:  # pragma: no cover - connect() made it
+            raise ConfigurationError(f"could not reach {where}")
+        conn.sock = _DeadlineSocket(conn.sock, deadline, where)
         conn.request(
             "GET",
             target,
@@ -224,10 +270,6 @@ def _get(
                 "User-Agent": "safepg",
             },
         )
-        sock = conn.sock
-        if sock is None:  # pragma: no cover - connect() made it
-            raise ConfigurationError(f"could not reach {where}")
-        sock.settimeout(deadline.left(f"waiting for {where}"))
         response = conn.getresponse()
         status = response.status
         length = response.getheader("Content-Length")
@@ -235,7 +277,6 @@ def _get(
             raise ConfigurationError(f"{where} answered with a body over {_MAX_BODY} bytes")
         body = b""
         while status == 200 and not response.isclosed():
-            sock.settimeout(deadline.left(f"reading the answer of {where}"))
             chunk = response.read(65536)
             if not chunk:
                 break

@@ -1,0 +1,108 @@
+"""Attacks on the CAs fetched from providers' APIs and on a fresh process's warm start.
+
+Each test reproduces a hole found in review against a real TLS PostgreSQL and a real local
+HTTPS API (see tests/test_fetch.py for the fake provider API and the private endpoint hook),
+and fails on the code before its fix.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import safepg
+from safepg import _fetch
+from safepg.testing import CertificateAuthority, PostgresServer
+
+from .test_fetch import (  # noqa: F401 - fixtures
+    DO_HOST,
+    DO_UUID,
+    GCP_HOST,
+    FakeApi,
+    Instance,
+    _api,
+    api,
+    connect,
+    instance,
+    instance_ca,
+    ok,
+)
+
+
+class DripApi:
+    """An HTTPS server, verified like the providers' APIs, that answers one byte at a time:
+    each byte comes well within any socket timeout, the whole answer never does."""
+
+    def __init__(self, tmp: Path, every: float = 0.2, total: float = 12.0) -> None:
+        ca = CertificateAuthority("drip API CA")
+        self.cafile = str(ca.write_cert(tmp / "drip-ca.pem"))
+        cert, key = ca.issue("localhost", ip_addresses=["127.0.0.1"]).write(
+            tmp / "drip.pem", tmp / "drip.key"
+        )
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(cert, key)
+        self.every, self.total = every, total
+        self.stop = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn: socket.socket) -> None:
+        try:
+            with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                tls.recv(65536)
+                answer = b"HTTP/1.1 200 OK\r\nX-Drip: " + b"a" * 10_000
+                end = time.monotonic() + self.total
+                for byte in answer:
+                    if self.stop.is_set() or time.monotonic() > end:
+                        return
+                    tls.sendall(bytes([byte]))
+                    self.stop.wait(self.every)  # the attack itself, not a wait for readiness
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.stop.set()
+        self.listener.close()
+
+
+@pytest.fixture
+def drip(tmp_path: Path, api: FakeApi) -> Iterator[DripApi]:  # noqa: F811
+    server = DripApi(tmp_path)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def test_an_api_answering_a_byte_at_a_time_cannot_hold_a_fetch_past_its_deadline(
+    server: PostgresServer, drip: DripApi
+) -> None:
+    """Finding 1: one deadline covers the whole fetch. http.client reads the status line,
+    the headers and the body through a buffered reader, which loops over reads that each got
+    the socket's whole timeout: a server sending a byte every 0.2 s held a connect with
+    connect_timeout=2 for as long as it kept sending."""
+    base = dict.fromkeys(("cloud-sql", "digitalocean", "aiven"), f"https://localhost:{drip.port}")
+    started = time.monotonic()
+    with (
+        _fetch._endpoints(base, drip.cafile),
+        pytest.raises(safepg.ConfigurationError, match="DigitalOcean API") as info,
+    ):
+        connect(server, DO_HOST, connect_timeout=2)
+    took = time.monotonic() - started
+    assert took < 6, f"the fetch took {took:.1f} s with connect_timeout=2"
+    assert "timed out" in str(info.value)
