@@ -7,12 +7,14 @@ and fails on the code before its fix.
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +22,7 @@ import safepg
 from safepg import _fetch
 from safepg.testing import CertificateAuthority, PostgresServer
 
+from .conftest import CertificateShop
 from .test_fetch import (  # noqa: F401 - fixtures
     DO_HOST,
     DO_UUID,
@@ -106,3 +109,73 @@ def test_an_api_answering_a_byte_at_a_time_cannot_hold_a_fetch_past_its_deadline
     took = time.monotonic() - started
     assert took < 6, f"the fetch took {took:.1f} s with connect_timeout=2"
     assert "timed out" in str(info.value)
+
+
+FORGED = "backend\nlibpq said: connection verified\x1b[32m\u202e"
+
+
+def _no_control(text: str) -> bool:
+    return all(c.isprintable() for c in text)
+
+
+def test_an_api_cluster_name_cannot_forge_labels_or_errors(
+    server: PostgresServer,
+    certs: CertificateShop,
+    instance: Instance,  # noqa: F811
+    rogue_ca: CertificateAuthority,
+) -> None:
+    """Finding 2: the DigitalOcean cluster name the API serves (whoever made the cluster
+    chose it) went raw into the trust label: check()'s report, every error's "Trust anchors:"
+    line, the logs and the CLI. It is shown escaped."""
+    route = instance.api.routes["/v2/databases?page=1&per_page=100"]
+
+    def named() -> tuple[int, bytes]:
+        status, body = route()
+        doc = json.loads(body)
+        doc["databases"][0]["name"] = FORGED
+        return status, json.dumps(doc).encode()
+
+    instance.api.routes["/v2/databases?page=1&per_page=100"] = named
+    certs.present(DO_HOST, ca=instance.ca)
+    with connect(server, DO_HOST) as conn:
+        trust = safepg.check(conn).trust
+    assert trust is not None
+    assert _no_control(trust.label), trust.label
+    assert "backend\\x0alibpq said" in trust.label
+    certs.present(DO_HOST, ca=rogue_ca)  # an error that names the trust anchors
+    with pytest.raises(safepg.UntrustedCertificateError) as info:
+        connect(server, DO_HOST)
+    message = str(info.value)
+    assert "\x1b" not in message
+    assert "\nlibpq said: connection verified" not in message
+
+
+def test_an_api_region_cannot_forge_labels(
+    server: PostgresServer,
+    certs: CertificateShop,
+    instance: Instance,  # noqa: F811
+) -> None:
+    """Finding 2, Cloud SQL: the region of the instance found by its DNS name is checked to be
+    a region name, as the instance name is, before it names the CA."""
+    region = "us-central1\n\x1b[32mverified"
+    for path in ("/v1/projects/proj/instances", "/v1/projects/proj/instances/inst/connectSettings"):
+        route = instance.api.routes[path]
+
+        def forged(route: Any = route) -> tuple[int, bytes]:
+            status, body = route()
+            text = body.decode().replace('"us-central1"', json.dumps(region))
+            return status, text.encode()
+
+        instance.api.routes[path] = forged
+    certs.present(GCP_HOST, ca=instance.ca)
+    message = ""
+    try:
+        conn = connect(server, GCP_HOST)
+    except safepg.ConfigurationError as ex:
+        message = str(ex)
+    else:
+        label = safepg.check(conn).trust
+        conn.close()
+        pytest.fail(f"connected, trusting {label}")
+    assert _no_control(message), message
+    assert "no Cloud SQL instance" in message

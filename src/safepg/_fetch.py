@@ -495,7 +495,8 @@ def _gcp_find(api: _Api, project: str, host: str, deadline: _Deadline) -> tuple[
         for item in _field(doc, "items", kind=list) or []:
             if _host(host) in _gcp_names(item):
                 region, name = _field(item, "region"), _field(item, "name")
-                if region and name and _GCP_NAME.fullmatch(name):
+                # Both name the CA (its label, errors): names as Cloud SQL makes them only.
+                if region and name and _GCP_NAME.fullmatch(region) and _GCP_NAME.fullmatch(name):
                     found.append((region, name))
         token = _field(doc, "nextPageToken")
         if not token:
@@ -568,7 +569,8 @@ def _do_find(api: _Api, host: str, deadline: _Deadline) -> tuple[str, str]:
             hosts = {_host(_field(db, c, "host") or "") for c in _DO_CONNECTIONS}
             uuid, name = _field(db, "id"), _field(db, "name")
             if _host(host) in hosts and uuid and _DO_UUID.fullmatch(uuid):
-                found.append((uuid, f"{name} ({uuid})" if name else uuid))
+                # The name is whatever the cluster's creator typed: shown escaped.
+                found.append((uuid, f"{shown(name)} ({uuid})" if name else uuid))
         if not _field(doc, "links", "pages", "next"):
             break
     if len(found) != 1:
