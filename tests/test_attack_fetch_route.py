@@ -24,12 +24,15 @@ from safepg.testing import CertificateAuthority, PostgresServer
 
 from .conftest import CertificateShop
 from .test_fetch import (  # noqa: F401 - fixtures
+    AIVEN_HOST,
     DO_HOST,
     DO_UUID,
     GCP_HOST,
+    TOKEN,
     FakeApi,
     Instance,
     _api,
+    _everything,
     api,
     connect,
     instance,
@@ -179,3 +182,60 @@ def test_an_api_region_cannot_forge_labels(
         pytest.fail(f"connected, trusting {label}")
     assert _no_control(message), message
     assert "no Cloud SQL instance" in message
+
+
+@pytest.mark.parametrize(
+    ("host", "path", "field"),
+    [
+        (AIVEN_HOST, "/v1/project/acme-prod/kms/ca", "certificate"),
+        (GCP_HOST, "/v1/projects/proj/instances/inst/connectSettings", "serverCaCert"),
+    ],
+)
+def test_a_lone_surrogate_in_the_ca_is_a_clean_error_without_the_token(
+    server: PostgresServer,
+    instance: Instance,  # noqa: F811
+    host: str,
+    path: str,
+    field: str,
+) -> None:
+    """Finding 3: JSON may escape a lone surrogate (``"\\ud800"``), which Python decodes into
+    a str that cannot be encoded. The CA text was encoded unchecked: a UnicodeEncodeError, not
+    a ConfigurationError, escaped the fetch with the frames that hold the token."""
+    route = instance.api.routes[path]
+
+    def surrogate() -> tuple[int, bytes]:
+        status, body = route()
+        doc = json.loads(body)
+        if field == "certificate":
+            doc["certificate"] = doc["certificate"] + "\ud800"
+        else:
+            doc["serverCaCert"]["cert"] += "\ud800"
+        return status, json.dumps(doc).encode()  # ensure_ascii: the escape "\\ud800"
+
+    instance.api.routes[path] = surrogate
+    with pytest.raises(safepg.ConfigurationError) as info:
+        connect(server, host)
+    assert TOKEN not in _everything(info.value)
+    assert "not a PEM certificate" in str(info.value)
+
+
+def test_a_page_token_that_is_not_text_is_a_clean_error_without_the_token(
+    server: PostgresServer,
+    instance: Instance,  # noqa: F811
+) -> None:
+    """Finding 3, the list's page token: put into the next request's URL unchecked, a lone
+    surrogate raised UnicodeEncodeError with the credentials (their token) in its frames."""
+    route = instance.api.routes["/v1/projects/proj/instances"]
+
+    def paged() -> tuple[int, bytes]:
+        status, body = route()
+        doc = json.loads(body)
+        doc["items"] = doc["items"][:1]  # not on this page
+        doc["nextPageToken"] = "next\ud800"
+        return status, json.dumps(doc).encode()
+
+    instance.api.routes["/v1/projects/proj/instances"] = paged
+    with pytest.raises(safepg.ConfigurationError) as info:
+        connect(server, GCP_HOST)
+    assert TOKEN not in _everything(info.value)
+    assert "nextPageToken" in str(info.value)

@@ -336,6 +336,19 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def _pem_text(text: str, what: str) -> bytes:
+    """*text*, a PEM document from a JSON answer, as bytes. JSON can escape a lone surrogate
+    (``"\\ud800"``), which no encoding takes: refused here as a ConfigurationError, which
+    `fetch` cleans (any other error would carry the frames that hold the token)."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        raise ConfigurationError(
+            f"{what} is not a PEM certificate that safepg reads as OpenSSL does (it holds an "
+            "unpaired surrogate); nothing was written and nothing connected."
+        ) from None
+
+
 def _checked_pem(pem: bytes, what: str) -> tuple[bytes, dt.datetime]:
     """*pem* as canonical PEM of CA certificates none of which has expired, and the earliest
     expiry. Read as OpenSSL reads it: anything it could read otherwise is refused."""
@@ -481,7 +494,9 @@ def _gcp_fetch(host: str | None, connection_name: str | None, deadline: _Deadlin
     if not cert:
         raise ConfigurationError(f"the {where} hold no serverCaCert.cert")
     name = f"Cloud SQL server CA for {project}:{region}:{instance}"
-    pem, _expiry = _checked_pem(cert.encode(), f"the serverCaCert of {where}")
+    pem, _expiry = _checked_pem(
+        _pem_text(cert, f"the serverCaCert of {where}"), f"the serverCaCert of {where}"
+    )
     return Fetched(pem, f"{project}:{region}:{instance}", name)
 
 
@@ -501,6 +516,12 @@ def _gcp_find(api: _Api, project: str, host: str, deadline: _Deadline) -> tuple[
         token = _field(doc, "nextPageToken")
         if not token:
             break
+        if not re.fullmatch(r"[\x21-\x7e]{1,4096}", token):
+            # It goes into the next request's URL (a lone surrogate cannot even be encoded).
+            raise ConfigurationError(
+                f"the Cloud SQL Admin API answered {project}'s instance list with a "
+                "nextPageToken that is not one (not printable ASCII)"
+            )
         query = {"pageToken": token}
     if len(found) != 1:
         raise ConfigurationError(
@@ -594,7 +615,7 @@ def _aiven_fetch(host: str | None, project: str | None, deadline: _Deadline) -> 
     what = f"the CA of Aiven project {project}"
     if not cert:
         raise ConfigurationError(f"{what}: the API's answer holds no certificate")
-    pem, _expiry = _checked_pem(cert.encode(), what)
+    pem, _expiry = _checked_pem(_pem_text(cert, what), what)
     return Fetched(pem, project, f"Aiven project CA for {project}")
 
 
