@@ -239,3 +239,27 @@ def test_a_page_token_that_is_not_text_is_a_clean_error_without_the_token(
         connect(server, GCP_HOST)
     assert TOKEN not in _everything(info.value)
     assert "nextPageToken" in str(info.value)
+
+
+@pytest.fixture
+def line_break_token(instance: Instance) -> Iterator[Instance]:  # noqa: F811
+    """The fake API, with Google credentials whose token holds a line break (made here, so
+    that no frame of the test holds it)."""
+    from google.oauth2.credentials import Credentials
+
+    creds = Credentials(token=TOKEN + "\r\nX-Injected: 1")  # type: ignore[no-untyped-call]
+    with _fetch._endpoints(instance.api.base, instance.api.cafile, gcp_credentials=creds):
+        yield instance
+
+
+def test_a_google_token_with_a_line_break_is_refused_without_showing_it(
+    server: PostgresServer, line_break_token: Instance
+) -> None:
+    """Finding 4: the DigitalOcean and Aiven tokens were checked to be one printable word, the
+    Google credentials' token was not: http.client refused the header with a ValueError whose
+    message holds the header's value, the token (and a bare newline reaches the header)."""
+    with pytest.raises(safepg.ConfigurationError) as info:
+        connect(server, GCP_HOST)
+    assert TOKEN not in _everything(info.value)
+    assert "Google credentials" in str(info.value)
+    assert not line_break_token.api.hits

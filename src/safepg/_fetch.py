@@ -437,6 +437,12 @@ def _gcp_api(creds: Any) -> _Api:
         token = creds.token
         if not isinstance(token, str) or not token:
             raise ConfigurationError(f"the Google credentials gave no token. {_HINTS['cloud-sql']}")
+        if not _TOKEN_TEXT.fullmatch(token):
+            # Never into a header (http.client's refusal would quote it): never shown either.
+            raise ConfigurationError(
+                "the Google credentials gave a token with characters no access token has. "
+                f"{_HINTS['cloud-sql']}"
+            )
         return "Bearer " + token
 
     return _Api("cloud-sql", "the Cloud SQL Admin API", authorization, _HINTS["cloud-sql"])
@@ -533,6 +539,10 @@ def _gcp_find(api: _Api, project: str, host: str, deadline: _Deadline) -> tuple[
     return found[0]
 
 
+# An API token, as it may go into an Authorization header: one word of printable ASCII.
+_TOKEN_TEXT = re.compile(r"[\x21-\x7e]+")
+
+
 def _env_token(*names: str) -> str | None:
     for name in names:
         value = getenv(name)
@@ -546,7 +556,7 @@ def _token_api(provider: ProviderKey, names: tuple[str, ...], what: str, scheme:
     token = _env_token(*names)
     if not token:
         raise ConfigurationError(f"no {' or '.join(names)} in the environment. {hint}")
-    if not re.fullmatch(r"[\x21-\x7e]+", token):
+    if not _TOKEN_TEXT.fullmatch(token):
         raise ConfigurationError(f"{names[0]} holds characters no API token has. {hint}")
     return _Api(provider, what, lambda: f"{scheme} {token}", hint)
 
