@@ -23,6 +23,7 @@ from safepg import _fetch
 from safepg.testing import CertificateAuthority, PostgresServer
 
 from .conftest import CertificateShop
+from .test_fastpath import learned, warm
 from .test_fetch import (  # noqa: F401 - fixtures
     AIVEN_HOST,
     DO_HOST,
@@ -39,6 +40,7 @@ from .test_fetch import (  # noqa: F401 - fixtures
     instance_ca,
     ok,
 )
+from .test_route import big_bundle, cache, fresh_process, second_ca, wait_for_threads  # noqa: F401
 
 
 class DripApi:
@@ -263,3 +265,46 @@ def test_a_google_token_with_a_line_break_is_refused_without_showing_it(
     assert TOKEN not in _everything(info.value)
     assert "Google credentials" in str(info.value)
     assert not line_break_token.api.hits
+
+
+@pytest.mark.parametrize("record", ["trust-*.json", "plan-*.json", "host-*.json"])
+def test_a_record_nested_too_deep_is_a_cold_start_not_a_crash(
+    server: PostgresServer,
+    big_bundle: Path,  # noqa: F811
+    cache: Path,  # noqa: F811
+    record: str,
+) -> None:
+    """Finding 5: the fast path's records are read with json.loads, whose C decoder raises
+    RecursionError (not ValueError) for a document nested too deep; it escaped safepg.connect.
+    A damaged record (a disk error, another tool's write in the cache) is ignored and made
+    again, as the cache module promises."""
+    conninfo = server.conninfo(sslrootcert=str(big_bundle))
+    small = warm(conninfo)
+    for path in cache.glob(record):
+        path.write_bytes(b"[" * 200_000)
+    fresh_process()
+    trust = learned(conninfo)  # cold: the full set, or warm again from what is intact
+    assert trust.path in (str(big_bundle), small.path)
+    wait_for_threads()
+
+
+def test_a_fetched_entry_nested_too_deep_is_fetched_again(
+    server: PostgresServer,
+    certs: CertificateShop,
+    instance: Instance,  # noqa: F811
+    cache: Path,  # noqa: F811
+) -> None:
+    """Finding 5, the fetched CAs' entries: read with the strict JSON reader, whose
+    RecursionError was not among the errors that mean "fetch it again"."""
+    certs.present(DO_HOST, ca=instance.ca)
+    with connect(server, DO_HOST):
+        pass
+    (entry,) = cache.glob("fetched-digitalocean-*.json")
+    entry.write_bytes(b"[" * 200_000)
+    _fetch.clear_memory()
+    instance.api.hits.clear()
+    with connect(server, DO_HOST) as conn:
+        trust = safepg.check(conn).trust
+    assert trust is not None
+    assert trust.origin == "fetched"
+    assert instance.api.hits  # fetched again

@@ -761,6 +761,8 @@ def _read_entry(provider: str, key: str) -> FetchedTrust | None:
         return FetchedTrust(str(path), label, provider, doc["instance"], expiry, fetched)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigurationError):
         return None
+    except RecursionError:  # nested too deep
+        return None
 
 
 def _write_entry(provider: str, key: str, got: Fetched) -> FetchedTrust:
