@@ -218,7 +218,7 @@ def _read_json(name: str) -> dict[str, object] | None:
         return None
     try:
         entry = json.loads(_cache.read_private_file(directory / name))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep
         return None
     return entry if isinstance(entry, dict) else None
 

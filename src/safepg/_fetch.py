@@ -47,6 +47,7 @@ import contextvars
 import dataclasses
 import datetime as dt
 import hashlib
+import io
 import json
 import logging
 import os
@@ -147,6 +148,48 @@ class _Deadline:
         return left
 
 
+class _DeadlineReader(io.RawIOBase):
+    """What http.client reads the answer through: each read waits at most what is left of the
+    deadline. (A buffered read loops over reads, each given the socket's whole timeout: a
+    server sending a byte at a time would otherwise hold the fetch for as long as it likes.)"""
+
+    def __init__(self, sock: ssl.SSLSocket, deadline: _Deadline, what: str) -> None:
+        # The socket's own reader: it holds the socket open until closed, as http.client wants.
+        self._raw = sock.makefile("rb", buffering=0)
+        self._sock, self._deadline, self._what = sock, deadline, what
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int | None:
+        self._sock.settimeout(self._deadline.left(self._what))
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _DeadlineSocket:
+    """``conn.sock`` for http.client: sends and reads bounded by the one deadline."""
+
+    def __init__(self, sock: ssl.SSLSocket, deadline: _Deadline, where: str) -> None:
+        self._sock, self._deadline, self._where = sock, deadline, where
+
+    def sendall(self, data: bytes) -> None:
+        self._sock.settimeout(self._deadline.left(f"sending the request to {self._where}"))
+        self._sock.sendall(data)
+
+    def makefile(self, mode: str, *args: Any, **kwargs: Any) -> io.BufferedReader:
+        if mode != "rb":  # pragma: no cover - http.client reads its answers in binary
+            raise ValueError(f"unexpected mode {mode!r}")
+        what = f"reading the answer of {self._where}"
+        return io.BufferedReader(_DeadlineReader(self._sock, self._deadline, what))
+
+    def close(self) -> None:
+        self._sock.close()
+
+
 def _tls_context() -> ssl.SSLContext:
     """Verify the API's own certificate: the OS trust store, then certifi."""
     from . import _stdssl, _trust
@@ -215,6 +258,9 @@ def _get(
     response: http.client.HTTPResponse | None = None
     try:
         conn.connect()
+        if conn.sock is None:  # pragma: no cover - connect() made it
+            raise ConfigurationError(f"could not reach {where}")
+        conn.sock = _DeadlineSocket(conn.sock, deadline, where)
         conn.request(
             "GET",
             target,
@@ -224,10 +270,6 @@ def _get(
                 "User-Agent": "safepg",
             },
         )
-        sock = conn.sock
-        if sock is None:  # pragma: no cover - connect() made it
-            raise ConfigurationError(f"could not reach {where}")
-        sock.settimeout(deadline.left(f"waiting for {where}"))
         response = conn.getresponse()
         status = response.status
         length = response.getheader("Content-Length")
@@ -235,7 +277,6 @@ def _get(
             raise ConfigurationError(f"{where} answered with a body over {_MAX_BODY} bytes")
         body = b""
         while status == 200 and not response.isclosed():
-            sock.settimeout(deadline.left(f"reading the answer of {where}"))
             chunk = response.read(65536)
             if not chunk:
                 break
@@ -293,6 +334,19 @@ def _host(name: str) -> str:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+def _pem_text(text: str, what: str) -> bytes:
+    """*text*, a PEM document from a JSON answer, as bytes. JSON can escape a lone surrogate
+    (``"\\ud800"``), which no encoding takes: refused here as a ConfigurationError, which
+    `fetch` cleans (any other error would carry the frames that hold the token)."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        raise ConfigurationError(
+            f"{what} is not a PEM certificate that safepg reads as OpenSSL does (it holds an "
+            "unpaired surrogate); nothing was written and nothing connected."
+        ) from None
 
 
 def _checked_pem(pem: bytes, what: str) -> tuple[bytes, dt.datetime]:
@@ -383,6 +437,12 @@ def _gcp_api(creds: Any) -> _Api:
         token = creds.token
         if not isinstance(token, str) or not token:
             raise ConfigurationError(f"the Google credentials gave no token. {_HINTS['cloud-sql']}")
+        if not _TOKEN_TEXT.fullmatch(token):
+            # Never into a header (http.client's refusal would quote it): never shown either.
+            raise ConfigurationError(
+                "the Google credentials gave a token with characters no access token has. "
+                f"{_HINTS['cloud-sql']}"
+            )
         return "Bearer " + token
 
     return _Api("cloud-sql", "the Cloud SQL Admin API", authorization, _HINTS["cloud-sql"])
@@ -440,7 +500,9 @@ def _gcp_fetch(host: str | None, connection_name: str | None, deadline: _Deadlin
     if not cert:
         raise ConfigurationError(f"the {where} hold no serverCaCert.cert")
     name = f"Cloud SQL server CA for {project}:{region}:{instance}"
-    pem, _expiry = _checked_pem(cert.encode(), f"the serverCaCert of {where}")
+    pem, _expiry = _checked_pem(
+        _pem_text(cert, f"the serverCaCert of {where}"), f"the serverCaCert of {where}"
+    )
     return Fetched(pem, f"{project}:{region}:{instance}", name)
 
 
@@ -454,11 +516,18 @@ def _gcp_find(api: _Api, project: str, host: str, deadline: _Deadline) -> tuple[
         for item in _field(doc, "items", kind=list) or []:
             if _host(host) in _gcp_names(item):
                 region, name = _field(item, "region"), _field(item, "name")
-                if region and name and _GCP_NAME.fullmatch(name):
+                # Both name the CA (its label, errors): names as Cloud SQL makes them only.
+                if region and name and _GCP_NAME.fullmatch(region) and _GCP_NAME.fullmatch(name):
                     found.append((region, name))
         token = _field(doc, "nextPageToken")
         if not token:
             break
+        if not re.fullmatch(r"[\x21-\x7e]{1,4096}", token):
+            # It goes into the next request's URL (a lone surrogate cannot even be encoded).
+            raise ConfigurationError(
+                f"the Cloud SQL Admin API answered {project}'s instance list with a "
+                "nextPageToken that is not one (not printable ASCII)"
+            )
         query = {"pageToken": token}
     if len(found) != 1:
         raise ConfigurationError(
@@ -468,6 +537,10 @@ def _gcp_find(api: _Api, project: str, host: str, deadline: _Deadline) -> tuple[
             "name the instance with safepg.gcp.server_ca('project:region:instance')."
         )
     return found[0]
+
+
+# An API token, as it may go into an Authorization header: one word of printable ASCII.
+_TOKEN_TEXT = re.compile(r"[\x21-\x7e]+")
 
 
 def _env_token(*names: str) -> str | None:
@@ -483,7 +556,7 @@ def _token_api(provider: ProviderKey, names: tuple[str, ...], what: str, scheme:
     token = _env_token(*names)
     if not token:
         raise ConfigurationError(f"no {' or '.join(names)} in the environment. {hint}")
-    if not re.fullmatch(r"[\x21-\x7e]+", token):
+    if not _TOKEN_TEXT.fullmatch(token):
         raise ConfigurationError(f"{names[0]} holds characters no API token has. {hint}")
     return _Api(provider, what, lambda: f"{scheme} {token}", hint)
 
@@ -527,7 +600,8 @@ def _do_find(api: _Api, host: str, deadline: _Deadline) -> tuple[str, str]:
             hosts = {_host(_field(db, c, "host") or "") for c in _DO_CONNECTIONS}
             uuid, name = _field(db, "id"), _field(db, "name")
             if _host(host) in hosts and uuid and _DO_UUID.fullmatch(uuid):
-                found.append((uuid, f"{name} ({uuid})" if name else uuid))
+                # The name is whatever the cluster's creator typed: shown escaped.
+                found.append((uuid, f"{shown(name)} ({uuid})" if name else uuid))
         if not _field(doc, "links", "pages", "next"):
             break
     if len(found) != 1:
@@ -551,7 +625,7 @@ def _aiven_fetch(host: str | None, project: str | None, deadline: _Deadline) -> 
     what = f"the CA of Aiven project {project}"
     if not cert:
         raise ConfigurationError(f"{what}: the API's answer holds no certificate")
-    pem, _expiry = _checked_pem(cert.encode(), what)
+    pem, _expiry = _checked_pem(_pem_text(cert, what), what)
     return Fetched(pem, project, f"Aiven project CA for {project}")
 
 
@@ -686,6 +760,8 @@ def _read_entry(provider: str, key: str) -> FetchedTrust | None:
         label = f"{doc['name']}, fetched {fetched.date().isoformat()}"
         return FetchedTrust(str(path), label, provider, doc["instance"], expiry, fetched)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigurationError):
+        return None
+    except RecursionError:  # nested too deep
         return None
 
 
