@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import gc
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -29,7 +30,7 @@ import psycopg
 import pytest
 
 import safepg
-from safepg import _fetch
+from safepg import _cache, _fetch
 from safepg.testing import CertificateAuthority, PostgresServer
 
 from .conftest import CertificateShop
@@ -1031,3 +1032,21 @@ def test_providers_lists_fetched(capsys: pytest.CaptureFixture[str]) -> None:
 
 if sys.platform == "win32":  # pragma: no cover
     pytestmark = pytest.mark.skip("file locks and psql: POSIX")
+
+
+def test_a_fetched_ca_that_cannot_be_stored_is_a_configuration_error(
+    server: PostgresServer, certs: CertificateShop, instance: Instance
+) -> None:
+    # libpq reads trust anchors from a file: when the cache cannot take it (a full disk, here a
+    # directory in the file's place), the connect fails as a ConfigurationError (an
+    # OperationalError), never as a bare OSError, and without the token.
+    present(certs, AIVEN_HOST, instance.ca)
+    pem = instance.ca.cert_pem.replace(b"\r", b"")
+    digest = hashlib.sha256(pem).hexdigest()[:32]
+    (_cache.cache_dir() / f"fetched-aiven-{digest}.pem").mkdir(parents=True)
+    with pytest.raises(
+        safepg.ConfigurationError, match="cannot be written to safepg's cache"
+    ) as info:
+        connect(server, AIVEN_HOST)
+    assert isinstance(info.value, psycopg.OperationalError)
+    assert TOKEN not in str(info.value)

@@ -765,10 +765,23 @@ def _read_entry(provider: str, key: str) -> FetchedTrust | None:
         return None
 
 
+def _unstored(name: str, ex: OSError) -> ConfigurationError:
+    """The refusal for a fetched CA that cannot be stored where libpq reads it from."""
+    return ConfigurationError(
+        f"the CA fetched for {name} cannot be written to safepg's cache "
+        f"({_cache.cache_dir()}): {ex.strerror or type(ex).__name__}. libpq reads trust anchors "
+        "from a file, so nothing was connected. Free some space, or point SAFEPG_CACHE_DIR at "
+        "a private directory that can be written."
+    )
+
+
 def _write_entry(provider: str, key: str, got: Fetched) -> FetchedTrust:
     _pem, expiry = _checked_pem(got.pem, got.name)
     fetched = _now().replace(microsecond=0)
-    path = _cache.write_trust_file(f"fetched-{provider}", got.pem)
+    try:
+        path = _cache.write_trust_file(f"fetched-{provider}", got.pem)
+    except OSError as ex:
+        raise _unstored(got.name, ex) from None
     doc = {
         "version": _ENTRY_VERSION,
         "provider": provider,
@@ -778,7 +791,10 @@ def _write_entry(provider: str, key: str, got: Fetched) -> FetchedTrust:
         "fetched": fetched.isoformat(),
         "pem": got.pem.decode("ascii"),
     }
-    _cache.write_private_file(_entry_path(provider, key), json.dumps(doc).encode())
+    try:
+        _cache.write_private_file(_entry_path(provider, key), json.dumps(doc).encode())
+    except OSError as ex:
+        raise _unstored(got.name, ex) from None
     label = f"{got.name}, fetched {fetched.date().isoformat()}"
     return FetchedTrust(str(path), label, provider, got.instance, expiry, fetched)
 
