@@ -697,10 +697,11 @@ class Forwarding:
 
 
 def _stock_async_adapter() -> Any:
-    from psycopg.pq import ExecStatus
-    from sqlalchemy.dialects.postgresql.psycopg import PsycopgAdaptDBAPI
+    # SQLAlchemy's own adapter, as its async dialect makes it (2.1's takes psycopg's
+    # ExecStatus too, 2.0's the module alone).
+    from sqlalchemy.dialects.postgresql.psycopg import PGDialectAsync_psycopg
 
-    return PsycopgAdaptDBAPI(psycopg, ExecStatus)
+    return PGDialectAsync_psycopg.import_dbapi()  # type: ignore[no-untyped-call]
 
 
 @pytest.mark.parametrize("inner", ["safepg", "sqlalchemy"])
