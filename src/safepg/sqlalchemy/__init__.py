@@ -82,6 +82,7 @@ from .._errors import ConfigurationError, InsecureConnectionError
 from .._libpq import ssl_attribute
 from .._params import REQUIRED_SSLMODE, KeywordSource, keywords_from
 from .._text import shown
+from .._typos import may_hold_secret
 
 __all__ = [
     "SafePGAsyncDialect",
@@ -165,7 +166,11 @@ _URL_PARTS = frozenset({"host", "port", "user", "password", "dbname"})
 def _url_source(url: str | URL) -> KeywordSource:
     """Messages name the parameters as the user set them: in the URL's query, elsewhere in
     the URL, or in ``connect_args``."""
-    query = frozenset(make_url(url).query)
+    parsed = make_url(url)
+    query = frozenset(parsed.query)
+    # A password with an unescaped "@" and "?" ("bob:p@ss?word=x@host") puts part of itself in
+    # the query: a query key is named only when the URL could not hold a password.
+    hidden = query if may_hold_secret(parsed.render_as_string(hide_password=False)) else frozenset()
 
     def origin(key: str) -> str:
         if key in query:
@@ -179,7 +184,7 @@ def _url_source(url: str | URL) -> KeywordSource:
             return f'connect_args={{"{key}": "{value}"}}'
         return f"?{key}={value} in the SQLAlchemy URL"
 
-    return KeywordSource(origin, spelling)
+    return KeywordSource(origin, spelling, lambda key: key not in hidden)
 
 
 def creator(url: str | URL, **kwargs: Any) -> Callable[[], Connection[Any]]:
@@ -311,6 +316,7 @@ def asyncpg_creator(url: str | URL, **kwargs: Any) -> Callable[[], Awaitable[Any
         raise ConfigurationError("asyncpg_creator takes a postgresql+asyncpg:// URL")
     _, opts = PGDialect_asyncpg().create_connect_args(parsed)  # type: ignore[no-untyped-call]
     params: dict[str, Any] = {}
+    secret_url = may_hold_secret(parsed.render_as_string(hide_password=False))
     for key, value in opts.items():
         if key in ("user", "password", "host", "port", "database"):
             params[key] = value
@@ -318,8 +324,10 @@ def asyncpg_creator(url: str | URL, **kwargs: Any) -> Callable[[], Awaitable[Any
         # libpq's options go to safepg.asyncpg.connect by name, under the option policy.
         kind = _ASYNCPG_URL_OPTIONS.get(key) or (str if key in _options.KEYWORDS else None)
         if kind is None:
+            # Part of a password with an unescaped "@" and "?" may have become a query key.
+            named = "a query option" if secret_url else f"the query option {key!r}"
             raise ConfigurationError(
-                f"the URL's query option {key!r} is not one safepg passes to asyncpg; it takes "
+                f"the URL's {named} is not one safepg passes to asyncpg; it takes "
                 f"libpq's options and {', '.join(sorted(_ASYNCPG_URL_OPTIONS))}. Give other "
                 "asyncpg arguments as connect_args."
             )
