@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
 import pytest
+from psycopg.conninfo import make_conninfo
 
 import safepg
 from safepg import ConfigurationError
 from safepg._typos import may_hold_secret
+from safepg.testing import PostgresServer
 
 
 @pytest.mark.parametrize(
@@ -55,3 +65,72 @@ def test_an_asyncpg_url_query_key_that_may_be_part_of_a_password_is_not_named() 
         safepg.sqlalchemy.asyncpg_creator(url)
     assert "hunter" not in str(caught.value)
     assert "query option" in str(caught.value)
+
+
+def _check_w(
+    target: str, stdin: Any, *extra: str, data: bytes | None = None, closed: bool = False
+) -> Any:
+    """``safepg check -W --json`` in a child without a controlling terminal (as in CI)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(safepg.__file__).parent.parent), "CI": "true"}
+    command = [sys.executable, "-m", "safepg", "check", "-W", "--json", *extra, target]
+    if closed:  # started with descriptor 0 closed
+        command = ["sh", "-c", 'exec "$@" <&-', "sh", *command]
+    return subprocess.run(
+        command,
+        stdin=stdin,
+        input=data,
+        capture_output=True,
+        env=env,
+        start_new_session=True,  # no /dev/tty
+        timeout=60,
+    )
+
+
+def _without_password(server: PostgresServer) -> str:
+    return make_conninfo(
+        "",
+        host=server.host,
+        port=server.port,
+        user=server.user,
+        dbname=server.dbname,
+        sslrootcert=str(server.ca_path),
+    )
+
+
+@pytest.mark.parametrize("stdin", ["devnull", "closed"])
+def test_check_w_without_a_terminal_or_input_is_a_usage_error_in_json(
+    server: PostgresServer, stdin: str
+) -> None:
+    # It was a traceback (EOFError; AttributeError with stdin closed), not the JSON document.
+    if stdin == "devnull":
+        proc = _check_w(_without_password(server), subprocess.DEVNULL)
+    else:
+        proc = _check_w(_without_password(server), None, closed=True)
+    doc = json.loads(proc.stdout)
+    assert proc.returncode == 2, proc.stderr
+    assert doc["error"]["class"] == "ConfigurationError"
+    assert "PGPASSWORD" in doc["error"]["message"]
+    assert b"Traceback" not in proc.stderr
+
+
+def test_check_w_does_not_wait_past_its_timeout_on_a_silent_input(server: PostgresServer) -> None:
+    started = time.monotonic()
+    with subprocess.Popen(["sleep", "60"], stdout=subprocess.PIPE) as silent:
+        try:
+            proc = _check_w(_without_password(server), silent.stdout, "--timeout", "2")
+        finally:
+            silent.kill()
+    assert time.monotonic() - started < 30
+    assert proc.returncode == 2, proc.stderr
+    assert "no line came on standard input" in json.loads(proc.stdout)["error"]["message"]
+
+
+def test_check_w_reads_a_piped_password_and_never_shows_it(server: PostgresServer) -> None:
+    proc = _check_w(_without_password(server), None, data=server.password.encode() + b"\n")
+    doc = json.loads(proc.stdout)
+    assert proc.returncode == 0, doc["error"]
+    assert doc["client"]["verified"] is True
+    assert server.password.encode() not in proc.stdout + proc.stderr
+    wrong = _check_w(_without_password(server), None, data=b"wrong-hunter2\n")
+    assert wrong.returncode == 1
+    assert b"hunter2" not in wrong.stdout + wrong.stderr
