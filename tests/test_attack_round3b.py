@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,8 +19,10 @@ from psycopg.conninfo import make_conninfo
 
 import safepg
 from safepg import ConfigurationError
+from safepg._inspect import inspect_server
+from safepg._trust import TrustSource
 from safepg._typos import may_hold_secret
-from safepg.testing import PostgresServer
+from safepg.testing import CertificateAuthority, PostgresServer
 
 
 @pytest.mark.parametrize(
@@ -134,3 +140,50 @@ def test_check_w_reads_a_piped_password_and_never_shows_it(server: PostgresServe
     wrong = _check_w(_without_password(server), None, data=b"wrong-hunter2\n")
     assert wrong.returncode == 1
     assert b"hunter2" not in wrong.stdout + wrong.stderr
+
+
+def test_inspect_keeps_one_deadline_for_all_its_probes(tmp_path: Path) -> None:
+    """A server that answers the first probe with a chain the trust anchors do not verify,
+    then leaves every later connection silent, held inspect for the timeout once per other
+    trust source tried (1 + 7 times it)."""
+    ca = CertificateAuthority()
+    cert, key = ca.issue("localhost").write(tmp_path / "c.pem", tmp_path / "k.pem")
+    other = CertificateAuthority("another CA").write_cert(tmp_path / "other.pem")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        first = True
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            held.append(conn)
+            conn.recv(8)  # the SSLRequest
+            conn.sendall(b"S")
+            if first:
+                first = False
+                with contextlib.suppress(OSError):  # the client gives up on the unknown CA
+                    ctx.wrap_socket(conn, server_side=True).recv(1)
+
+    threading.Thread(target=serve, daemon=True).start()
+    timeout = 1.5
+    started = time.monotonic()
+    try:
+        found = inspect_server(
+            "localhost",
+            listener.getsockname()[1],
+            trust=TrustSource(str(other), "another CA", "sslrootcert"),
+            hostaddr="127.0.0.1",
+            timeout=timeout,
+        )
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+    elapsed = time.monotonic() - started
+    assert found.trust_verifies is False
+    assert elapsed < 2.5 * timeout, elapsed
