@@ -187,3 +187,40 @@ def test_inspect_keeps_one_deadline_for_all_its_probes(tmp_path: Path) -> None:
     elapsed = time.monotonic() - started
     assert found.trust_verifies is False
     assert elapsed < 2.5 * timeout, elapsed
+
+
+def test_the_engine_pool_refuses_a_connection_that_writes_its_tls_secrets(
+    server: PostgresServer, tmp_path: Path
+) -> None:
+    """A creator's own psycopg connection, verify-full but with sslkeylogfile: the option
+    policy refuses it on every safepg path, and the pool let it in."""
+    import psycopg
+    import sqlalchemy
+
+    import safepg.sqlalchemy  # registers postgresql+safepg
+
+    if "sslkeylogfile" not in {o.keyword.decode() for o in psycopg.pq.Conninfo.get_defaults()}:
+        pytest.skip("libpq before 18 has no sslkeylogfile")
+    keylog = tmp_path / "keys.log"
+
+    def creator() -> Any:
+        return psycopg.connect(
+            host=server.host,
+            port=server.port,
+            user=server.user,
+            password=server.password,
+            dbname=server.dbname,
+            sslmode="verify-full",
+            sslrootcert=str(server.ca_path),
+            sslkeylogfile=str(keylog),
+        )
+
+    engine = sqlalchemy.create_engine("postgresql+safepg://", creator=creator)
+    try:
+        with pytest.raises(sqlalchemy.exc.OperationalError) as caught:
+            engine.connect()
+    finally:
+        engine.dispose()
+    assert isinstance(caught.value.orig, safepg.InsecureConnectionError)
+    assert "sslkeylogfile" in str(caught.value)
+    assert str(keylog) not in str(caught.value)

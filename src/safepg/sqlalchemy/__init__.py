@@ -417,7 +417,25 @@ def _unverified(conn: Any) -> str | None:
         return "libpq does not say which TLS version it uses"
     if protocol not in _check.ACCEPTED_PROTOCOLS:
         return f"it uses {shown(protocol)}, below the TLS 1.2 minimum"
-    return None
+    return _breaks_policy(pgconn)
+
+
+def _breaks_policy(pgconn: pq.abc.PGconn) -> str | None:
+    """How a connection opened elsewhere breaks the option policy (an ``sslkeylogfile`` that
+    writes its TLS secrets, an unchecked CRL directory), or None: as refused on safepg's paths.
+    """
+    options = {
+        opt.keyword.decode(): opt.val.decode("utf-8", "replace")
+        for opt in pgconn.info
+        if opt.val is not None
+    }
+    try:
+        _options.check(options, {}, lambda _key, _envvar: "the connection's own options")
+    except ConfigurationError as ex:
+        problem = str(ex)  # names the option, never its value
+    else:
+        return None
+    return f"it breaks safepg's option policy ({problem})"
 
 
 def _type_name(obj: Any) -> str:
