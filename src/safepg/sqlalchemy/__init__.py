@@ -325,9 +325,9 @@ def asyncpg_creator(url: str | URL, **kwargs: Any) -> Callable[[], Awaitable[Any
         kind = _ASYNCPG_URL_OPTIONS.get(key) or (str if key in _options.KEYWORDS else None)
         if kind is None:
             # Part of a password with an unescaped "@" and "?" may have become a query key.
-            named = "a query option" if secret_url else f"the query option {key!r}"
+            named = " (not named: it may be part of the password)" if secret_url else f" {key!r}"
             raise ConfigurationError(
-                f"the URL's {named} is not one safepg passes to asyncpg; it takes "
+                f"the URL's query option{named} is not one safepg passes to asyncpg; it takes "
                 f"libpq's options and {', '.join(sorted(_ASYNCPG_URL_OPTIONS))}. Give other "
                 "asyncpg arguments as connect_args."
             )
