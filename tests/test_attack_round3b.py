@@ -32,6 +32,9 @@ from safepg.testing import CertificateAuthority, PostgresServer
         # "unknown option" shown by name.
         "host=localhost oauth_client_secret=hunter2 hunter3=x",
         "postgresql://localhost/db?oauth_client_secret=a&hunter3=1",
+        # libpq 18's SCRAM keys (the keys derived from the password) likewise.
+        "host=localhost scram_client_key=hunter2 hunter3=x",
+        "host=localhost scram_server_key=hunter2 hunter3=x",
     ],
 )
 def test_a_badly_quoted_client_secret_is_not_named_as_an_unknown_option(text: str) -> None:
