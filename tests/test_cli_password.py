@@ -42,6 +42,7 @@ def test_prompt(
         return server.password
 
     monkeypatch.setattr("getpass.getpass", getpass)
+    monkeypatch.setattr("safepg._cli.check._has_terminal", lambda: True)
     code, data = run_json(capsys, "check", _without_password(server), "-W")
     assert code == 0, data["error"]
     assert asked == ["Password: "]

@@ -187,9 +187,8 @@ def _without_direct(
 ) -> Inspection:
     """Direct TLS failed: is it the server, or the network? The SSLRequest tells."""
     address, port = base.address, base.port
-    left = max(timeout - (time.monotonic() - started), 0.5)
     result = _probe.probe_detailed(
-        address, port, trust.path, server_hostname=base.host, timeout=left
+        address, port, trust.path, server_hostname=base.host, timeout=_left(started, timeout, 0.5)
     )
     if isinstance(result, _probe.Unreached):
         return _unanswered(base, timeout, result)
@@ -215,6 +214,11 @@ def _without_direct(
         problems=("the server does not offer TLS, directly or after the SSLRequest",),
         advice=(FIX_NO_TLS,),
     )
+
+
+def _left(started: float, timeout: float, floor: float = 0.0) -> float:
+    """What is left of *timeout* since *started*, and at least *floor*."""
+    return max(timeout - (time.monotonic() - started), floor)
 
 
 def _unanswered(base: Inspection, timeout: float, why: _probe.Unreached) -> Inspection:
@@ -260,7 +264,11 @@ def inspect_server(
             )
         if presented is None or not presented.tls:
             return _without_direct(base, trust, timeout, started)
-    result = _probe.probe_detailed(address, port, trust.path, server_hostname=host, timeout=timeout)
+    # One deadline for every probe: a server that stalls the later ones cannot hold inspect
+    # for the timeout once per probe (direct, SSLRequest, each other trust source).
+    result = _probe.probe_detailed(
+        address, port, trust.path, server_hostname=host, timeout=_left(started, timeout, 0.5)
+    )
     if isinstance(result, _probe.Unreached):
         return _unanswered(base, timeout, result)
     if not result.tls:
@@ -270,7 +278,10 @@ def inspect_server(
     verified_by = trust if verifies else None
     if not verifies and result.verify_code not in _EXPIRY_CODES:
         for other in _candidates(trust):
-            again = _probe.probe(address, port, other.path, server_hostname=host, timeout=timeout)
+            remaining = _left(started, timeout)
+            if remaining <= 0:
+                break
+            again = _probe.probe(address, port, other.path, server_hostname=host, timeout=remaining)
             if again is not None and again.tls and again.verify_code is None:
                 verified_by = other
                 break

@@ -152,10 +152,13 @@ class KeywordSource:
     Attributes:
         origin: *key* -> where it was set, as in "sslmode=require (from ...)".
         spelling: (*key*, *value*) -> how to write it in that place.
+        shows: *key* -> whether an unknown option of that name may be named in a message (not
+            when it came from a URL whose badly quoted password it may be part of).
     """
 
     origin: Callable[[str], str]
     spelling: Callable[[str, str], str]
+    shows: Callable[[str], bool] = lambda _key: True
 
 
 _keyword_source: ContextVar[KeywordSource | None] = ContextVar(
@@ -178,6 +181,12 @@ def keyword_origin(key: str) -> str:
     """Where the keyword argument *key* was set, in the words of the user's integration."""
     source = _keyword_source.get()
     return source.origin(key) if source else f"the keyword argument {key}"
+
+
+def keyword_shown(key: str) -> bool:
+    """Whether the unknown keyword argument *key* may be named (see `KeywordSource.shows`)."""
+    source = _keyword_source.get()
+    return source.shows(key) if source else True
 
 
 def keyword_spelling(key: str, value: str, default: str | None = None) -> str:
@@ -306,8 +315,10 @@ def _libpq_view(params: Mapping[str, str], secrets: tuple[str | None, ...]) -> d
         if _RESOLVE_ONLY not in message:
             unknown = _UNKNOWN_OPTION.fullmatch(message)
             if unknown and unknown.group(1) in params:
-                # A keyword argument's name (a conninfo string's were checked when parsed).
-                message = unknown_option(unknown.group(1), show=True)
+                # A keyword argument's name (a conninfo string's were checked when parsed), unless
+                # an integration took it from a URL that may hold a password.
+                name = unknown.group(1)
+                message = unknown_option(name, show=keyword_shown(name))
             raise ConfigurationError(f"invalid connection parameters: {redact(message, secrets)}")
         return {
             opt.keyword.decode(): opt.val.decode("utf-8", "replace")

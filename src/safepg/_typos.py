@@ -19,6 +19,10 @@ from psycopg import pq
 # "sslrootcrt" -> "sslrootcert" is 0.95, "usr" -> "user" 0.86, "dbase" -> "dbname" 0.73.
 _CUTOFF = 0.8
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Parts of the names of libpq keywords whose values are secrets (libpq 18 added
+# oauth_client_secret, scram_client_key and scram_server_key, whose badly quoted values are as
+# much secrets as a password). "key" also covers sslkey, a path: its names are hidden needlessly.
+_SECRET_WORDS = ("password", "secret", "token", "key")
 
 
 @functools.cache
@@ -42,10 +46,13 @@ def near_miss(name: str, known: Iterable[str] = ()) -> str | None:
 def may_hold_secret(text: str) -> bool:
     """Whether a conninfo string or URL could hold a password that a parse error might quote.
 
-    Conservative: a password keyword, a URL's user-info with a colon, percent-encoding (which
-    can spell ``password``), and quotes or backslashes (which change where a value ends).
+    Conservative: a keyword that holds a secret (``password``, ``sslpassword``,
+    ``oauth_client_secret``, ``scram_client_key``, or a later ``*token*``), a URL's user-info
+    with a colon, percent-encoding (which can spell a keyword), and quotes or backslashes (which
+    change where a value ends).
     """
-    if "password" in text.lower() or any(c in text for c in "%\\'\""):
+    lowered = text.lower()
+    if any(word in lowered for word in _SECRET_WORDS) or any(c in text for c in "%\\'\""):
         return True
     _scheme, sep, rest = text.partition("://")
     return bool(sep) and "@" in rest and ":" in rest.rpartition("@")[0]

@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 import getpass
 import math
+import os
+import select
+import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from .._errors import ConfigurationError
 from .._text import shown
 from ._output import (
     EXIT_INSECURE,
@@ -158,6 +163,68 @@ def _cli_wording(message: str) -> str:
     return message
 
 
+_NO_INPUT = (
+    "-W/--password found no terminal to ask on and {what}; give the password through "
+    "PGPASSWORD, a passfile or ~/.pgpass instead, or pipe it to standard input"
+)
+
+
+def _has_terminal() -> bool:
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def _ask_password(timeout: float) -> str:
+    """The password for -W: asked on the terminal as psql asks; without one (CI, cron), the
+    first line of standard input, waited for *timeout* seconds at most (a CI job's open but
+    silent standard input must not hang the check), never echoed or quoted in an error.
+
+    Raises:
+        ConfigurationError: no terminal and no standard input, or nothing on it in time.
+    """
+    if os.name == "nt" or _has_terminal():
+        return getpass.getpass("Password: ")
+    stdin = sys.stdin
+    try:
+        fd = stdin.fileno() if stdin is not None else -1
+    except (OSError, ValueError):
+        fd = -1
+    if fd < 0:
+        raise ConfigurationError(_NO_INPUT.format(what="no standard input"))
+    line = b""
+    deadline = time.monotonic() + timeout
+    while b"\n" not in line:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            del line  # a part of the password: not in the refusal's frames
+            raise ConfigurationError(
+                _NO_INPUT.format(what=f"no line came on standard input within {timeout:g} s")
+            )
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        line += chunk
+    if not line:
+        raise ConfigurationError(_NO_INPUT.format(what="standard input is empty"))
+    text = _decoded(line.partition(b"\n")[0].rstrip(b"\r"))
+    del line, chunk
+    if text is None:
+        raise ConfigurationError("the password from standard input is not valid UTF-8 text")
+    return text
+
+
+def _decoded(raw: bytes) -> str | None:
+    # Not raised from the except clause: the UnicodeDecodeError holds the password's bytes.
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
 def run(args: argparse.Namespace, out: Output) -> int:
     import safepg
 
@@ -178,7 +245,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
     report = None
     # As psql -W: asked for before connecting; libpq's own sources (PGPASSWORD, passfile,
     # ~/.pgpass) are left to libpq otherwise.
-    password = getpass.getpass("Password: ") if args.prompt else None
+    password = _ask_password(args.timeout) if args.prompt else None
     secrets = (*secrets_of(args.target), password)
     try:
         with safepg.connect(

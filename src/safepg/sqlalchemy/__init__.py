@@ -82,6 +82,7 @@ from .._errors import ConfigurationError, InsecureConnectionError
 from .._libpq import ssl_attribute
 from .._params import REQUIRED_SSLMODE, KeywordSource, keywords_from
 from .._text import shown
+from .._typos import may_hold_secret
 
 __all__ = [
     "SafePGAsyncDialect",
@@ -165,7 +166,11 @@ _URL_PARTS = frozenset({"host", "port", "user", "password", "dbname"})
 def _url_source(url: str | URL) -> KeywordSource:
     """Messages name the parameters as the user set them: in the URL's query, elsewhere in
     the URL, or in ``connect_args``."""
-    query = frozenset(make_url(url).query)
+    parsed = make_url(url)
+    query = frozenset(parsed.query)
+    # A password with an unescaped "@" and "?" ("bob:p@ss?word=x@host") puts part of itself in
+    # the query: a query key is named only when the URL could not hold a password.
+    hidden = query if may_hold_secret(parsed.render_as_string(hide_password=False)) else frozenset()
 
     def origin(key: str) -> str:
         if key in query:
@@ -179,7 +184,7 @@ def _url_source(url: str | URL) -> KeywordSource:
             return f'connect_args={{"{key}": "{value}"}}'
         return f"?{key}={value} in the SQLAlchemy URL"
 
-    return KeywordSource(origin, spelling)
+    return KeywordSource(origin, spelling, lambda key: key not in hidden)
 
 
 def creator(url: str | URL, **kwargs: Any) -> Callable[[], Connection[Any]]:
@@ -311,6 +316,7 @@ def asyncpg_creator(url: str | URL, **kwargs: Any) -> Callable[[], Awaitable[Any
         raise ConfigurationError("asyncpg_creator takes a postgresql+asyncpg:// URL")
     _, opts = PGDialect_asyncpg().create_connect_args(parsed)  # type: ignore[no-untyped-call]
     params: dict[str, Any] = {}
+    secret_url = may_hold_secret(parsed.render_as_string(hide_password=False))
     for key, value in opts.items():
         if key in ("user", "password", "host", "port", "database"):
             params[key] = value
@@ -318,8 +324,10 @@ def asyncpg_creator(url: str | URL, **kwargs: Any) -> Callable[[], Awaitable[Any
         # libpq's options go to safepg.asyncpg.connect by name, under the option policy.
         kind = _ASYNCPG_URL_OPTIONS.get(key) or (str if key in _options.KEYWORDS else None)
         if kind is None:
+            # Part of a password with an unescaped "@" and "?" may have become a query key.
+            named = " (not named: it may be part of the password)" if secret_url else f" {key!r}"
             raise ConfigurationError(
-                f"the URL's query option {key!r} is not one safepg passes to asyncpg; it takes "
+                f"the URL's query option{named} is not one safepg passes to asyncpg; it takes "
                 f"libpq's options and {', '.join(sorted(_ASYNCPG_URL_OPTIONS))}. Give other "
                 "asyncpg arguments as connect_args."
             )
@@ -409,7 +417,25 @@ def _unverified(conn: Any) -> str | None:
         return "libpq does not say which TLS version it uses"
     if protocol not in _check.ACCEPTED_PROTOCOLS:
         return f"it uses {shown(protocol)}, below the TLS 1.2 minimum"
-    return None
+    return _breaks_policy(pgconn)
+
+
+def _breaks_policy(pgconn: pq.abc.PGconn) -> str | None:
+    """How a connection opened elsewhere breaks the option policy (an ``sslkeylogfile`` that
+    writes its TLS secrets, an unchecked CRL directory), or None: as refused on safepg's paths.
+    """
+    options = {
+        opt.keyword.decode(): opt.val.decode("utf-8", "replace")
+        for opt in pgconn.info
+        if opt.val is not None
+    }
+    try:
+        _options.check(options, {}, lambda _key, _envvar: "the connection's own options")
+    except ConfigurationError as ex:
+        problem = str(ex)  # names the option, never its value
+    else:
+        return None
+    return f"it breaks safepg's option policy ({problem})"
 
 
 def _type_name(obj: Any) -> str:
