@@ -533,7 +533,9 @@ def test_sqlalchemy_async_engine_with_an_asyncpg_url(server: PostgresServer) -> 
     ("query", "message"),
     [
         ("&host=/var/run/postgresql", "Unix-domain socket"),
-        ("&search_path=evil", "search_path"),
+        # Refused; not named, as the test server's URL holds a password (a key of its query
+        # may be a piece of a badly escaped one).
+        ("&search_path=evil", "not one safepg passes to asyncpg"),
         ("&timeout=soon", "must be a number"),
         ("&ssl=maybe", "ssl= must be"),
         # float() and int() take these: nan or inf would disable the deadline.
