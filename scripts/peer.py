@@ -1,9 +1,10 @@
 """``scripts/dev peer``: SQLAlchemy's and Django's own test suites, in part, through safepg and
-through the stock driver on one TLS server, compared test by test.
+through the stock driver on TLS servers of their own, compared test by test.
 
 1. Downloads the sdists of the SQLAlchemy and Django versions installed here (``pip download
    --no-deps --no-binary NAME NAME==VERSION``) into the cache directory and unpacks them (once).
-2. Starts one PostgreSQL with TLS (`safepg.testing.PostgresServer`), a certificate from a CA
+2. Starts two PostgreSQL servers with TLS (`safepg.testing.PostgresServer`), one per side (the
+   sides run at once, and prepared transactions are a cluster's), a certificate from a CA
    made for this run, and a superuser role ``peer`` (Django's postgres_tests create extensions).
 3. Runs each part for each configuration, the stock side (psycopg with ``sslmode=verify-full``
    and the test CA, in the URL and in libpq's environment) and the safepg side at once, each in
@@ -503,9 +504,15 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads((work / "run.json").read_text())
         results["parts"] = {}
     failed = False
-    with Server(start=not args.compare_only) as server:
+    # A server per side: prepared transactions (SQLAlchemy's TwoPhaseCommitTest names them) are
+    # the cluster's, not a database's, and the two sides run at once.
+    with (
+        Server(start=not args.compare_only) as stock_server,
+        Server(start=not args.compare_only) as safepg_server,
+    ):
+        servers = {"stock": stock_server, "safepg": safepg_server}
         if not args.compare_only:
-            results["versions"]["postgresql"] = server.server.major_version
+            results["versions"]["postgresql"] = stock_server.server.major_version
             (work / "run.json").write_text(json.dumps(results, indent=1))
         plan: list[tuple[str, str]] = []
         if "sqlalchemy" in parts:
@@ -522,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
                 _, tree = trees[suite]
                 jobs = {}
                 for side, name in names.items():
+                    server = servers[side]
                     dbname = server.database(name)
                     if suite == "sqlalchemy":
                         url = server.url(SQLALCHEMY_CONFIGS[config][side == "safepg"], dbname)
