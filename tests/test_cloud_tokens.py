@@ -163,6 +163,18 @@ def test_aws_without_credentials_says_what_to_do(
     assert query(token)["X-Amz-Credential"].startswith(f"{AKID}/")
 
 
+@pytest.mark.parametrize("host", [RDS_HOST, "db.example.internal"])
+def test_aws_missing_profile_is_a_configuration_error(aws_offline: None, host: str) -> None:
+    # botocore reads the profile when the region is looked up (a host that names none) or when
+    # the client is made (an RDS host name gives the region): either way a ConfigurationError
+    # that names the profile, not botocore's ProfileNotFound.
+    auth = safepg.aws.IAMAuth(profile="missing")
+    with pytest.raises(ConfigurationError, match=r"profile \(missing\) could not be found"):
+        auth(ConnectTarget(host, 5432, "app_iam", "app"))
+    with pytest.raises(ConfigurationError, match="AWS_PROFILE"):
+        safepg.aws.iam_token(host, 5432, "app_iam", profile="missing")
+
+
 def test_aws_token_reaches_the_server(server: PostgresServer, role: str, session: Any) -> None:
     auth = safepg.aws.IAMAuth("eu-central-1", session=session)
     tokens: list[str] = []
