@@ -499,3 +499,52 @@ def test_a_remembered_plan_checks_its_revocation_lists_again(
     default.write_bytes(crl.read_bytes())
     with pytest.raises(safepg.ConfigurationError, match="must hold PEM CRLs"):
         safepg.connect(plain)
+
+
+# -- decisions of _plans the mutation stage showed untested (mutation/RESULTS.md) -------------
+
+
+def test_a_remembered_plan_is_used_and_keyed_without_secrets(
+    server: PostgresServer, remembering: None
+) -> None:
+    from safepg import _plans
+
+    _plans.clear_memory()
+    conninfo = f"host=db.example.com sslrootcert={server.ca_path}"
+    _plans.plan_for(conninfo, {})
+    first = _plans.plan_for(conninfo, {})
+    assert _plans.plan_for(conninfo, {}) is first  # remembered: not built again
+    # A keyword given as None is no keyword: the same input, the same plan.
+    assert _plans.plan_for(conninfo, {"sslcert": None}) is first
+    # The socket opt-in is part of the input: a plan without it never serves a call with it.
+    _plans.plan_for(conninfo, {}, allow_unencrypted_unix_socket=True)
+    allowed = _plans.plan_for(conninfo, {}, allow_unencrypted_unix_socket=True)
+    assert allowed.allow_unix_socket
+    assert not first.allow_unix_socket
+    assert _plans.plan_for(conninfo, {}, allow_unencrypted_unix_socket=True) is allowed
+    # Not a bool ("yes" from a settings file): built each time, as build_plan reads it.
+    assert _plans.plan_for(conninfo, {}, allow_unencrypted_unix_socket="yes").allow_unix_socket
+    # A keyword password is in neither the remembered plan nor the key it is kept under.
+    secret = "s3cr3t-in-no-key"
+    with_password = _plans.plan_for(conninfo, {"password": secret})
+    assert with_password.params["password"] == secret
+    assert _plans.plan_for(conninfo, {"password": secret}).params["password"] == secret
+    assert secret not in repr(list(_plans._memo.items()))
+
+
+def test_remembered_plans_follow_the_keywords_and_are_bounded(
+    server: PostgresServer, tmp_path: Path, remembering: None
+) -> None:
+    from safepg import _plans
+
+    _plans.clear_memory()
+    other = tmp_path / "other.pem"
+    other.write_bytes(server.ca.cert_pem)
+    for _ in range(2):  # the second time from memory
+        for ca in (str(server.ca_path), str(other)):
+            plan = _plans.plan_for("host=db.example.com", {"sslrootcert": ca})
+            assert plan.trust.path == ca
+    for n in range(_plans._MAX + 5):
+        _plans.plan_for(f"host=db{n}.example.com sslrootcert={server.ca_path}", {})
+    assert len(_plans._memo) == _plans._MAX
+    _plans.clear_memory()
