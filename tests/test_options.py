@@ -422,3 +422,30 @@ def test_a_crl_file_is_described_by_what_it_holds(tmp_path: Path) -> None:
         _options.check_crl_files({"sslcrl": str(empty)})
     # A CRL file that does not exist: libpq skips it, and so does the check.
     _options.check_crl_files({"sslcrl": str(tmp_path / "missing.crl")})
+
+
+def test_a_refused_variable_is_refused_with_its_own_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    why = next(v.libpq.why for v in ENVIRONMENT if v.name == "PGOAUTHDEBUG")
+    assert why != ENVIRONMENT[0].libpq.why
+    monkeypatch.setenv("PGOAUTHDEBUG", "UNSAFE")
+    with pytest.raises(ConfigurationError) as info:
+        _options.check({}, {})
+    assert f"safepg refuses it: {why}. Unset PGOAUTHDEBUG" in str(info.value)
+
+
+def test_a_crl_file_up_to_the_size_limit_is_read(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from safepg.testing import CertificateAuthority
+
+    from .test_driver_policy import write_crl
+
+    crl = write_crl(tmp_path / "ca.crl", CertificateAuthority("crl CA"))
+    size = len(crl.read_bytes())
+    monkeypatch.setattr(_options, "_MAX_CRL_FILE", size)
+    assert _options.read_crl(str(crl), "a test") == crl.read_bytes()
+    monkeypatch.setattr(_options, "_MAX_CRL_FILE", size - 1)
+    with pytest.raises(ConfigurationError, match="must hold PEM CRLs"):
+        _options.read_crl(str(crl), "a test")

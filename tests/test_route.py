@@ -524,6 +524,7 @@ def test_a_remembered_plan_is_used_and_keyed_without_secrets(
     assert _plans.plan_for(conninfo, {}, allow_unencrypted_unix_socket=True) is allowed
     # Not a bool ("yes" from a settings file): built each time, as build_plan reads it.
     assert _plans.plan_for(conninfo, {}, allow_unencrypted_unix_socket="yes").allow_unix_socket
+    assert not _plans.plan_for(conninfo, {}).allow_unix_socket  # and never remembered as False
     # A keyword password is in neither the remembered plan nor the key it is kept under.
     secret = "s3cr3t-in-no-key"
     with_password = _plans.plan_for(conninfo, {"password": secret})
@@ -548,3 +549,43 @@ def test_remembered_plans_follow_the_keywords_and_are_bounded(
         _plans.plan_for(f"host=db{n}.example.com sslrootcert={server.ca_path}", {})
     assert len(_plans._memo) == _plans._MAX
     _plans.clear_memory()
+
+
+def test_remembered_plans_are_evicted_least_recently_used_first(
+    server: PostgresServer, remembering: None
+) -> None:
+    from safepg import _plans
+
+    _plans.clear_memory()
+
+    def conninfo(n: int) -> str:
+        return f"host=db{n}.example.com sslrootcert={server.ca_path}"
+
+    for n in range(_plans._MAX):
+        _plans.plan_for(conninfo(n), {})
+    kept = _plans.plan_for(conninfo(0), {})  # used again: now the most recent
+    _plans.plan_for(conninfo(_plans._MAX), {})  # one more: db1 goes, not db0
+    assert len(_plans._memo) == _plans._MAX
+    assert _plans.plan_for(conninfo(0), {}) is kept
+    newest = _plans.plan_for(conninfo(_plans._MAX), {})
+    assert _plans.plan_for(conninfo(_plans._MAX), {}) is newest
+    assert not any(key[0] == conninfo(1) for key in _plans._memo)
+    _plans.clear_memory()
+
+
+def test_a_plan_from_a_service_file_is_not_remembered(
+    server: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, remembering: None
+) -> None:
+    # libpq reads the service file again on each connect: a remembered plan would keep what
+    # the file said when it was made.
+    from safepg import _plans
+
+    _plans.clear_memory()
+    services = tmp_path / "services.conf"
+    services.write_text(f"[app]\nhost=db.example.com\nsslrootcert={server.ca_path}\n")
+    monkeypatch.setenv("PGSERVICEFILE", str(services))
+    for _ in range(2):
+        assert _plans.plan_for("service=app", {}).targets[0].host == "db.example.com"
+    assert not _plans._memo
+    services.write_text(f"[app]\nhost=other.example.com\nsslrootcert={server.ca_path}\n")
+    assert _plans.plan_for("service=app", {}).targets[0].host == "other.example.com"
