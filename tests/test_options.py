@@ -449,3 +449,14 @@ def test_a_crl_file_up_to_the_size_limit_is_read(
     monkeypatch.setattr(_options, "_MAX_CRL_FILE", size - 1)
     with pytest.raises(ConfigurationError, match="must hold PEM CRLs"):
         _options.read_crl(str(crl), "a test")
+
+
+def test_an_unreadable_crl_file_says_why(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.crl"
+    with pytest.raises(ConfigurationError) as info:
+        _options.read_crl(str(missing), "the sslcrl argument")
+    assert "(sslcrl, from the sslcrl argument) cannot be read: No such file or directory" in str(
+        info.value
+    )
+    with pytest.raises(ConfigurationError, match="cannot be read: No such file"):
+        safepg.ssl_context("localhost", sslcrl=missing)

@@ -589,3 +589,27 @@ def test_a_plan_from_a_service_file_is_not_remembered(
     assert not _plans._memo
     services.write_text(f"[app]\nhost=other.example.com\nsslrootcert={server.ca_path}\n")
     assert _plans.plan_for("service=app", {}).targets[0].host == "other.example.com"
+
+
+def test_plans_with_verify_as_or_a_providers_bundle_are_not_remembered(
+    server: PostgresServer, remembering: None
+) -> None:
+    # verify_as resolves the alias on each call (a DNS lookup), and is not part of the key: a
+    # remembered plan would verify the alias's name for a call that did not ask for it. A
+    # provider's bundle may be refreshed.
+    from safepg import _plans
+
+    _plans.clear_memory()
+    conninfo = f"host=127.0.0.1 sslrootcert={server.ca_path}"
+    for _ in range(2):
+        aliased = _plans.plan_for(conninfo, {}, verify_as="localhost")
+        assert aliased.targets[0].host == "localhost"
+    assert not _plans._memo
+    plain = _plans.plan_for(conninfo, {})
+    assert plain.targets[0].host == "127.0.0.1"
+    assert plain.targets[0].hostaddr is None
+    _plans.clear_memory()
+    for _ in range(2):
+        bundled = _plans.plan_for("host=mydb.abc123.eu-west-1.rds.amazonaws.com", {})
+        assert bundled.trust.origin == "bundled"
+    assert not _plans._memo
