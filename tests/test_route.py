@@ -573,8 +573,13 @@ def test_remembered_plans_are_evicted_least_recently_used_first(
     _plans.clear_memory()
 
 
+@pytest.mark.parametrize("named_by", ["conninfo", "PGSERVICE"])
 def test_a_plan_from_a_service_file_is_not_remembered(
-    server: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, remembering: None
+    server: PostgresServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    remembering: None,
+    named_by: str,
 ) -> None:
     # libpq reads the service file again on each connect: a remembered plan would keep what
     # the file said when it was made.
@@ -584,11 +589,15 @@ def test_a_plan_from_a_service_file_is_not_remembered(
     services = tmp_path / "services.conf"
     services.write_text(f"[app]\nhost=db.example.com\nsslrootcert={server.ca_path}\n")
     monkeypatch.setenv("PGSERVICEFILE", str(services))
+    conninfo = "service=app"
+    if named_by == "PGSERVICE":
+        monkeypatch.setenv("PGSERVICE", "app")
+        conninfo = ""
     for _ in range(2):
-        assert _plans.plan_for("service=app", {}).targets[0].host == "db.example.com"
+        assert _plans.plan_for(conninfo, {}).targets[0].host == "db.example.com"
     assert not _plans._memo
     services.write_text(f"[app]\nhost=other.example.com\nsslrootcert={server.ca_path}\n")
-    assert _plans.plan_for("service=app", {}).targets[0].host == "other.example.com"
+    assert _plans.plan_for(conninfo, {}).targets[0].host == "other.example.com"
 
 
 def test_plans_with_verify_as_or_a_providers_bundle_are_not_remembered(
