@@ -564,3 +564,11 @@ def test_a_service_files_negotiation_is_the_callers_choice(
     services.write_text("[app]\nhost=db.example.com\nsslmode=verify-full\nsslnegotiation=direct\n")
     monkeypatch.setenv("PGSERVICEFILE", str(services))
     assert _params.build_plan("service=app", {}).negotiation_chosen is True
+
+
+def test_a_socket_is_refused_with_what_was_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigurationError, match="is a Unix-domain socket directory"):
+        _params.build_plan("host=/var/run/postgresql", {})
+    monkeypatch.delenv("PGHOST", raising=False)
+    with pytest.raises(ConfigurationError, match="no host was given"):
+        _params.build_plan("dbname=app", {})
