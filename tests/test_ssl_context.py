@@ -270,7 +270,7 @@ def test_a_context_made_without_the_cache_is_sealed_too(
         return real_stat(name, *args, **kwargs)
 
     with monkeypatch.context() as patched:
-        patched.setattr(_sslcontext.os, "stat", stat)
+        patched.setattr(os, "stat", stat)
         ctx = _sslcontext.cached_context(trust)
     assert isinstance(ctx, _sslcontext.SealedContext)
     with pytest.raises(AttributeError, match="shared by safepg's connections"):
