@@ -736,9 +736,9 @@ def test_an_asyncpg_without_direct_tls_refuses_to_be_asked_for_it(
     from safepg import asyncpg as safepg_asyncpg
 
     monkeypatch.setattr(safepg_asyncpg, "_HAS_DIRECT_TLS", False)
-    with pytest.raises(ConfigurationError, match="needs asyncpg 0.30"):
+    with pytest.raises(ConfigurationError, match=r"needs asyncpg 0\.30"):
         safepg_asyncpg._direct_tls("direct", None, ())
-    with pytest.raises(ConfigurationError, match="needs asyncpg 0.30"):
+    with pytest.raises(ConfigurationError, match=r"needs asyncpg 0\.30"):
         safepg_asyncpg._direct_tls("postgres", True, ())
     assert safepg_asyncpg._direct_tls("postgres", None, ()) is None
 
