@@ -750,3 +750,9 @@ def test_a_weak_ssl_does_not_skip_the_check_of_sslmode(caplog: pytest.LogCapture
         _caller_context(False, "bogus")
     with pytest.raises(ConfigurationError, match="sslmode= must be"):
         _caller_context("disable", 42)
+    # Nothing given for ssl= (or True, or verify-full): sslmode is still checked.
+    for ssl_arg in (None, True, "verify-full"):
+        with pytest.raises(ConfigurationError, match="sslmode= must be"):
+            _caller_context(ssl_arg, "bogus")
+        assert _caller_context(ssl_arg, None) is None
+        assert _caller_context(ssl_arg, "verify-full") is None
