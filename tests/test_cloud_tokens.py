@@ -390,3 +390,31 @@ def test_sdks_are_imported_only_when_used() -> None:
     )
     env = {**os.environ, "PYTHONPATH": str(Path(safepg.__file__).parents[1])}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "my-project:europe-west1",  # two parts
+        "my-project:europe west1:db",  # a bad region
+        "my-project:europe-west1:d b",  # a bad instance
+        "My Project!:europe-west1:db",  # a bad project
+        "a:b:c:d:e",
+        "",
+        42,
+    ],
+)
+def test_gcp_server_ca_refuses_a_malformed_connection_name(name: Any) -> None:
+    # Refused before any credential or API is looked at: the name goes into the API's URL.
+    with pytest.raises(ConfigurationError, match="takes the instance's connection name"):
+        safepg.gcp.server_ca(name)
+
+
+def test_gcp_server_ca_takes_a_well_formed_connection_name(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Past the name check: here it stops at the credentials (none), never at the name.
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
+    with pytest.raises(ConfigurationError) as info:
+        safepg.gcp.server_ca("my-project:europe-west1:db", timeout=5)
+    assert "takes the instance's connection name" not in str(info.value)
