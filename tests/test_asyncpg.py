@@ -714,3 +714,47 @@ def test_bytes_injected_after_s_with_the_callers_context(
             )
         adversary.close()
         assert adversary.received == []
+
+
+# -- decisions the mutation stage showed untested (mutation/RESULTS.md) -----------------------
+
+
+def test_sslnegotiation_direct_and_direct_tls_false_disagree() -> None:
+    from safepg.asyncpg import _direct_tls
+
+    with pytest.raises(ConfigurationError, match="disagree"):
+        _direct_tls("direct", False, ())
+    assert _direct_tls("direct", None, ()) is True  # sslnegotiation=direct means direct TLS
+    assert _direct_tls("direct", True, ()) is True
+    assert _direct_tls("postgres", False, ()) is False
+    with pytest.raises(ConfigurationError, match="must be postgres or direct"):
+        _direct_tls("other", None, ())
+
+
+def test_an_asyncpg_without_direct_tls_refuses_to_be_asked_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As with asyncpg before 0.30, which has no direct_tls: asked for it, refuse; else None.
+    from safepg import asyncpg as safepg_asyncpg
+
+    monkeypatch.setattr(safepg_asyncpg, "_HAS_DIRECT_TLS", False)
+    with pytest.raises(ConfigurationError, match=r"needs asyncpg 0\.30"):
+        safepg_asyncpg._direct_tls("direct", None, ())
+    with pytest.raises(ConfigurationError, match=r"needs asyncpg 0\.30"):
+        safepg_asyncpg._direct_tls("postgres", True, ())
+    assert safepg_asyncpg._direct_tls("postgres", None, ()) is None
+
+
+def test_a_weak_ssl_does_not_skip_the_check_of_sslmode(caplog: pytest.LogCaptureFixture) -> None:
+    from safepg.asyncpg import _caller_context
+
+    with pytest.raises(ConfigurationError, match="sslmode= must be"):
+        _caller_context(False, "bogus")
+    with pytest.raises(ConfigurationError, match="sslmode= must be"):
+        _caller_context("disable", 42)
+    # Nothing given for ssl= (or True, or verify-full): sslmode is still checked.
+    for ssl_arg in (None, True, "verify-full"):
+        with pytest.raises(ConfigurationError, match="sslmode= must be"):
+            _caller_context(ssl_arg, "bogus")
+        assert _caller_context(ssl_arg, None) is None
+        assert _caller_context(ssl_arg, "verify-full") is None

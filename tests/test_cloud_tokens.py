@@ -163,6 +163,18 @@ def test_aws_without_credentials_says_what_to_do(
     assert query(token)["X-Amz-Credential"].startswith(f"{AKID}/")
 
 
+@pytest.mark.parametrize("host", [RDS_HOST, "db.example.internal"])
+def test_aws_missing_profile_is_a_configuration_error(aws_offline: None, host: str) -> None:
+    # botocore reads the profile when the region is looked up (a host that names none) or when
+    # the client is made (an RDS host name gives the region): either way a ConfigurationError
+    # that names the profile, not botocore's ProfileNotFound.
+    auth = safepg.aws.IAMAuth(profile="missing")
+    with pytest.raises(ConfigurationError, match=r"profile \(missing\) could not be found"):
+        auth(ConnectTarget(host, 5432, "app_iam", "app"))
+    with pytest.raises(ConfigurationError, match="AWS_PROFILE"):
+        safepg.aws.iam_token(host, 5432, "app_iam", profile="missing")
+
+
 def test_aws_token_reaches_the_server(server: PostgresServer, role: str, session: Any) -> None:
     auth = safepg.aws.IAMAuth("eu-central-1", session=session)
     tokens: list[str] = []
@@ -378,3 +390,31 @@ def test_sdks_are_imported_only_when_used() -> None:
     )
     env = {**os.environ, "PYTHONPATH": str(Path(safepg.__file__).parents[1])}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "my-project:europe-west1",  # two parts
+        "my-project:europe west1:db",  # a bad region
+        "my-project:europe-west1:d b",  # a bad instance
+        "My Project!:europe-west1:db",  # a bad project
+        "a:b:c:d:e",
+        "",
+        42,
+    ],
+)
+def test_gcp_server_ca_refuses_a_malformed_connection_name(name: Any) -> None:
+    # Refused before any credential or API is looked at: the name goes into the API's URL.
+    with pytest.raises(ConfigurationError, match="takes the instance's connection name"):
+        safepg.gcp.server_ca(name)
+
+
+def test_gcp_server_ca_takes_a_well_formed_connection_name(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Past the name check: here it stops at the credentials (none), never at the name.
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
+    with pytest.raises(ConfigurationError) as info:
+        safepg.gcp.server_ca("my-project:europe-west1:db", timeout=5)
+    assert "takes the instance's connection name" not in str(info.value)

@@ -276,6 +276,33 @@ def test_ssl_context_checks_the_crl(
         _asyncpg_connect(server, ssl=ctx)()
 
 
+def test_your_context_must_check_the_very_crls_libpq_would(
+    server: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safepg import _sslcontext
+
+    revoking = write_crl(tmp_path / "revoked.crl", server.ca, server.server_cert.cert)
+    other = write_crl(tmp_path / "other.crl", server.ca, server.ca.issue("x").cert)
+    ctx = safepg.ssl_context(server.host, sslrootcert=server.ca_path, sslcrl=other)
+    assert _sslcontext.checks_crls(ctx, other.read_bytes())
+    # Made with other CRLs, or by anyone else, or no longer checking the chain: not enough.
+    assert not _sslcontext.checks_crls(ctx, revoking.read_bytes())
+    plain = safepg.ssl_context(server.host, sslrootcert=server.ca_path)
+    assert not _sslcontext.checks_crls(plain, other.read_bytes())
+    assert not _sslcontext.checks_crls(ssl.create_default_context(), other.read_bytes())
+    # A context made with the CRLs the environment names: asyncpg uses it, and refuses the
+    # server they revoke.
+    monkeypatch.setenv("PGSSLCRL", str(revoking))
+    with pytest.raises(ConfigurationError, match=r"sslcrl is set .* beside your own"):
+        _asyncpg_connect(server, ssl=ctx)()
+    cleared = safepg.ssl_context(server.host, sslrootcert=server.ca_path, sslcrl=revoking)
+    assert _sslcontext.checks_crls(cleared, revoking.read_bytes())
+    cleared.verify_flags &= ~ssl.VERIFY_CRL_CHECK_CHAIN
+    assert not _sslcontext.checks_crls(cleared, revoking.read_bytes())
+    with pytest.raises(ConfigurationError, match=r"sslcrl is set .* beside your own"):
+        _asyncpg_connect(server, ssl=cleared)()
+
+
 def test_ssl_context_refuses_a_crl_directory(
     server: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1050,3 +1050,14 @@ def test_a_fetched_ca_that_cannot_be_stored_is_a_configuration_error(
         connect(server, AIVEN_HOST)
     assert isinstance(info.value, psycopg.OperationalError)
     assert TOKEN not in str(info.value)
+
+
+def test_a_fetched_host_does_not_end_the_list(instance: Instance) -> None:
+    # Each host of a multi-host list gets its anchors: after a host whose CA is fetched, the
+    # next host's (here Amazon RDS's bundled roots) are still added.
+    from safepg import _trust
+
+    found = _trust.resolve(None, "nothing", [DO_HOST, "mydb.abc123.eu-west-1.rds.amazonaws.com"])
+    assert found.origin == "combined"
+    assert "bundled Amazon RDS roots" in found.label
+    assert instance.ca.cert_pem in Path(found.path).read_bytes()

@@ -324,3 +324,139 @@ def test_a_service_named_by_pgservice_is_named_as_the_origin(
         plan = _params.build_plan("host=db.example.com", {})
     assert plan.trust.label == "sslrootcert from service 'app' in the service file"
     assert "sslmode=disable (from service 'app' in the service file) raised" in caplog.text
+
+
+# -- decisions the mutation stage showed untested (mutation/RESULTS.md) -----------------------
+
+
+def test_a_refusal_names_the_accepted_values_only_when_there_are_some(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with pytest.raises(ConfigurationError, match=r"\(CRIME\) \(accepted: 0\)\. Remove it"):
+        _options.check({"sslcompression": "1"}, {})
+    with pytest.raises(ConfigurationError, match="require_auth") as info:
+        _options.asyncpg_settings({}, {"require_auth": "password"})
+    assert "accepted" not in str(info.value)
+
+
+def test_asyncpg_gets_only_what_differs_from_libpq_defaults() -> None:
+    # An option set to libpq's default changes nothing: asyncpg is not given it.
+    defaults = {"target_session_attrs": "any", "krbsrvname": "postgres", "sslnegotiation": ""}
+    assert _options.asyncpg_settings(defaults, {}) == {}
+    assert _options.asyncpg_settings({"krbsrvname": "other"}, {}) == {"krbsrvname": "other"}
+
+
+def test_asyncpg_reads_the_variables_the_running_libpq_does_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As with libpq 15 (PSYCOPG_IMPL=python), which has no require_auth and so never resolves
+    # PGREQUIREAUTH: asyncpg must not drop what a newer libpq would honour.
+    monkeypatch.setattr(_options, "UNSEEN_VARIABLES", (("require_auth", "PGREQUIREAUTH"),))
+    monkeypatch.delenv("PGREQUIREAUTH", raising=False)
+    assert _options.asyncpg_settings({}, {}) == {}
+    monkeypatch.setenv("PGREQUIREAUTH", "password")
+    with pytest.raises(ConfigurationError, match="refuses the connection option require_auth"):
+        _options.asyncpg_settings({}, {})
+
+
+def test_no_home_directory_means_no_default_crl(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A user with no HOME and no password-database entry (a container run with --user 12345):
+    # libpq has no default root.crl, and there is nothing to check.
+    from safepg import _trust
+
+    monkeypatch.setenv("HOME", str(tmp_path / "nohome"))
+    monkeypatch.setattr(_trust, "libpq_default_root", lambda: None)
+    _options._default_crl.cache_clear()
+    try:
+        _options.check_crl_files({})
+        assert _options.crls(None, "nowhere") == b""
+    finally:
+        _options._default_crl.cache_clear()
+
+
+def test_pins_follow_the_libpq_versions_that_have_each_option() -> None:
+    # requiressl, tty and authtype: libpq 7 through 13 (a psycopg2 wheel's own libpq may be
+    # that old); sslkeylogfile from libpq 18.
+    assert {"requiressl", "tty", "authtype"} <= _options.pins({}, 13).keys()
+    assert not {"requiressl", "tty", "authtype"} & _options.pins({}, 14).keys()
+    assert "sslkeylogfile" in _options.pins({}, 18)
+    assert "sslkeylogfile" not in _options.pins({}, 17)
+    assert _options.pins({"sslcrl": "/x.crl"}, 16)["sslcrl"] == "/x.crl"
+
+
+def test_a_driver_on_the_newest_libpq_the_table_holds_is_accepted() -> None:
+    newest = _options.NEWEST_LIBPQ
+    _options.check_driver_libpq(newest * 10000 + 3, "psycopg2")  # e.g. 18.3: no error
+    with pytest.raises(ConfigurationError, match=f"psycopg2 uses libpq {newest + 1}"):
+        _options.check_driver_libpq((newest + 1) * 10000, "psycopg2")
+
+
+@pytest.mark.parametrize("count", [3, 4])
+def test_a_crl_directory_refusal_lists_three_certificates(tmp_path: Path, count: int) -> None:
+    crldir = tmp_path / f"crls{count}"
+    crldir.mkdir()
+    for n in range(count):
+        (crldir / f"0000000{n}.0").write_bytes(b"")  # OpenSSL would open each as a certificate
+    with pytest.raises(ConfigurationError) as info:
+        _options.check_crl_files({"sslcrldir": str(crldir)})
+    shown = "00000000.0, 00000001.0, 00000002.0"
+    listed = f"{shown}, ..., which OpenSSL" if count > 3 else f"{shown}, which OpenSSL"
+    assert listed in str(info.value)
+
+
+def test_a_crl_file_is_described_by_what_it_holds(tmp_path: Path) -> None:
+    from safepg.testing import CertificateAuthority
+
+    from .test_driver_policy import write_crl
+
+    ca = CertificateAuthority("crl CA")
+    mixed = write_crl(tmp_path / "mixed.crl", ca)
+    mixed.write_bytes(mixed.read_bytes() + ca.cert_pem)
+    with pytest.raises(ConfigurationError, match="it holds CERTIFICATE, X509 CRL"):
+        _options.check_crl_files({"sslcrl": str(mixed)})
+    empty = tmp_path / "empty.crl"
+    empty.write_bytes(b"")
+    with pytest.raises(ConfigurationError, match="it holds no PEM block"):
+        _options.check_crl_files({"sslcrl": str(empty)})
+    # A CRL file that does not exist: libpq skips it, and so does the check.
+    _options.check_crl_files({"sslcrl": str(tmp_path / "missing.crl")})
+
+
+def test_a_refused_variable_is_refused_with_its_own_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    why = next(v.libpq.why for v in ENVIRONMENT if v.name == "PGOAUTHDEBUG")
+    assert why != ENVIRONMENT[0].libpq.why
+    monkeypatch.setenv("PGOAUTHDEBUG", "UNSAFE")
+    with pytest.raises(ConfigurationError) as info:
+        _options.check({}, {})
+    assert f"safepg refuses it: {why}. Unset PGOAUTHDEBUG" in str(info.value)
+
+
+def test_a_crl_file_up_to_the_size_limit_is_read(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from safepg.testing import CertificateAuthority
+
+    from .test_driver_policy import write_crl
+
+    crl = write_crl(tmp_path / "ca.crl", CertificateAuthority("crl CA"))
+    size = len(crl.read_bytes())
+    monkeypatch.setattr(_options, "_MAX_CRL_FILE", size)
+    assert _options.read_crl(str(crl), "a test") == crl.read_bytes()
+    monkeypatch.setattr(_options, "_MAX_CRL_FILE", size - 1)
+    with pytest.raises(ConfigurationError, match="must hold PEM CRLs"):
+        _options.read_crl(str(crl), "a test")
+
+
+def test_an_unreadable_crl_file_says_why(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.crl"
+    with pytest.raises(ConfigurationError) as info:
+        _options.read_crl(str(missing), "the sslcrl argument")
+    assert "(sslcrl, from the sslcrl argument) cannot be read: No such file or directory" in str(
+        info.value
+    )
+    with pytest.raises(ConfigurationError, match="cannot be read: No such file"):
+        safepg.ssl_context("localhost", sslcrl=missing)

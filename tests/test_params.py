@@ -500,3 +500,75 @@ def test_connect_timeout_from_a_service_file_is_what_psycopg_gets(
 def test_hosts_idna_cannot_encode_are_refused(host: str) -> None:
     with pytest.raises(ConfigurationError, match="a host name is not one"):
         safepg.connect(host=host, sslrootcert="system")
+
+
+# -- decisions the mutation stage showed untested (mutation/RESULTS.md) -----------------------
+
+
+def test_each_host_of_a_list_gets_its_own_port() -> None:
+    plan = _params.build_plan("host=a.example.com,b.example.com port=5433,5434", {})
+    assert [(t.host, t.port) for t in plan.targets] == [
+        ("a.example.com", "5433"),
+        ("b.example.com", "5434"),
+    ]
+    plan = _params.build_plan("host=a.example.com,b.example.com port=5433", {})
+    assert [t.port for t in plan.targets] == ["5433", "5433"]
+
+
+def test_a_host_already_checked_does_not_let_the_next_one_pass() -> None:
+    _params.build_plan("host=db.example.com", {})  # checked once, remembered as good
+    with pytest.raises(ConfigurationError, match="a host name is not one"):
+        _params.build_plan("host=db.example.com,evil@attacker.example", {})
+
+
+def test_the_hosts_found_good_are_bounded() -> None:
+    _params._GOOD_HOSTS.clear()
+    sizes = []
+    for n in range(300):
+        _params._targets({"host": f"h{n}.example.com"}, False)
+        sizes.append(len(_params._GOOD_HOSTS))
+    assert max(sizes) == 256  # kept up to 256, then started again
+    assert sizes[:3] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("how", "chosen"),
+    [("none", False), ("env", True), ("env-default", True), ("keyword", True)],
+)
+def test_the_callers_choice_of_negotiation_is_recorded(
+    monkeypatch: pytest.MonkeyPatch, how: str, chosen: bool
+) -> None:
+    # A choice of the SSLRequest or direct TLS, even of libpq's default, is the caller's: the
+    # fast path never replaces it with a direct TLS it learned.
+    kwargs: dict[str, Any] = {}
+    if how == "env":
+        monkeypatch.setenv("PGSSLNEGOTIATION", "direct")
+    elif how == "env-default":
+        monkeypatch.setenv("PGSSLNEGOTIATION", "postgres")
+    elif how == "keyword":
+        kwargs["sslnegotiation"] = "postgres"
+    if how != "none" and "sslnegotiation" not in {
+        o.keyword.decode() for o in pq.Conninfo.get_defaults()
+    }:
+        pytest.skip("this libpq has no sslnegotiation (libpq 17+)")
+    plan = _params.build_plan("host=db.example.com sslmode=verify-full", kwargs)
+    assert plan.negotiation_chosen is chosen
+
+
+def test_a_service_files_negotiation_is_the_callers_choice(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    if "sslnegotiation" not in {o.keyword.decode() for o in pq.Conninfo.get_defaults()}:
+        pytest.skip("this libpq has no sslnegotiation (libpq 17+)")
+    services = tmp_path / "services.conf"
+    services.write_text("[app]\nhost=db.example.com\nsslmode=verify-full\nsslnegotiation=direct\n")
+    monkeypatch.setenv("PGSERVICEFILE", str(services))
+    assert _params.build_plan("service=app", {}).negotiation_chosen is True
+
+
+def test_a_socket_is_refused_with_what_was_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigurationError, match="is a Unix-domain socket directory"):
+        _params.build_plan("host=/var/run/postgresql", {})
+    monkeypatch.delenv("PGHOST", raising=False)
+    with pytest.raises(ConfigurationError, match="no host was given"):
+        _params.build_plan("dbname=app", {})

@@ -231,3 +231,13 @@ def test_sqlalchemy_psycopg2_creator(
         engine.connect()
     assert isinstance(info.value.orig, safepg.psycopg2.HostnameMismatchError)
     engine.dispose()
+
+
+def test_without_psycopg2_the_import_says_which_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "psycopg2", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "safepg.psycopg2")
+    with pytest.raises(ImportError, match=r"pip install 'safepg-tls\[psycopg2\]'"):
+        importlib.import_module("safepg.psycopg2")

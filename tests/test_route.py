@@ -499,3 +499,126 @@ def test_a_remembered_plan_checks_its_revocation_lists_again(
     default.write_bytes(crl.read_bytes())
     with pytest.raises(safepg.ConfigurationError, match="must hold PEM CRLs"):
         safepg.connect(plain)
+
+
+# -- decisions of _plans the mutation stage showed untested (mutation/RESULTS.md) -------------
+
+
+def test_a_remembered_plan_is_used_and_keyed_without_secrets(
+    server: PostgresServer, remembering: None
+) -> None:
+    from safepg import _plans
+
+    _plans.clear_memory()
+    conninfo = f"host=db.example.com sslrootcert={server.ca_path}"
+    _plans.plan_for(conninfo, {})
+    first = _plans.plan_for(conninfo, {})
+    assert _plans.plan_for(conninfo, {}) is first  # remembered: not built again
+    # A keyword given as None is no keyword: the same input, the same plan.
+    assert _plans.plan_for(conninfo, {"sslcert": None}) is first
+    # The socket opt-in is part of the input: a plan without it never serves a call with it.
+    _plans.plan_for(conninfo, {}, allow_unencrypted_unix_socket=True)
+    allowed = _plans.plan_for(conninfo, {}, allow_unencrypted_unix_socket=True)
+    assert allowed.allow_unix_socket
+    assert not first.allow_unix_socket
+    assert _plans.plan_for(conninfo, {}, allow_unencrypted_unix_socket=True) is allowed
+    # Not a bool ("yes" from a settings file): built each time, as build_plan reads it.
+    assert _plans.plan_for(conninfo, {}, allow_unencrypted_unix_socket="yes").allow_unix_socket
+    assert not _plans.plan_for(conninfo, {}).allow_unix_socket  # and never remembered as False
+    # A keyword password is in neither the remembered plan nor the key it is kept under.
+    secret = "s3cr3t-in-no-key"
+    with_password = _plans.plan_for(conninfo, {"password": secret})
+    assert with_password.params["password"] == secret
+    assert _plans.plan_for(conninfo, {"password": secret}).params["password"] == secret
+    assert secret not in repr(list(_plans._memo.items()))
+
+
+def test_remembered_plans_follow_the_keywords_and_are_bounded(
+    server: PostgresServer, tmp_path: Path, remembering: None
+) -> None:
+    from safepg import _plans
+
+    _plans.clear_memory()
+    other = tmp_path / "other.pem"
+    other.write_bytes(server.ca.cert_pem)
+    for _ in range(2):  # the second time from memory
+        for ca in (str(server.ca_path), str(other)):
+            plan = _plans.plan_for("host=db.example.com", {"sslrootcert": ca})
+            assert plan.trust.path == ca
+    for n in range(_plans._MAX + 5):
+        _plans.plan_for(f"host=db{n}.example.com sslrootcert={server.ca_path}", {})
+    assert len(_plans._memo) == _plans._MAX
+    _plans.clear_memory()
+
+
+def test_remembered_plans_are_evicted_least_recently_used_first(
+    server: PostgresServer, remembering: None
+) -> None:
+    from safepg import _plans
+
+    _plans.clear_memory()
+
+    def conninfo(n: int) -> str:
+        return f"host=db{n}.example.com sslrootcert={server.ca_path}"
+
+    for n in range(_plans._MAX):
+        _plans.plan_for(conninfo(n), {})
+    kept = _plans.plan_for(conninfo(0), {})  # used again: now the most recent
+    _plans.plan_for(conninfo(_plans._MAX), {})  # one more: db1 goes, not db0
+    assert len(_plans._memo) == _plans._MAX
+    assert _plans.plan_for(conninfo(0), {}) is kept
+    newest = _plans.plan_for(conninfo(_plans._MAX), {})
+    assert _plans.plan_for(conninfo(_plans._MAX), {}) is newest
+    assert not any(key[0] == conninfo(1) for key in _plans._memo)
+    _plans.clear_memory()
+
+
+@pytest.mark.parametrize("named_by", ["conninfo", "PGSERVICE"])
+def test_a_plan_from_a_service_file_is_not_remembered(
+    server: PostgresServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    remembering: None,
+    named_by: str,
+) -> None:
+    # libpq reads the service file again on each connect: a remembered plan would keep what
+    # the file said when it was made.
+    from safepg import _plans
+
+    _plans.clear_memory()
+    services = tmp_path / "services.conf"
+    services.write_text(f"[app]\nhost=db.example.com\nsslrootcert={server.ca_path}\n")
+    monkeypatch.setenv("PGSERVICEFILE", str(services))
+    conninfo = "service=app"
+    if named_by == "PGSERVICE":
+        monkeypatch.setenv("PGSERVICE", "app")
+        conninfo = ""  # libpq 15 does not report such a service among its options
+    for _ in range(2):
+        assert _plans.plan_for(conninfo, {}).targets[0].host == "db.example.com"
+    assert not _plans._memo
+    services.write_text(f"[app]\nhost=other.example.com\nsslrootcert={server.ca_path}\n")
+    assert _plans.plan_for(conninfo, {}).targets[0].host == "other.example.com"
+
+
+def test_plans_with_verify_as_or_a_providers_bundle_are_not_remembered(
+    server: PostgresServer, remembering: None
+) -> None:
+    # verify_as resolves the alias on each call (a DNS lookup), and is not part of the key: a
+    # remembered plan would verify the alias's name for a call that did not ask for it. A
+    # provider's bundle may be refreshed.
+    from safepg import _plans
+
+    _plans.clear_memory()
+    conninfo = f"host=127.0.0.1 sslrootcert={server.ca_path}"
+    for _ in range(2):
+        aliased = _plans.plan_for(conninfo, {}, verify_as="localhost")
+        assert aliased.targets[0].host == "localhost"
+    assert not _plans._memo
+    plain = _plans.plan_for(conninfo, {})
+    assert plain.targets[0].host == "127.0.0.1"
+    assert plain.targets[0].hostaddr is None
+    _plans.clear_memory()
+    for _ in range(2):
+        bundled = _plans.plan_for("host=mydb.abc123.eu-west-1.rds.amazonaws.com", {})
+        assert bundled.trust.origin == "bundled"
+    assert not _plans._memo

@@ -6,6 +6,7 @@ import os
 import socket
 import ssl
 import struct
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +171,107 @@ def test_client_certificate(server: PostgresServer, tmp_path: Path) -> None:
         safepg.ssl_context("localhost", sslrootcert=server.ca_path, sslkey=key)
     with pytest.raises(ConfigurationError, match="client certificate"):
         safepg.ssl_context("localhost", sslrootcert=server.ca_path, sslcert=tmp_path / "nope")
+
+
+# -- decisions the mutation stage showed untested (mutation/RESULTS.md) -----------------------
+
+
+@pytest.mark.parametrize("host", ["/var/run/postgresql", "@abstract"])
+def test_a_socket_host_is_refused_as_a_socket(host: str) -> None:
+    # Said as what it is (a Unix-domain socket has no TLS), not as a malformed host name.
+    with pytest.raises(ConfigurationError, match="a Unix-domain socket has no TLS"):
+        safepg.ssl_context(host)
+
+
+def test_pgsslrootcert_is_named_as_the_origin(
+    server: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PGSSLROOTCERT", str(server.ca_path))
+    assert _sslcontext.trust_for("localhost", None).origin == "PGSSLROOTCERT"
+    assert _sslcontext.trust_for("localhost", server.ca_path).origin == "sslrootcert"
+
+
+def test_the_context_offers_the_postgresql_alpn(tmp_path: Path) -> None:
+    """PostgreSQL 17+ takes a direct TLS connection only with ALPN "postgresql": a real
+    handshake over a socket pair, with a server that selects it when the client offers it."""
+    ca = CertificateAuthority("alpn CA")
+    cert, key = ca.issue("localhost").write(tmp_path / "s.crt", tmp_path / "s.key")
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    server_ctx.set_alpn_protocols(["postgresql"])
+    client_ctx = safepg.ssl_context("localhost", sslrootcert=ca.write_cert(tmp_path / "ca.pem"))
+    left, right = socket.socketpair()
+    left.settimeout(10)
+    right.settimeout(10)
+    with left, right:
+        served: list[str | None] = []
+
+        def serve() -> None:
+            with server_ctx.wrap_socket(right, server_side=True) as tls:
+                served.append(tls.selected_alpn_protocol())
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        with client_ctx.wrap_socket(left, server_hostname="localhost") as tls:
+            chosen = tls.selected_alpn_protocol()
+        thread.join(10)
+    assert chosen == "postgresql"
+    assert served == ["postgresql"]
+
+
+def test_a_trust_file_gone_before_loading_is_a_configuration_error(
+    server: PostgresServer, tmp_path: Path
+) -> None:
+    path = tmp_path / "ca.pem"
+    path.write_bytes(server.ca_path.read_bytes())
+    trust = _sslcontext.trust_for("localhost", path)
+    path.unlink()  # between resolving the trust anchors and loading them
+    with pytest.raises(ConfigurationError, match="OpenSSL could not load the trust anchors"):
+        _sslcontext.new_context(trust)
+    with pytest.raises(ConfigurationError, match="OpenSSL could not load the trust anchors"):
+        _sslcontext.cached_context(trust)
+
+
+def test_client_certificate_errors_say_why(server: PostgresServer, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.crt"
+    with pytest.raises(ConfigurationError) as info:
+        safepg.ssl_context("localhost", sslrootcert=server.ca_path, sslcert=missing)
+    # The operating system's reason, as a sentence (not "[Errno 2] ...").
+    assert f"{str(missing)!r}: No such file or directory. Check the paths" in str(info.value)
+    not_pem = tmp_path / "not.crt"
+    not_pem.write_text("not a certificate\n")
+    with pytest.raises(ConfigurationError, match=r"\[SSL\] PEM lib"):
+        safepg.ssl_context("localhost", sslrootcert=server.ca_path, sslcert=not_pem)
+
+
+def test_debug_log_names_the_host(server: PostgresServer, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("DEBUG", logger="safepg"):
+        safepg.ssl_context("localhost", sslrootcert=server.ca_path)
+        safepg.ssl_context(sslrootcert=server.ca_path)
+    lines = [r.getMessage() for r in caplog.records if "ssl_context for" in r.getMessage()]
+    assert lines[0].startswith("safepg: ssl_context for localhost trusts ")
+    assert lines[1].startswith("safepg: ssl_context for any host trusts ")
+
+
+def test_a_context_made_without_the_cache_is_sealed_too(
+    server: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The file's version cannot be read (it is being replaced: os.stat fails, then the file is
+    # back when OpenSSL opens it). The context made outside the cache goes to a connection
+    # all the same: sealed as the shared ones.
+    path = tmp_path / "ca.pem"
+    path.write_bytes(server.ca_path.read_bytes())
+    trust = _sslcontext.trust_for("localhost", path)
+    real_stat = os.stat
+
+    def stat(name: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if os.fspath(name) == str(path):
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_stat(name, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "stat", stat)
+        ctx = _sslcontext.cached_context(trust)
+    assert isinstance(ctx, _sslcontext.SealedContext)
+    with pytest.raises(AttributeError, match="shared by safepg's connections"):
+        ctx.check_hostname = False

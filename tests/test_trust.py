@@ -262,3 +262,24 @@ def test_the_os_store_is_shown_with_its_path_once(monkeypatch: pytest.MonkeyPatc
     if found is None:
         pytest.skip("this machine has no OS trust store file")
     assert str(found).count(found.path) == 1, str(found)
+
+
+# -- decisions the mutation stage showed untested (mutation/RESULTS.md) -----------------------
+
+
+def test_a_named_file_is_the_callers_unless_it_came_from_pgsslrootcert(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(certifi.contents().encode())
+    assert _trust.resolve(str(ca), "the conninfo string", []).origin == "sslrootcert"
+    assert _trust.resolve(str(ca), "PGSSLROOTCERT", [], from_env=True).origin == "PGSSLROOTCERT"
+
+
+@pytest.mark.parametrize("first", [0, 1])
+def test_every_host_of_a_list_gets_its_anchors(first: int) -> None:
+    # A host with no provider set (the OS store) and an RDS host, in either order: both sets.
+    hosts = ["db.example.com", "mydb.abc123.eu-west-1.rds.amazonaws.com"]
+    if first:
+        hosts.reverse()
+    found = _trust.resolve(None, "nothing", hosts)
+    assert found.origin == "combined"
+    assert "bundled Amazon RDS roots" in found.label

@@ -31,6 +31,7 @@ from dataclasses import replace
 from typing import Any
 
 from . import _options, _trust
+from ._environ import getenv
 from ._params import Plan, build_plan, check_text
 
 logger = logging.getLogger("safepg")
@@ -145,6 +146,8 @@ def plan_for(
         or plan.trust.origin not in _CACHEABLE_ORIGINS
         or plan.resolved.get("service")
         or "service" in plan.params
+        # libpq before 16 does not report a service that PGSERVICE names among its options.
+        or getenv("PGSERVICE")
         or not _same_environment(environ)
     ):
         return plan

@@ -73,15 +73,36 @@ def _sign(client: Any, host: str, port: int, user: str, region: str) -> str:
 def _session(session: Any, profile: str | None) -> Any:
     if session is not None:
         return session
-    botocore = _botocore()
+    # botocore loads nothing here: a missing profile or a broken config file shows up when
+    # the first client is made (_client).
+    return _botocore().session.Session(profile=profile)
+
+
+def _config_error(ex: Exception) -> ConfigurationError:
+    # e.g. ProfileNotFound ("The config profile (x) could not be found"): names, never keys.
+    return ConfigurationError(
+        f"could not load the AWS configuration: {ex}. Check AWS_PROFILE or "
+        "IAMAuth(profile=...) against ~/.aws/config (AWS_CONFIG_FILE)."
+    )
+
+
+def _client(session: Any, region: str) -> Any:
+    """An RDS client of *session* (where botocore reads the AWS configuration)."""
+    from botocore.exceptions import BotoCoreError
+
     try:
-        return botocore.session.Session(profile=profile)
-    except botocore.exceptions.BotoCoreError as ex:
-        raise ConfigurationError(f"could not load the AWS configuration: {ex}") from None
+        return session.create_client("rds", region_name=region)
+    except BotoCoreError as ex:
+        raise _config_error(ex) from None
 
 
 def _region(region: str | None, host: str, session: Any) -> str:
-    found = region or aws_region(host) or session.get_config_variable("region")
+    from botocore.exceptions import BotoCoreError
+
+    try:
+        found = region or aws_region(host) or session.get_config_variable("region")
+    except BotoCoreError as ex:  # reading the configuration: a missing profile
+        raise _config_error(ex) from None
     if not found:
         raise ConfigurationError(
             f"no AWS region for the RDS IAM token: {host!r} is not an RDS endpoint name and no "
@@ -114,7 +135,7 @@ def iam_token(
     """
     botocore_session = _session(session, profile)
     where = _region(region, host, botocore_session)
-    client = botocore_session.create_client("rds", region_name=where)
+    client = _client(botocore_session, where)
     return _sign(client, host, port, user, where)
 
 
@@ -190,7 +211,7 @@ class IAMAuth:
         session = self._botocore_session()
         with self._lock:  # clients are thread-safe, and slow to make: one per region
             if region not in self._clients:
-                self._clients[region] = session.create_client("rds", region_name=region)
+                self._clients[region] = _client(session, region)
             return self._clients[region]
 
     def __call__(self, target: ConnectTarget, /) -> str:
