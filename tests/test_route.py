@@ -54,10 +54,11 @@ def cache(clean_env: Path) -> Path:
 
 
 def wait_for_threads() -> None:
-    """Join the fast path's background threads (probes, checks of a fresh start)."""
+    """Wait for the fast path's background work: probes (threads) and checks of a fresh start."""
     for thread in threading.enumerate():
         if thread.name.startswith("safepg-fast-path-"):
             thread.join(30)
+    assert _fastpath.checks_done(30)
 
 
 def psycopg2_trust(conninfo: str) -> str:

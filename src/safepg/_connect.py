@@ -14,7 +14,7 @@ from psycopg import AsyncConnection, AsyncCursor, Connection, Cursor
 from psycopg.abc import AdaptContext, ConnParam
 from psycopg.rows import AsyncRowFactory, Row, RowFactory, TupleRow
 
-from . import _check, _diagnose, _fastpath, _fetch, _options, _password
+from . import _check, _diagnose, _fastpath, _fetch, _password
 from ._deadline import Deadline
 from ._errors import ConfigurationError, InsecureConnectionError
 from ._params import Plan, as_optional_bool, build_plan
@@ -203,33 +203,19 @@ def open_verified(
         conninfo, kwargs, allow_unencrypted_unix_socket, verify_as, direct_tls
     )
     route = _fastpath.route(plan, fast_path)
-    failed: tuple[psycopg.OperationalError, Plan] | None = None
-    for used in route:
-        # The options checked, pinned: libpq resolves service files and variables again.
-        pinned = {**_options.pins(used.resolved), **used.params}
-        params = deadline.params_for(pinned, retry=failed is not None)
-        if params is None:
-            break
-        try:
-            # The token goes into a temporary dict only: no local of this frame holds it.
-            conn = opener(**_password.with_password(params, provider, target), **options)
-        except ConfigurationError:  # the password callable's: not libpq's, nothing to retry
-            raise
-        except psycopg.OperationalError as ex:
-            failed = (ex, used)
-            if route.failed(ex):
-                continue
-            break
-        failed = None
-        break
-    if failed is not None:
-        # Raised here, outside the except clause, so that libpq's error is only the scrubbed
-        # cause and not also the implicit context.
-        raise _password.rejected(failure(*failed, deadline.diagnosis_budget()), provider)
+    conn = route.drive(
+        deadline,
+        # The token goes into a temporary dict only: no local of this frame holds it.
+        lambda params: opener(**_password.with_password(params, provider, target), **options),
+        psycopg.OperationalError,
+        lambda ex, used: _password.rejected(
+            failure(ex, used, deadline.diagnosis_budget()), provider
+        ),
+    )
     learn = route.verified(_fastpath.PsycopgSession(conn.pgconn))
     if learn is not None:
         learn(deadline.probe_budget())
-    refusal = _admit(conn, used)
+    refusal = _admit(conn, route.used)
     if refusal:
         conn.close()
         raise refusal
@@ -256,36 +242,24 @@ async def open_verified_async(
         await asyncio.to_thread(start) if verify_as else await _fetch.off_loop(start)
     )
     route = _fastpath.route(plan, fast_path)
-    failed: tuple[psycopg.OperationalError, Plan] | None = None
-    for used in route:
-        # The options checked, pinned: libpq resolves service files and variables again.
-        pinned = {**_options.pins(used.resolved), **used.params}
-        params = deadline.params_for(pinned, retry=failed is not None)
-        if params is None:
-            break
-        try:
-            # As in open_verified, the token is in a temporary only.
-            conn = await opener(
-                **(await _password.with_password_async(params, provider, target)), **options
-            )
-        except ConfigurationError:
-            raise
-        except psycopg.OperationalError as ex:
-            failed = (ex, used)
-            if route.failed(ex):
-                continue
-            break
-        failed = None
-        break
-    if failed is not None:
-        err = await asyncio.to_thread(failure, *failed, deadline.diagnosis_budget())
-        raise _password.rejected(err, provider)
+
+    async def attempt(params: Mapping[str, str]) -> ACT:
+        # As in open_verified, the token is in a temporary only.
+        return await opener(
+            **(await _password.with_password_async(params, provider, target)), **options
+        )
+
+    async def fail(ex: Exception, used: Plan) -> BaseException:
+        err = await asyncio.to_thread(failure, ex, used, deadline.diagnosis_budget())
+        return _password.rejected(err, provider)
+
+    conn = await route.drive_async(deadline, attempt, psycopg.OperationalError, fail)
     # The session's facts are read here, while nothing else uses the connection; parsing the
     # trust set and writing the cache run in a thread, off the event loop.
     learn = route.verified(_fastpath.PsycopgSession(conn.pgconn))
     if learn is not None:
         await asyncio.to_thread(learn, deadline.probe_budget())
-    refusal = _admit(conn, used)
+    refusal = _admit(conn, route.used)
     if refusal:
         await conn.close()
         raise refusal

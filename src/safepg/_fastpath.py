@@ -40,6 +40,7 @@ it went.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import functools
 import hashlib
@@ -48,20 +49,22 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from psycopg import pq
 
 from . import _cache, _diagnose, _fetch, _trust, _x509
+from ._deadline import Deadline
 from ._environ import getenv
 from ._errors import ConfigurationError
 from ._params import Plan, Target, as_bool
 from ._trust import TrustSource
 
 logger = logging.getLogger("safepg")
+C = TypeVar("C")
 
 ENV_SWITCH = "SAFEPG_FAST_PATH"
 # A host that could not be probed is not probed again for this long (the full set is used).
@@ -449,7 +452,23 @@ def _start_check(
             with _locks_guard:
                 _checking.discard(plan.trust.path)
 
-    threading.Thread(target=run, name="safepg-fast-path-check", daemon=True).start()
+    # Not threading.Thread.start(): it waits until the new thread runs, which can cost the
+    # caller's connect milliseconds (a GIL hand-over). This thread needs no joining: like a
+    # daemon thread, it is stopped at exit, and it holds nothing a forked child waits for.
+    _thread.start_new_thread(run, ())
+
+
+def checks_done(timeout: float) -> bool:
+    """Wait up to *timeout* seconds until no check of a fresh start runs; whether none does.
+    For tests and benchmarks: the checks run in threads that are not joined."""
+    end = time.monotonic() + timeout
+    while True:
+        with _locks_guard:
+            if not _checking:
+                return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.002)
 
 
 def _verify(
@@ -535,6 +554,15 @@ def _applicable(plan: Plan, libpq: int | None = None) -> tuple[_Index, tuple[_Ho
 
 
 def _narrowed(plan: Plan, source: TrustSource, direct: bool | None, libpq: int | None) -> Plan:
+    """*plan* with the learned anchors and negotiation: made once per plan (`Plan.derived`)."""
+    key = ("narrowed", source, direct, libpq)
+    found: Plan | None = plan.derived.get(key)
+    if found is None:
+        found = plan.derived[key] = _narrow(plan, source, direct, libpq)
+    return found
+
+
+def _narrow(plan: Plan, source: TrustSource, direct: bool | None, libpq: int | None) -> Plan:
     params = {**plan.params, "sslrootcert": source.path}
     auto = auto_direct(plan, libpq)
     if auto and direct:
@@ -933,6 +961,13 @@ def _log_direct(keys: Sequence[_HostKey], direct: bool) -> None:
 # --- the route: one connect's attempts, and what each outcome teaches ----------------------------
 
 
+def _last(failed: tuple[Exception, Plan] | None) -> tuple[Exception, Plan]:
+    """The failure a route ended with: it ends only after one (the first attempt always runs)."""
+    if failed is None:  # pragma: no cover - a route always has a first attempt
+        raise RuntimeError("safepg: a connect ended without an attempt")
+    return failed
+
+
 class Route:
     """The attempts of one connect, in order, and every decision about them.
 
@@ -967,6 +1002,61 @@ class Route:
             self.used = self._attempts[i]
             yield self.used
             i += 1
+
+    def drive(
+        self,
+        deadline: Deadline,
+        attempt: Callable[[Mapping[str, str]], C],
+        lost: type[Exception],
+        fail: Callable[[Exception, Plan], BaseException],
+        libpq_major: int | None = None,
+    ) -> C:
+        """Make the attempts with *attempt* (the driver's connect, given libpq's parameters)
+        until one connects, and return its connection. Every attempt after the first gets
+        what is left of *deadline* as its timeout. When the route says stop after a failure
+        (an instance of *lost*, the driver's OperationalError), raise ``fail(error, plan)``,
+        outside the except clause: the driver's error is then not its implicit context.
+
+        Raises:
+            ConfigurationError: from *attempt* (a password callable's): never retried.
+        """
+        failed: tuple[Exception, Plan] | None = None
+        for used in self:
+            params = deadline.params_for(used.libpq_params(libpq_major), retry=failed is not None)
+            if params is None:
+                break  # a retry, with too little time left to start it
+            try:
+                return attempt(params)
+            except ConfigurationError:  # the password callable's: not libpq's, nothing to retry
+                raise
+            except lost as ex:
+                failed = (ex, used)
+                if not self.failed(ex):
+                    break
+        raise fail(*_last(failed))
+
+    async def drive_async(
+        self,
+        deadline: Deadline,
+        attempt: Callable[[Mapping[str, str]], Awaitable[C]],
+        lost: type[Exception],
+        fail: Callable[[Exception, Plan], Awaitable[BaseException]],
+    ) -> C:
+        """`drive` for asyncio: *attempt* and *fail* are awaited."""
+        failed: tuple[Exception, Plan] | None = None
+        for used in self:
+            params = deadline.params_for(used.libpq_params(), retry=failed is not None)
+            if params is None:
+                break
+            try:
+                return await attempt(params)
+            except ConfigurationError:
+                raise
+            except lost as ex:
+                failed = (ex, used)
+                if not self.failed(ex):
+                    break
+        raise await fail(*_last(failed))
 
     def _then(self, attempt: Plan) -> None:
         """Queue *attempt* right after the current one."""

@@ -118,6 +118,27 @@ class Plan:
     direct_tls: bool | None = None
     # A retry with a CA fetched again from the provider's API after a rejected chain.
     rotated: bool = False
+    # What is made from this plan once and used on every connect of it (a remembered plan is
+    # used again and again): `libpq_params`, the fast path's narrowed plans. Neither compared
+    # nor copied: `dataclasses.replace` starts a new plan with an empty one.
+    derived: dict[Any, Any] = field(
+        default_factory=dict, init=False, compare=False, hash=False, repr=False
+    )
+
+    def libpq_params(self, libpq: int | None = None) -> dict[str, str]:
+        """The parameters for a libpq of major version *libpq* (psycopg's when None): the
+        checked options pinned, since libpq resolves service files and variables again, then
+        this plan's own. Made once per plan and version; the caller must not change it."""
+        key = ("libpq_params", libpq)
+        found: dict[str, str] | None = self.derived.get(key)
+        if found is None:
+            pinned = (
+                _options.pins(self.resolved)
+                if libpq is None
+                else _options.pins(self.resolved, libpq)
+            )
+            found = self.derived[key] = {**pinned, **self.params}
+        return found
 
     @property
     def conninfo(self) -> str:

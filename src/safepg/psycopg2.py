@@ -31,6 +31,7 @@ a single-host psycopg2 connect, has taught each of its hosts.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 try:
@@ -165,6 +166,16 @@ class _Session:
         return None
 
 
+def _with_password(
+    params: Mapping[str, str], provider: Any, target: _password.ConnectTarget | None
+) -> Mapping[str, str]:
+    """`_password.with_password`, its refusal of the callable's value as psycopg2's flavour."""
+    try:
+        return _password.with_password(params, provider, target)
+    except _errors.SafePGError as ex:
+        raise as_psycopg2_error(ex) from ex.__cause__
+
+
 def connect(
     dsn: str | None = None,
     connection_factory: Any = None,
@@ -221,45 +232,28 @@ def connect(
     except _errors.SafePGError as ex:
         raise as_psycopg2_error(ex) from ex.__cause__
     deadline = Deadline(plan.timeout)
-    failed: tuple[psycopg2.OperationalError, Plan] | None = None
-    failed_config: _errors.SafePGError | None = None
-    for used in route:
-        # The options checked, pinned: libpq resolves service files and variables again.
-        pinned = {**_options.pins(used.resolved, _PSYCOPG2_LIBPQ), **used.params}
-        params = deadline.params_for(pinned, retry=failed is not None)
-        if params is None:
-            break
-        try:
-            # A token from the callable goes into a temporary dict only: no local names it, and
-            # psycopg2's frames (which do) are dropped from the error below.
-            conn = psycopg2.connect(
-                connection_factory=connection_factory,
-                cursor_factory=cursor_factory,
-                **_password.with_password(params, provider, target),
-            )
-        except _errors.SafePGError as ex:  # the callable's ConfigurationError
-            failed_config = ex
-            break
-        except psycopg2.OperationalError as ex:
-            failed = (ex, used)
-            if route.failed(ex):
-                continue
-            break
-        failed = None
-        break
-    if failed_config is not None:
-        raise as_psycopg2_error(failed_config) from failed_config.__cause__
-    if failed is not None:
-        # Raised here, outside the except clause: libpq's error is only the (scrubbed) cause.
+
+    def attempt(params: Mapping[str, str]) -> Any:
+        # A token from the callable goes into a temporary dict only: no local names it, and
+        # psycopg2's frames (which do) are dropped from the error below.
+        return psycopg2.connect(
+            connection_factory=connection_factory,
+            cursor_factory=cursor_factory,
+            **_with_password(params, provider, target),
+        )
+
+    def fail(ex: Exception, used: Plan) -> BaseException:
         err = failure(
-            _password.without_frames(failed[0]),
-            failed[1],
+            _password.without_frames(ex),
+            used,
             deadline.diagnosis_budget(),
             psycopg2.OperationalError,
         )
-        raise as_psycopg2_error(
+        return as_psycopg2_error(
             _password.rejected(err, provider, psycopg2.OperationalError, TokenRejectedError)
         )
+
+    conn = route.drive(deadline, attempt, psycopg2.OperationalError, fail, _PSYCOPG2_LIBPQ)
     learn = route.verified(_Session(conn))
     if learn is not None:
         learn(deadline.probe_budget())
