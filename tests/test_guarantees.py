@@ -380,6 +380,48 @@ def test_asyncpg_socket_opt_in_does_not_pass_an_unencrypted_tcp_session(
 # -- asyncpg: a caller's context that does not check the host name -----------------------------
 
 
+def test_asyncpg_session_check_refuses_a_session_without_host_name_checks(
+    server: PostgresServer,
+) -> None:
+    """Defence in depth behind the refusal below: a live session whose context verified the
+    chain but not the host name is refused by the after-connect check itself."""
+    asyncpg = pytest.importorskip("asyncpg")
+    import safepg.asyncpg
+
+    plan = _params.build_plan(server.conninfo(), {})
+    ctx = ssl.create_default_context(cafile=str(server.ca_path))
+    ctx.check_hostname = False
+    assert ctx.verify_mode == ssl.CERT_REQUIRED
+
+    async def problems() -> tuple[str | None, str | None]:
+        lax = await asyncpg.connect(
+            host="127.0.0.1",
+            port=server.port,
+            user=server.user,
+            password=server.password,
+            database=server.dbname,
+            ssl=ctx,
+        )
+        full = await asyncpg.connect(
+            host="127.0.0.1",
+            port=server.port,
+            user=server.user,
+            password=server.password,
+            database=server.dbname,
+            ssl=ssl.create_default_context(cafile=str(server.ca_path)),
+        )
+        try:
+            return (
+                safepg.asyncpg._session_problem(lax, plan),
+                safepg.asyncpg._session_problem(full, plan),
+            )
+        finally:
+            await lax.close()
+            await full.close()
+
+    assert asyncio.run(problems()) == ("the server's certificate was not verified", None)
+
+
 def test_asyncpg_refuses_a_context_without_host_name_checks_before_connecting(
     server: PostgresServer,
 ) -> None:

@@ -414,6 +414,31 @@ def test_a_remembered_plan_follows_the_environment(
     assert learned(conninfo).origin == "PGSSLROOTCERT"
 
 
+def test_a_plan_built_while_the_environment_changed_is_not_remembered(
+    server: PostgresServer, monkeypatch: pytest.MonkeyPatch, remembering: None
+) -> None:
+    """Another thread changes os.environ while a plan is built: the plan may mix both
+    environments, so it is not remembered, even once the environment is back as it was."""
+    from safepg import _plans
+
+    conninfo = server.conninfo()
+    built: list[_params.Plan] = []
+    build = _params.build_plan
+
+    def changing(*args: object, **kwargs: object) -> _params.Plan:
+        plan = build(*args, **kwargs)  # type: ignore[arg-type]
+        built.append(plan)
+        monkeypatch.setenv("PGAPPNAME", "changed meanwhile")
+        return plan
+
+    monkeypatch.setattr("safepg._plans.build_plan", changing)
+    _plans.plan_for(conninfo, {})
+    monkeypatch.delenv("PGAPPNAME")  # back as it was when the build started
+    _plans.plan_for(conninfo, {})
+    assert len(built) == 2
+    assert not _plans._memo
+
+
 def test_a_remembered_plan_follows_the_trust_file(
     server: PostgresServer, tmp_path: Path, clean_env: Path, remembering: None
 ) -> None:

@@ -67,12 +67,8 @@ def _refused(block: _x509.PemBlock) -> str | None:
 def _load(pem: bytes) -> list[tuple[_x509.PemBlock, x509.Certificate]]:
     """The certificates of *pem*, read as OpenSSL reads it. Raises BundleError naming every
     block that is not a certificate OpenSSL would load as one, or does not parse."""
-    try:
-        from cryptography import x509
-    except ImportError:
-        raise ConfigurationError(
-            "checking a CA bundle needs the cryptography package: pip install 'safepg-tls[bundles]'"
-        ) from None
+    from cryptography import x509  # check_bundle imported it, or said what to install
+
     try:
         blocks = _x509.read_pem(pem)
     except _x509.PemError as ex:
@@ -173,9 +169,13 @@ def check_bundle(pem: bytes, *, now: dt.datetime | None = None) -> list[CheckedC
     Raises:
         BundleError: naming every certificate that fails, and why.
     """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+    except ImportError:
+        raise ConfigurationError(
+            "checking a CA bundle needs the cryptography package: pip install 'safepg-tls[bundles]'"
+        ) from None
     now = now or dt.datetime.now(dt.timezone.utc)
     loaded = _load(pem)
     if not loaded:

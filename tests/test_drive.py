@@ -1,0 +1,180 @@
+"""The route's attempt loop (`Route.drive`), as every libpq driver runs it.
+
+psycopg, its async connect and safepg.psycopg2 make their attempts through one loop: on a warm
+route (the learned anchors, then the full set), a failure that the route does not retry ends
+the connect after one attempt, a password callable's refusal is never retried, and a retry
+gets only what is left of the connect's deadline as its timeout. The sessions are real; the
+password callables count the attempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import psycopg2
+import pytest
+
+import safepg
+import safepg.psycopg2
+from safepg import ConfigurationError, ConnectTarget, TokenRejectedError, _connect
+from safepg.testing import CertificateAuthority, PostgresServer
+
+from .conftest import CertificateShop
+from .test_fastpath import big_bundle, cache, learned, second_ca
+from .test_password_callable import role, set_password
+
+__all__ = ["big_bundle", "cache", "role", "second_ca"]  # fixtures, shared
+
+
+class Counted:
+    """A password callable that gives *value* (or raises *error*) and counts its calls."""
+
+    def __init__(self, value: str = "", error: Exception | None = None) -> None:
+        self.value, self.error, self.calls = value, error, 0
+
+    def __call__(self, target: ConnectTarget) -> str:
+        self.calls += 1
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def warm_conninfo(server: PostgresServer, role: str, bundle: Path) -> str:
+    """*role*'s conninfo (no password) with the big trust set, its host learned: a connect
+    now has two attempts to make, the learned anchors and then the full set."""
+    password = "pw-" + secrets.token_hex(8)
+    set_password(server, role, password)
+    info = server.conninfo(user=role, password=None, sslrootcert=str(bundle))
+    learned(f"{info} password={password}")
+    assert "narrowed" in learned(f"{info} password={password}").label
+    return info
+
+
+def connect_with(driver: str, info: str, password: Counted) -> None:
+    if driver == "psycopg":
+        safepg.connect(info, password=password).close()
+    elif driver == "async":
+
+        async def go() -> None:
+            conn = await safepg.connect_async(info, password=password)
+            await conn.close()
+
+        asyncio.run(go())
+    else:
+        safepg.psycopg2.connect(info, password=password).close()
+
+
+DRIVERS = ["psycopg", "async", "psycopg2"]
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_failure_the_route_does_not_retry_is_one_attempt(
+    server: PostgresServer, role: str, big_bundle: Path, cache: Path, driver: str
+) -> None:
+    info = warm_conninfo(server, role, big_bundle)
+    wrong = Counted("not-the-password-" + secrets.token_hex(4))
+    lost = TokenRejectedError if driver != "psycopg2" else safepg.psycopg2.TokenRejectedError
+    with pytest.raises(lost):
+        connect_with(driver, info, wrong)
+    assert wrong.calls == 1  # the full set is not tried after a refused password
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_callables_refusal_is_not_retried_on_a_warm_route(
+    server: PostgresServer, role: str, big_bundle: Path, cache: Path, driver: str
+) -> None:
+    info = warm_conninfo(server, role, big_bundle)
+    # A cloud SDK that could not reach its token service: the text looks like libpq's, but it
+    # is the callable's, and reaches the caller as it is (not as a database TLS failure).
+    said = "token service: SSL error: certificate verify failed"
+    refusing = Counted(error=ConfigurationError(said))
+    with pytest.raises(ConfigurationError) as caught:
+        connect_with(driver, info, refusing)
+    assert refusing.calls == 1
+    assert str(caught.value) == said
+    if driver == "psycopg2":  # psycopg2's flavour, so that its except clauses catch it
+        assert type(caught.value) is safepg.psycopg2.ConfigurationError
+        assert isinstance(caught.value, psycopg2.OperationalError)
+    else:
+        assert type(caught.value) is ConfigurationError
+
+
+def rotate(certs: CertificateShop, ca: CertificateAuthority) -> None:
+    certs.present("localhost", ip_addresses=["127.0.0.1"], ca=ca)
+
+
+def slow_first(seconds: float) -> tuple[list[dict[str, Any]], Callable[..., Any]]:
+    """An opener (psycopg's connect) whose first attempt starts *seconds* late; it records
+    the parameters of every attempt."""
+    seen: list[dict[str, Any]] = []
+
+    def opener(**params: Any) -> Any:
+        seen.append(params)
+        if len(seen) == 1:
+            time.sleep(seconds)  # a slow link: most of the deadline is gone
+        return psycopg.Connection.connect(**params)
+
+    return seen, opener
+
+
+def test_a_retry_gets_what_is_left_of_the_deadline(
+    server: PostgresServer,
+    big_bundle: Path,
+    cache: Path,
+    certs: CertificateShop,
+    second_ca: CertificateAuthority,
+) -> None:
+    info = server.conninfo(sslrootcert=str(big_bundle), connect_timeout="3")  # deadline 4.5 s
+    learned(info)
+    assert "narrowed" in learned(info).label
+    rotate(certs, second_ca)  # the learned anchor no longer verifies: the full set is retried
+    seen, opener = slow_first(1.6)
+    conn = _connect.open_verified(
+        opener, info, {}, allow_unencrypted_unix_socket=False, fast_path=None
+    )
+    conn.close()
+    assert [p["connect_timeout"] for p in seen] == ["3", "2"]  # 2.9 s were left, whole seconds
+
+
+def test_an_async_retry_gets_what_is_left_of_the_deadline(
+    server: PostgresServer,
+    big_bundle: Path,
+    cache: Path,
+    certs: CertificateShop,
+    second_ca: CertificateAuthority,
+) -> None:
+    info = server.conninfo(sslrootcert=str(big_bundle), connect_timeout="3")
+    learned(info)
+    assert "narrowed" in learned(info).label
+    rotate(certs, second_ca)
+    seen: list[dict[str, Any]] = []
+
+    async def opener(**params: Any) -> Any:
+        seen.append(params)
+        if len(seen) == 1:
+            await asyncio.sleep(1.6)
+        return await psycopg.AsyncConnection.connect(**params)
+
+    async def go() -> None:
+        conn = await _connect.open_verified_async(
+            opener, info, {}, allow_unencrypted_unix_socket=False, fast_path=None
+        )
+        await conn.close()
+
+    asyncio.run(go())
+    assert [p["connect_timeout"] for p in seen] == ["3", "2"]
+
+
+def test_psycopg2_sessions_report_where_they_landed(server: PostgresServer) -> None:
+    conn = safepg.psycopg2.connect(server.conninfo())
+    try:
+        where = safepg.psycopg2._Session(conn).where()
+    finally:
+        conn.close()
+    assert where == (server.host, None, str(server.port))
