@@ -150,6 +150,12 @@ B_BODY = b"".join(B.splitlines(keepends=True)[1:-1])
         ("trailing-space-tab-vt", A.replace(b"-----\n", b"-----  \t\x0b\n") + B, ({FA, FB}, set())),
         ("indented-begin-is-no-begin", A + b" " + B, ({FA}, set())),
         ("comments-between", b"# A\nSubject: CN=x\n" + A + b"junk -----\n" + B, ({FA, FB}, set())),
+        ("byte-order-mark-before-a-comment", b"\xef\xbb\xbf# roots\n" + A, ({FA}, set())),
+        (
+            "begin-without-dashes",
+            b"-----BEGIN CERTIFICATE\n" + A + B,
+            ({FA, FB}, set()),
+        ),
         ("blank-line-after-begin", A.replace(b"-----\n", b"-----\n\n", 1) + B, ({FA, FB}, set())),
         (
             "dash-ends-the-data",
@@ -192,6 +198,33 @@ def test_reader_agrees_with_openssl(
 ) -> None:
     assert reader_view(data) == expected
     agrees_with_openssl(data, tmp_path)
+
+
+def test_a_line_of_254_characters_then_its_line_end_is_refused() -> None:
+    """OpenSSL reads 254 bytes at a time: the line end of such a line comes as an empty line,
+    which newer versions ignore and older ones take as the end of the headers."""
+    b64 = base64.b64encode(der_of(A)).decode()
+    body = b64[:254] + "\n" + "".join(b64[i : i + 64] + "\n" for i in range(254, len(b64), 64))
+    data = f"-----BEGIN CERTIFICATE-----\n{body}-----END CERTIFICATE-----\n".encode()
+    with pytest.raises(_x509.PemError, match="254 characters long or more"):
+        _x509.read_pem(data)
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    assert len(content) < 128
+    return bytes([tag, len(content)]) + content
+
+
+def test_a_tbs_certificate_of_four_elements_is_not_a_certificate() -> None:
+    """The elements after tbsCertificate (signatureAlgorithm, signature) are not read as its
+    subject: a certificate whose tbsCertificate ends early is refused."""
+    name = _der(0x30, _der(0x31, _der(0x30, _der(0x06, b"\x55\x04\x03") + _der(0x0C, b"x"))))
+    algorithm = _der(0x30, _der(0x06, b"\x2a\x86\x48\xce\x3d\x04\x03\x02"))
+    validity = _der(0x30, _der(0x17, b"250101000000Z") + _der(0x17, b"350101000000Z"))
+    tbs = _der(0x30, _der(0x02, b"\x01") + algorithm + name + validity)  # no subject, no key
+    der = _der(0x30, tbs + algorithm + _der(0x03, b"\x00\x01"))
+    with pytest.raises(ValueError, match="incomplete tbsCertificate"):
+        _x509.parse_der(der)
 
 
 def test_errors_name_the_block() -> None:
