@@ -8,6 +8,7 @@ root, so the "other user" is played by the test itself; what matters is what saf
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import stat
@@ -227,3 +228,39 @@ def test_memo_race_does_not_raise(server: PostgresServer, tmp_path: Path, shared
         stop.set()
         churner.join()
     assert not errors, repr(errors[0])
+
+
+# -- a trust file found again by name (a fresh process's warm start) --------------------------
+
+
+def test_a_trust_file_is_found_again_only_by_its_own_name_and_content(shared: Path) -> None:
+    pem = CertificateAuthority("found again").cert_pem
+    sha = hashlib.sha256(pem).hexdigest()
+    path = _cache.write_trust_file("anchors", pem)
+    _cache.clear_memory()  # as in a fresh process: nothing known in memory
+    assert _cache.existing_trust_file(path.name, sha) == path
+    assert _cache.existing_trust_file(path.name, sha) == path  # known now: no second read
+    # The same content under a name not made from its digest, or names outside the pattern.
+    other = path.with_name(f"anchors-{'0' * 32}.pem")
+    other.write_bytes(pem)
+    other.chmod(0o600)
+    for name in (other.name, f"../{path.name}", f"anchors1-{sha[:32]}.pem", f"{path.name}.bak"):
+        assert _cache.existing_trust_file(name, sha) is None, name
+    assert _cache.existing_trust_file(path.name, sha[:63]) is None  # not a whole digest
+    # Content that no longer hashes to the digest, and a file that is gone.
+    path.write_bytes(pem + b"\n")
+    _cache.clear_memory()
+    assert _cache.existing_trust_file(path.name, sha) is None
+    path.unlink()
+    assert _cache.existing_trust_file(path.name, sha) is None
+
+
+def test_no_trust_file_is_found_in_a_cache_others_can_write(shared: Path) -> None:
+    pem = CertificateAuthority("in a shared cache").cert_pem
+    path = _cache.write_trust_file("anchors", pem)
+    _cache.clear_memory()
+    path.parent.chmod(0o777)
+    try:
+        assert _cache.existing_trust_file(path.name, hashlib.sha256(pem).hexdigest()) is None
+    finally:
+        path.parent.chmod(0o700)
