@@ -367,23 +367,26 @@ if hasattr(os, "register_at_fork"):
 # Never kept: secrets do not change what libpq resolves, and a memo must not hold them. libpq
 # marks them itself ("*": password, sslpassword, libpq 18's oauth_client_secret); the memo's
 # key leaves out their environment variables (PGPASSWORD) too.
+# PQconndefaults, read once: each option's keyword, variable, flags and compiled-in default
+# (its current values, which depend on the environment, are not used from here).
+_CONNDEFAULTS = tuple(pq.Conninfo.get_defaults())
 _SECRET_OPTIONS = frozenset(
     {"password", "sslpassword"}
-    | {o.keyword.decode() for o in pq.Conninfo.get_defaults() if o.dispchar and b"*" in o.dispchar}
+    | {o.keyword.decode() for o in _CONNDEFAULTS if o.dispchar and b"*" in o.dispchar}
 )
-
-
-@functools.lru_cache(maxsize=1)
-def _libpq_env_names() -> tuple[str, ...]:
-    """Every environment variable libpq's option resolution reads (PQconndefaults' list), and
-    the ones behind its files (service file, password file, home directory), less those of
-    secret options: a secret does not change where or how libpq connects."""
-    names = {
-        o.envvar.decode()
-        for o in pq.Conninfo.get_defaults()
-        if o.envvar and o.keyword.decode() not in _SECRET_OPTIONS
-    }
-    return tuple(sorted(names | {"PGSERVICE", "PGSERVICEFILE", "PGSYSCONFDIR", "HOME"}))
+# Every environment variable libpq's option resolution reads (PQconndefaults' list), and the
+# ones behind its files (service file, password file, home directory), less those of secret
+# options: a secret does not change where or how libpq connects.
+_LIBPQ_ENV_NAMES = tuple(
+    sorted(
+        {
+            o.envvar.decode()
+            for o in _CONNDEFAULTS
+            if o.envvar and o.keyword.decode() not in _SECRET_OPTIONS
+        }
+        | {"PGSERVICE", "PGSERVICEFILE", "PGSYSCONFDIR", "HOME"}
+    )
+)
 
 
 def _resolved(params: Mapping[str, str], secrets: tuple[str | None, ...]) -> dict[str, str]:
@@ -397,7 +400,7 @@ def _resolved(params: Mapping[str, str], secrets: tuple[str | None, ...]) -> dic
         return _libpq_view(params, secrets)
     key = (
         tuple(sorted((k, v) for k, v in params.items() if k not in _SECRET_OPTIONS)),
-        _environ.values(_libpq_env_names()),
+        _environ.values(_LIBPQ_ENV_NAMES),
     )
     with _VIEWS_LOCK:
         view = _VIEWS.get(key)
@@ -679,7 +682,7 @@ def build_plan(
                         o.keyword.decode(),
                         o.compiled.decode("utf-8", "replace") if o.compiled else None,
                     )
-                    for o in pq.Conninfo.get_defaults()
+                    for o in _CONNDEFAULTS
                 )
             # Without the service, libpq would take the variable, else the compiled default.
             if resolved.get(key) != (getenv(envvar) or defaults.get(key)):

@@ -20,6 +20,7 @@ no PEM certificate is an error that names it: safepg never falls back from it to
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -203,13 +204,17 @@ def libpq_default_root() -> Path | None:
     if os.name == "nt":
         appdata = os.environ.get("APPDATA")
         return Path(appdata, "postgresql", "root.crt") if appdata else None
-    home = getenv("HOME")
+    return _default_root_for(getenv("HOME"), os.getuid())
+
+
+@functools.lru_cache(maxsize=8)
+def _default_root_for(home: str | None, uid: int) -> Path | None:
     if not home:
         # libpq falls back to the password database when HOME is unset; so do we.
         try:
             import pwd
 
-            home = pwd.getpwuid(os.getuid()).pw_dir
+            home = pwd.getpwuid(uid).pw_dir
         except (ImportError, KeyError):
             return None
     return Path(home, ".postgresql", "root.crt")
