@@ -236,13 +236,17 @@ def report(config: dict[str, Any]) -> int:
     equivalent = load_equivalent()
     rows, survivors, explained = [], [], []
     totals = {"mutants": 0, "killed": 0, "equivalent": 0, "survived": 0}
-    not_run = []
+    not_run: list[str] = []
+    changed: list[str] = []  # the module is no longer the one its mutants were made from
     for target in config["target"]:
         path = RESULTS_DIR / f"{slug(target['module'])}.json"
         if not path.exists():
             not_run.append(target["module"])
             continue
         data = json.loads(path.read_text())
+        source = hashlib.sha256((ROOT / target["module"]).read_bytes()).hexdigest()
+        if data.get("source_sha256") != source:
+            changed.append(target["module"])
         counts = {"killed": 0, "timeout": 0, "equivalent": 0, "survived": 0, "other": 0}
         for m in data["mutants"]:
             m["id"] = mutant_id(data["module"], m["function"], m["operator"], m["diff"])
@@ -298,6 +302,16 @@ def report(config: dict[str, Any]) -> int:
             *(f"- `{m}`" for m in not_run),
             "",
         ]
+    if changed:
+        lines += [
+            "## Changed since their run",
+            "",
+            "These modules changed after their row was made: run them again (the row may no",
+            "longer hold).",
+            "",
+            *(f"- `{m}`" for m in changed),
+            "",
+        ]
     lines += ["## Surviving mutants", ""]
     if not survivors:
         lines += ["None.", ""]
@@ -319,7 +333,7 @@ def report(config: dict[str, Any]) -> int:
         ]
     REPORT.write_text("\n".join(lines).rstrip() + "\n")
     log(f"wrote {REPORT.relative_to(ROOT)}: score {score:.1f} %, {totals['survived']} surviving")
-    return 1 if totals["survived"] or not_run else 0
+    return 1 if totals["survived"] or not_run or changed else 0
 
 
 def _hunk(diff: str) -> list[str]:
