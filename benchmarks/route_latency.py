@@ -10,10 +10,13 @@ and the system's with PSYCOPG_IMPL=python) it prints:
         with the same 1-cert file (asyncpg: an ``ssl.SSLContext`` of that file, made once).
     fresh: each sample is a new process whose user's cache already knows the host (a CLI run,
         a cron job, a serverless function of a fleet); only the first connect is timed, after
-        the imports, against a new process's raw ``require`` connect.
+        the imports, against a new process's raw ``require`` connect, and its raw
+        ``verify-full`` connect with the 1-cert file (what verifying costs libpq alone).
     own work: safepg's own Python work per warm psycopg connect (plan, route, post-connect
         step), the connect less the time inside psycopg's own connect: in the flow of real
-        connects, and back to back on one open connection.
+        connects, and back to back on one open connection. Beside it, the floor: the file
+        system calls that a warm connect's checks make (the trust file, libpq's default root
+        and CRL, the small trust file and each directory above it), timed alone in the flow.
 
 ::
 
@@ -54,8 +57,10 @@ WARM = (
 )
 FRESH = (
     ("psycopg", "raw require"),
+    ("psycopg", "raw verify-full, 1-cert file"),
     ("psycopg", "safepg, OS store, known host"),
     ("psycopg2", "raw require"),
+    ("psycopg2", "raw verify-full, 1-cert file"),
     ("psycopg2", "safepg, OS store, known host"),
 )
 
@@ -146,6 +151,7 @@ def child_warm(conninfo: str, ca: str, rounds: int) -> None:
             _close(driver, conn)
     own_flow = _own_work(conninfo, rounds, opener_only=False)
     own_hot = _own_work(conninfo, rounds, opener_only=True)
+    floor = _checks_floor(conninfo, rounds)
     print(
         json.dumps(
             {
@@ -153,7 +159,7 @@ def child_warm(conninfo: str, ca: str, rounds: int) -> None:
                 "libpq": psycopg.pq.version(),
                 "psycopg2_libpq": psycopg2.extensions.libpq_version(),
                 "times": times,
-                "own": [own_flow, own_hot],
+                "own": [own_flow, own_hot, floor],
             }
         )
     )
@@ -187,6 +193,41 @@ def _own_work(conninfo: str, rounds: int, opener_only: bool) -> float:
             conn.close()
     kept.close()
     return statistics.median(own)
+
+
+def _checks_floor(conninfo: str, rounds: int) -> float:
+    """Median seconds of the file system calls a warm connect's checks make, alone, each
+    time right after a real connect (as they run in the flow): stat of the trust file (twice:
+    the plan and the route), of libpq's default root.crt and root.crl, and lstat of the small
+    trust file and of every directory from / down to it."""
+    import psycopg
+
+    import safepg
+    from safepg import _trust
+
+    with safepg.connect(conninfo) as conn:
+        trust = safepg.check(conn).trust
+    if trust is None or "narrowed" not in trust.label:
+        raise SystemExit(f"the warm connect did not use a small trust file ({trust})")
+    full = os.environ["SSL_CERT_FILE"]
+    root = str(_trust.libpq_default_root())
+    crl = root[: -len("root.crt")] + "root.crl"
+    small = Path(trust.path)
+    chain = [str(p) for p in reversed(small.parents)]
+    secure = safepg.secure_conninfo(conninfo)
+    spent = []
+    for _ in range(rounds):
+        psycopg.connect(secure).close()
+        t0 = time.perf_counter()
+        os.stat(full)
+        os.path.exists(root)
+        os.access(crl, os.F_OK)
+        os.stat(full)
+        os.lstat(small)
+        for directory in chain:
+            os.lstat(directory)
+        spent.append(time.perf_counter() - t0)
+    return statistics.median(spent)
 
 
 def child_fresh(driver: str, case: str, conninfo: str, ca: str) -> None:
@@ -257,22 +298,26 @@ def report(result: dict[str, Any], fresh: dict[str, list[float]]) -> None:
         )
         print(f"  goal: {driver} safepg / raw verify-full, same file: {_verdict(ratio, 1.02)}")
     if fresh:
-        print("\n| fresh process (first connect, after imports) | median | vs raw require |")
-        print("|---|---:|---:|")
+        print(
+            "\n| fresh process (first connect, after imports) | median | vs raw require "
+            "| vs raw verify-full, 1-cert |"
+        )
+        print("|---|---:|---:|---:|")
         med = {k: statistics.median(v) for k, v in fresh.items()}
         for key, value in med.items():
             driver, case = key.split("|")
-            print(
-                f"| {driver}: {case} | {_ms(value)} | {value / med[f'{driver}|raw require']:.3f}x |"
-            )
+            req = med[f"{driver}|raw require"]
+            vf = med[f"{driver}|raw verify-full, 1-cert file"]
+            print(f"| {driver}: {case} | {_ms(value)} | {value / req:.3f}x | {value / vf:.3f}x |")
         for driver in ("psycopg", "psycopg2"):
             ratio = med[f"{driver}|safepg, OS store, known host"] / med[f"{driver}|raw require"]
             print(f"  goal: {driver} fresh process, known host / require: {_verdict(ratio, 1.1)}")
-    flow, hot = result["own"]
+    flow, hot, floor = result["own"]
     print(
         f"\n  safepg's own work per warm psycopg connect (OS store): {flow * 1e6:.0f} us in the "
         f"flow of real connects, {hot * 1e6:.0f} us back to back (goal <= 50 us in the flow: "
-        f"{'met' if flow <= 50e-6 else 'NOT MET'})\n"
+        f"{'met' if flow <= 50e-6 else 'NOT MET'}); its file system checks alone, in the flow: "
+        f"{floor * 1e6:.0f} us\n"
     )
 
 
