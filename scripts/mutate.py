@@ -201,7 +201,8 @@ def run_target(
         mutants += [m for m in previous["mutants"] if (m["operator"], m["occurrence"]) not in again]
     mutants.sort(key=lambda m: (m["line"], m["operator"], m["occurrence"]))
     return {
-        "source_sha256": hashlib.sha256((ROOT / module).read_bytes()).hexdigest(),
+        # The copy the mutants were made from: the tree may change while a target runs.
+        "source_sha256": hashlib.sha256((scratch / module).read_bytes()).hexdigest(),
         "retried": [
             *(previous.get("retried", []) if previous else []),
             *([f"{started:%Y-%m-%d %H:%M UTC}: {len(wanted)}"] if previous else []),
