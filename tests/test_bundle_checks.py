@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
 from safepg import ConfigurationError, _bundles
@@ -125,7 +125,7 @@ def test_a_tampered_signature_is_refused() -> None:
     assert "the signature does not verify" in refused(pem_of(cert))
 
 
-def test_a_signature_scheme_safepg_does_not_check_is_refused() -> None:
+def test_an_rsa_pss_signature_is_refused() -> None:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     assert "the signature does not verify" in refused(pem_of(self_signed("pss", key=key, pss=True)))
 
@@ -198,3 +198,35 @@ def test_another_user_may_use_an_override_root_installed(world: Path) -> None:
         return _bundles.checked_override(str(path))
 
     assert as_user(NOBODY, use) == str(path)
+
+
+def test_a_signature_scheme_without_a_check_is_refused() -> None:
+    """A DSA root: safepg verifies RSA (PKCS#1 v1.5), ECDSA and EdDSA signatures only."""
+    key = dsa.generate_private_key(key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dsa root")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - dt.timedelta(days=1))
+        .not_valid_after(NOW + dt.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    assert "the signature does not verify" in refused(pem_of(cert))
+
+
+def test_a_providers_known_issuers_include_what_it_records_but_does_not_ship() -> None:
+    """RDS GovCloud's intermediates are recorded (cacerts/inventory.json), not shipped: a newer
+    GovCloud file that holds them adds no unknown root. They are no other provider's."""
+    import importlib.resources
+    import json
+
+    inventory = json.loads(
+        (importlib.resources.files("safepg") / "cacerts" / "inventory.json").read_text("utf-8")
+    )
+    recorded = {str(c["sha256"]).upper() for c in inventory["rds-govcloud-bundle.pem"]["certs"]}
+    assert recorded <= _bundles.known_issuers("rds-govcloud-roots.pem")
+    assert recorded.isdisjoint(_bundles.known_issuers("rds-global-bundle.pem"))

@@ -157,7 +157,7 @@ def _verify(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
         elif isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
             key.verify(cert.signature, cert.tbs_certificate_bytes)
         else:
-            return False  # RSA-PSS and other schemes no CA bundle here uses
+            return False  # DSA and other schemes no CA bundle here uses (RSA-PSS fails above)
     except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError):
         return False
     return cert.issuer == issuer.subject
