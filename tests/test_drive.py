@@ -178,3 +178,69 @@ def test_psycopg2_sessions_report_where_they_landed(server: PostgresServer) -> N
     finally:
         conn.close()
     assert where == (server.host, None, str(server.port))
+
+
+def reachable(obj: object, needle: str, depth: int = 0, seen: set[int] | None = None) -> bool:
+    """*needle* is in *obj*, or in what it holds: containers, an error's frames' locals, and
+    psycopg's snapshot of a failed connection (its options hold the password)."""
+    seen = set() if seen is None else seen
+    if depth > 6 or id(obj) in seen:
+        return False
+    seen.add(id(obj))
+    if isinstance(obj, str):
+        return needle in obj
+    if isinstance(obj, dict):
+        return any(reachable(v, needle, depth + 1, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple, set)):
+        return any(reachable(v, needle, depth + 1, seen) for v in obj)
+    if isinstance(obj, BaseException):
+        tb = obj.__traceback__
+        while tb is not None:
+            if reachable(dict(tb.tb_frame.f_locals), needle, depth + 1, seen):
+                return True
+            tb = tb.tb_next
+        snapshot = getattr(obj, "_pgconn", None)
+        if snapshot is not None:
+            return any((o.val or b"") == needle.encode() for o in snapshot.info)
+    return False
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_first_attempts_token_is_not_left_in_the_frames_of_a_refusal(
+    server: PostgresServer,
+    role: str,
+    big_bundle: Path,
+    cache: Path,
+    certs: CertificateShop,
+    second_ca: CertificateAuthority,
+    driver: str,
+) -> None:
+    """The learned anchor no longer verifies (a rotation), so the full set is retried; the
+    callable gave a token for the first attempt and refuses the retry. The refusal's frames
+    must not lead to the first attempt's error, whose frames and snapshot hold the token."""
+    info = warm_conninfo(server, role, big_bundle)
+    rotate(certs, second_ca)
+    token = "tok-" + secrets.token_hex(16)
+    calls: list[None] = []
+
+    def provider(target: ConnectTarget) -> str:
+        calls.append(None)
+        if len(calls) == 1:
+            return token
+        raise ConfigurationError("token service unreachable")
+
+    with pytest.raises(ConfigurationError) as caught:
+        connect_with(driver, info, provider)  # type: ignore[arg-type]
+    assert len(calls) == 2
+    tb = caught.value.__traceback__
+    where = []
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if "/safepg/" in code.co_filename and "/tests/" not in code.co_filename:
+            where += [
+                f"{code.co_name}: {name}"
+                for name, value in tb.tb_frame.f_locals.items()
+                if reachable(value, token)
+            ]
+        tb = tb.tb_next
+    assert where == []

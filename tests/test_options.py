@@ -6,7 +6,9 @@ the key log file is never written."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -368,12 +370,8 @@ def test_no_home_directory_means_no_default_crl(
 
     monkeypatch.setenv("HOME", str(tmp_path / "nohome"))
     monkeypatch.setattr(_trust, "libpq_default_root", lambda: None)
-    _options._default_crl.cache_clear()
-    try:
-        _options.check_crl_files({})
-        assert _options.crls(None, "nowhere") == b""
-    finally:
-        _options._default_crl.cache_clear()
+    _options.check_crl_files({})
+    assert _options.crls(None, "nowhere") == b""
 
 
 def test_pins_follow_the_libpq_versions_that_have_each_option() -> None:
@@ -460,3 +458,44 @@ def test_an_unreadable_crl_file_says_why(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigurationError, match="cannot be read: No such file"):
         safepg.ssl_context("localhost", sslcrl=missing)
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="changing user needs root"
+)
+@pytest.mark.parametrize("how", ["setuid", "seteuid"])
+def test_the_default_files_follow_a_change_of_user(
+    monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Without HOME, libpq's default root.crt and root.crl are in the effective user's home
+    (its password-database entry). A worker forked by a root service that then changes user
+    must have that user's files checked, not the parent's."""
+    import pwd
+
+    from safepg import _trust
+
+    from .test_guarantees import NOBODY
+
+    monkeypatch.delenv("HOME")
+    _options.check_crl_files({})  # the parent (root) looked at its own once
+    home = pwd.getpwuid(NOBODY).pw_dir
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(read)
+            if how == "setuid":
+                os.setgroups([])
+                os.setresgid(NOBODY, NOBODY, NOBODY)
+                os.setresuid(NOBODY, NOBODY, NOBODY)
+            else:
+                os.seteuid(NOBODY)  # the real user stays root: libpq goes by the effective one
+            seen = [str(_trust.libpq_default_root()), _options._default_crl()]
+            os.write(write, json.dumps(seen).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        seen = json.loads(pipe.read() or b"null")
+    os.waitpid(pid, 0)
+    assert seen == [f"{home}/.postgresql/root.crt", f"{home}/.postgresql/root.crl"]

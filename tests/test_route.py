@@ -6,6 +6,8 @@ timed tests here.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -23,11 +25,12 @@ import pytest
 
 import safepg
 import safepg.psycopg2
-from safepg import _fastpath, _params, _trust, _x509
+from safepg import _cache, _fastpath, _params, _trust, _x509
 from safepg.testing import CertificateAuthority, PostgresServer
 
 from .conftest import CertificateShop
 from .test_fastpath import fingerprints, learned, warm
+from .test_guarantees import world  # noqa: F401 - a fixture
 
 
 @pytest.fixture(scope="module")
@@ -302,19 +305,8 @@ def test_a_fresh_process_does_not_start_warm_when_the_set_changed(
     assert "a fresh start" not in debug_log.text
 
 
-def test_a_set_changed_behind_an_unchanged_stat_is_caught_in_the_background(
-    server: PostgresServer,
-    big_bundle: Path,
-    tmp_path: Path,
-    cache: Path,
-    debug_log: pytest.LogCaptureFixture,
-) -> None:
-    # The same inode, size and mtime, another content: the fresh start trusts the stat key as a
-    # process that parsed the set does, and the background check then finds the change.
-    bundle = tmp_path / "bundle.pem"
-    bundle.write_bytes(server.ca.cert_pem + big_bundle.read_bytes())
-    conninfo = server.conninfo(sslrootcert=str(bundle))
-    small = warm(conninfo)
+def change_behind_an_unchanged_stat(bundle: Path) -> None:
+    """Change a root of *bundle* in place, keeping its inode, size and mtime."""
     before = os.stat(bundle)
     data = bytearray(bundle.read_bytes())
     last = data.rindex(b"-----END CERTIFICATE-----")
@@ -328,6 +320,22 @@ def test_a_set_changed_behind_an_unchanged_stat_is_caught_in_the_background(
         before.st_size,
         before.st_mtime_ns,
     )
+
+
+def test_a_set_changed_behind_an_unchanged_stat_is_caught_in_the_background(
+    server: PostgresServer,
+    big_bundle: Path,
+    tmp_path: Path,
+    cache: Path,
+    debug_log: pytest.LogCaptureFixture,
+) -> None:
+    # The same inode, size and mtime, another content: the fresh start trusts the stat key as a
+    # process that parsed the set does, and the background check then finds the change.
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(server.ca.cert_pem + big_bundle.read_bytes())
+    conninfo = server.conninfo(sslrootcert=str(bundle))
+    small = warm(conninfo)
+    change_behind_an_unchanged_stat(bundle)
     fresh_process()
     debug_log.clear()
     assert learned(conninfo) == small  # the small file: its anchors verify the server
@@ -437,6 +445,55 @@ def test_a_plan_built_while_the_environment_changed_is_not_remembered(
     _plans.plan_for(conninfo, {})
     assert len(built) == 2
     assert not _plans._memo
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="changing user needs root"
+)
+def test_a_remembered_plan_is_not_used_by_another_user(
+    server: PostgresServer,
+    monkeypatch: pytest.MonkeyPatch,
+    remembering: None,
+    world: Path,  # noqa: F811 - the fixture
+) -> None:
+    """A process that drops privileges (or a worker forked by a root service) resolves
+    libpq's files in another home: the plan is built again for it."""
+    from safepg import _plans
+
+    from .test_guarantees import NOBODY
+
+    ca = world / "ca.pem"  # a CA file both users can read: only the user differs
+    ca.write_bytes(server.ca.cert_pem)
+    ca.chmod(0o644)
+    conninfo = server.conninfo(sslrootcert=str(ca))
+    _plans.plan_for(conninfo, {})
+    assert len(_plans._memo) == 1
+    built: list[None] = []
+    build = _params.build_plan
+
+    def counting(*args: object, **kwargs: object) -> _params.Plan:
+        built.append(None)
+        return build(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("safepg._plans.build_plan", counting)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(read)
+            os.seteuid(NOBODY)
+            with contextlib.suppress(Exception):  # nobody may not read the test's CA file
+                _plans.plan_for(conninfo, {})
+            os.write(write, str(len(built)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        child = pipe.read()
+    os.waitpid(pid, 0)
+    assert child == b"1"
+    _plans.plan_for(conninfo, {})
+    assert built == []  # the parent's own plan is still remembered
 
 
 def test_a_remembered_plan_follows_the_trust_file(
@@ -648,3 +705,114 @@ def test_plans_with_verify_as_or_a_providers_bundle_are_not_remembered(
         bundled = _plans.plan_for("host=mydb.abc123.eu-west-1.rds.amazonaws.com", {})
         assert bundled.trust.origin == "bundled"
     assert not _plans._memo
+
+
+# -- every fresh start is checked: a second host, a forked child, no thread to check with -------
+
+
+def tamper_with(
+    cache: Path, host: Path, plan: Path, small: Path, rogue: CertificateAuthority
+) -> str:
+    """Add *rogue* to one host's records, consistently: the host entry's anchors, a small file
+    that holds it too, and the plan record naming that file (what the check is there for)."""
+    fingerprint = _x509.parse_pem(rogue.cert_pem)[0].sha256
+    entry = json.loads(host.read_text())
+    entry["anchors"] = sorted([*entry["anchors"], fingerprint])
+    host.write_text(json.dumps(entry))
+    pem = small.read_bytes() + rogue.cert_pem
+    tampered = _cache.write_trust_file("anchors", pem)
+    record = json.loads(plan.read_text())
+    record.update(
+        anchors=entry["anchors"], file=tampered.name, sha256=hashlib.sha256(pem).hexdigest()
+    )
+    plan.write_text(json.dumps(record))
+    return fingerprint
+
+
+def test_every_host_of_a_fresh_start_is_checked(
+    server: PostgresServer,
+    tmp_path: Path,
+    cache: Path,
+    rogue_ca: CertificateAuthority,
+    certs: CertificateShop,
+) -> None:
+    """Two hosts of one trust set start fresh within the first check's delay (a primary and a
+    replica at start-up): each host's records are checked, not only the first's."""
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(
+        server.ca.cert_pem
+        + CertificateAuthority("another root").cert_pem
+        + CertificateAuthority("a third root").cert_pem
+    )
+    a = server.conninfo(sslrootcert=str(bundle))
+    b = server.conninfo(sslrootcert=str(bundle), host="localhost", hostaddr="127.0.0.1")
+    warm(a)
+    hosts, plans = set(cache.glob("host-*.json")), set(cache.glob("plan-*.json"))
+    small_b = warm(b)
+    [host_b] = set(cache.glob("host-*.json")) - hosts
+    [plan_b] = set(cache.glob("plan-*.json")) - plans
+    rogue = tamper_with(cache, host_b, plan_b, Path(small_b.path), rogue_ca)
+    fresh_process()
+    learned(a)  # A's check starts (after its delay)
+    learned(b)  # B's fresh start, within that delay
+    wait_for_threads()
+    assert rogue not in fingerprints(learned(b).path)
+    certs.present("localhost", ip_addresses=["127.0.0.1"], ca=rogue_ca)  # a man in the middle
+    for conninfo in (a, b):
+        with pytest.raises(safepg.UntrustedCertificateError):
+            safepg.connect(conninfo)
+
+
+def test_a_forked_child_does_not_use_what_its_parent_had_not_checked(
+    server: PostgresServer, big_bundle: Path, tmp_path: Path, cache: Path
+) -> None:
+    """A process starts fresh, connects, and forks before its check has run (gunicorn
+    --preload): the child has no check thread, so it forgets what was not checked, reads the
+    disk again and checks what it uses itself."""
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(server.ca.cert_pem + big_bundle.read_bytes())
+    conninfo = server.conninfo(sslrootcert=str(bundle))
+    small = warm(conninfo)
+    change_behind_an_unchanged_stat(bundle)
+    fresh_process()
+    assert learned(conninfo) == small  # checked later, in a thread (after a delay)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(read)
+            first = learned(conninfo).path
+            assert _fastpath.checks_done(30)
+            os.write(write, json.dumps([first, learned(conninfo).path]).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        child = json.loads(pipe.read() or b"null")
+    os.waitpid(pid, 0)
+    wait_for_threads()
+    assert child is not None, "the child reported nothing"
+    # The child's first connect may start from the records (as its parent's did); its own
+    # check then finds the change, and the full set is used from then on.
+    assert child[1] == str(bundle)
+
+
+def test_a_check_that_cannot_start_forgets_what_it_would_have_checked(
+    server: PostgresServer, big_bundle: Path, tmp_path: Path, cache: Path
+) -> None:
+    """No thread can be started (a thread limit, no memory): the connect that libpq verified
+    is returned, and the records it started from are forgotten, not kept unchecked."""
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(server.ca.cert_pem + big_bundle.read_bytes())
+    conninfo = server.conninfo(sslrootcert=str(bundle))
+    small = warm(conninfo)
+    change_behind_an_unchanged_stat(bundle)
+    fresh_process()
+    old = threading.stack_size(1 << 40)  # no thread can be made with that stack
+    try:
+        assert learned(conninfo) == small  # a session libpq verified: returned
+    finally:
+        threading.stack_size(old)
+    assert _fastpath.checks_done(1)
+    assert list(cache.glob("plan-*.json")) == []
+    assert learned(conninfo).path == str(bundle)  # the full set, parsed in this process

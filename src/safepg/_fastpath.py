@@ -52,14 +52,14 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeGuard, TypeVar
 
 from psycopg import pq
 
-from . import _cache, _diagnose, _fetch, _trust, _x509
+from . import _cache, _diagnose, _fetch, _password, _trust, _x509
 from ._deadline import Deadline
 from ._environ import getenv
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, SafePGError
 from ._params import Plan, Target, as_bool
 from ._trust import TrustSource
 
@@ -408,17 +408,29 @@ def _warm_start(plan: Plan, libpq: int) -> Plan | None:
     return _narrowed(plan, source, direct, libpq)
 
 
-_checking: set[str] = set()
+_Check = tuple[str, tuple[_HostKey, ...]]  # the full set's path, the hosts
+# Fresh starts not checked yet, with the call that starts their check. An entry stays until its
+# check ends: a forked child, which has none of its parent's threads, forgets them (`_after_fork`)
+# and reads the disk again.
+_unchecked: dict[_Check, Callable[[], None]] = {}
+_checking: set[_Check] = set()
 # Checks of a fresh start, not started yet: they start once the connect that used the small file
 # is over (`Route.verified`, `Route.failed`), so that parsing the set in a thread does not hold
 # the GIL while that connect runs.
 _pending: list[Callable[[], None]] = []
+# One check at a time: a second check of the same set finds it parsed (`_index`).
+_check_lock = threading.Lock()
 
 
 def _verify_later(
     plan: Plan, keys: tuple[_HostKey, ...], digest: str, anchors: Sequence[str], source: TrustSource
 ) -> None:
-    _pending.append(lambda: _start_check(plan, keys, digest, anchors, source))
+    def start() -> None:
+        _start_check(plan, keys, digest, anchors, source)
+
+    with _locks_guard:
+        _unchecked[(plan.trust.path, keys)] = start
+    _pending.append(start)
 
 
 def _start_pending() -> None:
@@ -430,32 +442,48 @@ def _start_pending() -> None:
         start()
 
 
+def _forget_unchecked(plan: Plan, keys: tuple[_HostKey, ...]) -> None:
+    _known.pop(plan.trust.path, None)
+    _drop(keys, plan.trust.path)
+
+
 def _start_check(
     plan: Plan, keys: tuple[_HostKey, ...], digest: str, anchors: Sequence[str], source: TrustSource
 ) -> None:
+    what = (plan.trust.path, keys)
     with _locks_guard:
-        if plan.trust.path in _checking:
-            return  # the set is being parsed: the first check covers what this one would
-        _checking.add(plan.trust.path)
+        if what in _checking or what not in _unchecked:
+            return  # running, or over
+        _checking.add(what)
 
     def run() -> None:
         try:
             # Parsing the set holds the GIL for milliseconds: not while the caller's thread
             # finishes the connect that started this check.
             time.sleep(_CHECK_DELAY)
-            _verify(plan, keys, digest, anchors, source)
+            with _check_lock:
+                _verify(plan, keys, digest, anchors, source)
         except Exception as ex:  # whatever it was, nothing is kept unchecked
             logger.warning("safepg: cannot check the fast path's records (%s); forgetting them", ex)
-            _known.pop(plan.trust.path, None)
-            _drop(keys, plan.trust.path)
+            _forget_unchecked(plan, keys)
         finally:
             with _locks_guard:
-                _checking.discard(plan.trust.path)
+                _checking.discard(what)
+                _unchecked.pop(what, None)
 
     # Not threading.Thread.start(): it waits until the new thread runs, which can cost the
     # caller's connect milliseconds (a GIL hand-over). This thread needs no joining: like a
-    # daemon thread, it is stopped at exit, and it holds nothing a forked child waits for.
-    _thread.start_new_thread(run, ())
+    # daemon thread, it is stopped at exit; a forked child forgets what it had not checked.
+    try:
+        _thread.start_new_thread(run, ())
+    except RuntimeError as ex:  # no thread can be started (limits): nothing stays unchecked
+        logger.warning(
+            "safepg: cannot start the check of the fast path's records (%s); forgetting them", ex
+        )
+        _forget_unchecked(plan, keys)
+        with _locks_guard:
+            _checking.discard(what)
+            _unchecked.pop(what, None)
 
 
 def checks_done(timeout: float) -> bool:
@@ -907,10 +935,18 @@ def _probe_later(
 def _after_fork() -> None:
     """A child of fork() has none of its parent's threads: a lock one of them held would stay
     held, and a probe it ran would never end. Start afresh (what was learned on disk stays)."""
-    global _locks_guard
+    global _locks_guard, _check_lock
     _locks_guard = threading.Lock()
+    _check_lock = threading.Lock()
     _locks.clear()
     _probing.clear()
+    # A fresh start's records that the parent had not checked yet: its check thread is not
+    # here. Forgotten in memory, so that the child's next connect reads the disk again (where
+    # the parent's check may have dropped them) and checks what it uses itself.
+    for path, keys in _unchecked:
+        _memo.pop(keys, None)
+        _known.pop(path, None)
+    _unchecked.clear()
     _checking.clear()
     _pending.clear()
 
@@ -959,6 +995,22 @@ def _log_direct(keys: Sequence[_HostKey], direct: bool) -> None:
 
 
 # --- the route: one connect's attempts, and what each outcome teaches ----------------------------
+
+
+def _libpq_failure(ex: BaseException, lost: type[Exception]) -> TypeGuard[Exception]:
+    """*ex* is libpq's failure to connect (the driver's OperationalError), not safepg's own
+    error from a password callable (``ConfigurationError`` is a psycopg OperationalError)."""
+    return isinstance(ex, lost) and not isinstance(ex, SafePGError)
+
+
+def _drop_secrets(failed: tuple[Exception, Plan] | None) -> None:
+    """An earlier attempt's failure, left behind when another error ends the connect: its
+    frames and psycopg's snapshot of the failed connection hold that attempt's password."""
+    if failed is None:
+        return
+    if getattr(failed[0], "_pgconn", None) is not None:
+        failed[0]._pgconn = None  # type: ignore[attr-defined]
+    _password.without_frames(failed[0])
 
 
 def _last(failed: tuple[Exception, Plan] | None) -> tuple[Exception, Plan]:
@@ -1018,7 +1070,8 @@ class Route:
         outside the except clause: the driver's error is then not its implicit context.
 
         Raises:
-            ConfigurationError: from *attempt* (a password callable's): never retried.
+            ConfigurationError: from *attempt* (a password callable's): never retried, nor
+                diagnosed. It, or any other error that is not libpq's, is raised as it is.
         """
         failed: tuple[Exception, Plan] | None = None
         for used in self:
@@ -1027,9 +1080,10 @@ class Route:
                 break  # a retry, with too little time left to start it
             try:
                 return attempt(params)
-            except ConfigurationError:  # the password callable's: not libpq's, nothing to retry
-                raise
-            except lost as ex:
+            except BaseException as ex:
+                if not _libpq_failure(ex, lost):
+                    _drop_secrets(failed)
+                    raise
                 failed = (ex, used)
                 if not self.failed(ex):
                     break
@@ -1050,9 +1104,10 @@ class Route:
                 break
             try:
                 return await attempt(params)
-            except ConfigurationError:
-                raise
-            except lost as ex:
+            except BaseException as ex:
+                if not _libpq_failure(ex, lost):
+                    _drop_secrets(failed)
+                    raise
                 failed = (ex, used)
                 if not self.failed(ex):
                     break
@@ -1150,5 +1205,6 @@ def clear_memory(*, keep_indexes: bool = False) -> None:
     _unlearnable.clear()
     _known.clear()
     _pending.clear()
+    _unchecked.clear()
     if not keep_indexes:
         _indexes.clear()

@@ -38,6 +38,7 @@ import stat
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from psycopg import pq
 
@@ -458,11 +459,15 @@ def read_crl(path: str, origin: str) -> bytes:
     return data
 
 
-@functools.lru_cache(maxsize=4)
-def _default_crl(home: str | None, appdata: str | None) -> str | None:
-    """libpq's default CRL file, beside its default root.crt, for these HOME and APPDATA."""
+def _default_crl() -> str | None:
+    """libpq's default CRL file, beside its default root.crt (for this HOME and user)."""
     root = _trust.libpq_default_root()
-    return str(root.with_name("root.crl")) if root is not None else None
+    return _beside(root) if root is not None else None
+
+
+@functools.lru_cache(maxsize=8)
+def _beside(root: Path) -> str:
+    return str(root.with_name("root.crl"))
 
 
 def crls(path: str | None, origin: str) -> bytes:
@@ -473,7 +478,7 @@ def crls(path: str | None, origin: str) -> bytes:
         ConfigurationError: as `read_crl`.
     """
     if path is None:
-        path = _default_crl(getenv("HOME"), getenv("APPDATA"))
+        path = _default_crl()
         if path is None or not os.access(path, os.F_OK):
             return b""
         origin = "libpq's default file"
@@ -499,7 +504,7 @@ def check_crl_files(resolved: Mapping[str, str], origin: Origin = _no_origin) ->
     if crl:
         where = origin("sslcrl", "PGSSLCRL")
     else:
-        crl = _default_crl(getenv("HOME"), getenv("APPDATA"))
+        crl = _default_crl()
         where = "libpq's default file"
         # os.access: no exception (a few microseconds) on the usual path, a missing file.
         if crl is not None and not os.access(crl, os.F_OK):

@@ -4,7 +4,8 @@
 connections with the same parameters again and again). `plan_for` returns the plan built
 earlier for the same input while nothing it depended on can have changed:
 
-- the same conninfo string, keywords (less the secrets, below), and socket opt-in;
+- the same conninfo string, keywords (less the secrets, below), socket opt-in and effective
+  user (a process that drops privileges reads another home directory's files);
 - the same environment, every variable of it (libpq's ``PG*``, ``SSL_CERT_FILE``, ``HOME``...);
 - the trust file chosen is unchanged (device, inode, size and mtime in ns), and libpq's default
   ``~/.postgresql/root.crt`` has not appeared or gone since;
@@ -40,7 +41,7 @@ _SECRETS = ("password", "sslpassword")
 _CACHEABLE_ORIGINS = frozenset({"sslrootcert", "PGSSLROOTCERT", "os-store", "certifi"})
 _MAX = 64
 
-_Key = tuple[str, tuple[tuple[str, str], ...], tuple[str, ...], bool]
+_Key = tuple[str, tuple[tuple[str, str], ...], tuple[str, ...], bool, int]
 _StatKey = tuple[int, int, int, int]
 # input -> the plan (without keyword secrets), the environment, the trust file's stat key, and
 # libpq's default root file (path, whether it existed).
@@ -58,6 +59,10 @@ def _after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
+
+
+def _geteuid() -> int:
+    return os.geteuid() if hasattr(os, "geteuid") else 0
 
 
 def _environment() -> dict[Any, Any] | None:
@@ -107,6 +112,8 @@ def plan_for(
             ),
             tuple(sorted(secrets)),
             allow_unencrypted_unix_socket is True,
+            # The effective user: without HOME, libpq's files are those of its home directory.
+            _geteuid(),
         )
     except TypeError:
         key = None

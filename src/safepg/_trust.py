@@ -204,17 +204,18 @@ def libpq_default_root() -> Path | None:
     if os.name == "nt":
         appdata = os.environ.get("APPDATA")
         return Path(appdata, "postgresql", "root.crt") if appdata else None
-    return _default_root_for(getenv("HOME"), os.getuid())
+    return _default_root_for(getenv("HOME"), os.geteuid())
 
 
 @functools.lru_cache(maxsize=8)
-def _default_root_for(home: str | None, uid: int) -> Path | None:
+def _default_root_for(home: str | None, euid: int) -> Path | None:
     if not home:
-        # libpq falls back to the password database when HOME is unset; so do we.
+        # libpq falls back to the password database when HOME is unset (the effective
+        # user's entry, as libpq's pqGetHomeDirectory reads it); so do we.
         try:
             import pwd
 
-            home = pwd.getpwuid(uid).pw_dir
+            home = pwd.getpwuid(euid).pw_dir
         except (ImportError, KeyError):
             return None
     return Path(home, ".postgresql", "root.crt")
