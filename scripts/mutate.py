@@ -24,6 +24,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -132,6 +133,13 @@ def run_target(
         f"{sys.executable} -m pytest -x -q -p no:cacheprovider --no-header "
         f"-o console_output_style=classic {tests}"
     )
+    if target.get("libpq15"):
+        # Also with the system's libpq (PSYCOPG_IMPL=python): some decisions guard against
+        # what only an older libpq does (libpq 15 does not report a service among the
+        # options), and are no-ops with psycopg-binary's libpq 18.
+        test_command = "sh -c " + shlex.quote(
+            f"{test_command} && PSYCOPG_IMPL=python {test_command}"
+        )
     config = scratch / f".mutation-{name}.toml"
     session = scratch / f".mutation-{name}.sqlite"
     config.write_text(
