@@ -22,6 +22,9 @@ and the system's with PSYCOPG_IMPL=python) it prints:
 
     .venv/bin/python benchmarks/route_latency.py [-n 200] [--fresh 25] [--impl binary,python]
 
+Run from the checkout, with its .venv (``scripts/dev setup``), or with
+``safepg-tls[binary,testing,psycopg2,asyncpg]`` installed.
+
 The goals of issue #21 are checked at the end of each table. Medians move with the machine's
 load: compare figures of one run, and run it on a quiet machine.
 """
@@ -338,7 +341,17 @@ def main() -> int:
         child_fresh(driver, case, conninfo, ca)
         return 0
 
-    from safepg.testing import PostgresServer
+    try:
+        import asyncpg  # noqa: F401 - each is measured
+        import psycopg2  # noqa: F401
+
+        from safepg.testing import PostgresServer
+    except ImportError as ex:
+        raise SystemExit(
+            f"route_latency.py measures psycopg, psycopg2 and asyncpg on a throwaway server: {ex}. "
+            "Run it with the checkout's .venv (scripts/dev setup), or install "
+            "'safepg-tls[binary,testing,psycopg2,asyncpg]'."
+        ) from None
 
     with PostgresServer() as server, tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp, "os-store.pem")
