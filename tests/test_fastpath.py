@@ -548,3 +548,31 @@ def test_direct_tls_probe_against_a_server_that_lacks_it(server: PostgresServer)
             )
             is None
         )
+
+
+def test_a_one_certificate_file_without_direct_tls_to_learn_is_not_learned(
+    server: PostgresServer, cache: Path
+) -> None:
+    # Nothing to gain: the set is as small as it gets, and direct TLS is off. No cache files.
+    conninfo = server.conninfo(sslrootcert=str(server.ca_path))
+    for _ in range(2):
+        with safepg.connect(conninfo, direct_tls=False) as conn:
+            assert safepg.check(conn).verified
+    assert cache_files(cache, "host-*.json") == []
+
+
+def test_a_failure_with_the_full_set_is_not_retried(
+    server: PostgresServer,
+    big_bundle: Path,
+    cache: Path,
+    certs: CertificateShop,
+    rogue_ca: CertificateAuthority,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    certs.present("localhost", ip_addresses=["127.0.0.1"], ca=rogue_ca)
+    with (
+        caplog.at_level(logging.DEBUG, logger="safepg"),
+        pytest.raises(safepg.UntrustedCertificateError),
+    ):
+        safepg.connect(server.conninfo(sslrootcert=str(big_bundle)))
+    assert "retrying once" not in caplog.text

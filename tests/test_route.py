@@ -220,6 +220,63 @@ def test_a_landing_that_cannot_be_told_counts_as_elsewhere() -> None:
     assert _fastpath._landed(other, _Where("b.example.test", "5433")) == 1
 
 
+def test_a_narrowed_connect_that_landed_on_another_host_forgets_what_was_learned(
+    server: PostgresServer, big_bundle: Path, cache: Path
+) -> None:
+    # Both hosts of a multi-host plan learned; the narrowed attempt then lands on the second
+    # (the first failed, perhaps only because its anchors changed, and libpq moved on without
+    # a word): what was learned is forgotten, and the next connect tries the full set.
+    plan = _params.build_plan(
+        f"host=a.example.test,b.example.test port=5432,5433 sslrootcert={big_bundle}", {}
+    )
+    index = _fastpath._index(plan.trust.path)
+    assert index is not None
+    keys = _fastpath._host_keys(plan, index.digest)
+    anchor = _x509.parse_pem(server.ca.cert_pem)[0].sha256
+    learned = [_fastpath._Learned((anchor,)) for _ in keys]
+    assert _fastpath._build(plan, keys, index, learned, 180000) is not None
+    route = _fastpath.route(plan, libpq=180000)
+    assert next(iter(route)) is not plan  # the narrowed attempt
+    route.verified(_Where("a.example.test", "5432"))  # the first host: what was learned stays
+    assert _fastpath.cached(plan, 180000) is not None
+    route = _fastpath.route(plan, libpq=180000)
+    assert next(iter(route)) is not plan
+    route.verified(_Where("b.example.test", "5433"))
+    assert _fastpath.cached(plan, 180000) is None
+
+
+class _Version(_Where):
+    def __init__(self, host: str, port: str, version: int) -> None:
+        super().__init__(host, port)
+        self.version = version
+
+    def server_version(self) -> int:
+        return self.version
+
+
+@pytest.mark.parametrize(("version", "direct"), [(160006, False), (170000, True), (180001, True)])
+def test_direct_tls_is_learned_from_the_server_version(
+    big_bundle: Path, cache: Path, server: PostgresServer, version: int, direct: bool
+) -> None:
+    # A host learned without knowing whether it takes direct TLS (a psycopg2 probe taught it):
+    # the next verified session says, by its server version (PostgreSQL 17.0 and later).
+    plan = _params.build_plan(f"host=a.example.test port=5432 sslrootcert={big_bundle}", {})
+    index = _fastpath._index(plan.trust.path)
+    assert index is not None
+    keys = _fastpath._host_keys(plan, index.digest)
+    anchor = _x509.parse_pem(server.ca.cert_pem)[0].sha256
+    _fastpath._write_entry(keys[0], _fastpath._Learned((anchor,)))
+    assert _fastpath._build(plan, keys, index, [_fastpath._Learned((anchor,))], 180000)
+    route = _fastpath.route(plan, libpq=180000)
+    assert next(iter(route)).direct_unknown
+    learn = route.verified(_Version("a.example.test", "5432", version))
+    assert learn is not None
+    learn(1.0)
+    entry = _fastpath._read_entry(keys[0], None)
+    assert entry is not None
+    assert entry.direct is direct
+
+
 # -- fresh processes start warm ------------------------------------------------------------------
 
 
@@ -346,7 +403,10 @@ def test_a_set_changed_behind_an_unchanged_stat_is_caught_in_the_background(
     assert learned(conninfo).path == str(bundle)  # the full set from now on
 
 
-@pytest.mark.parametrize("tamper", ["anchors", "file", "sha256", "small file"])
+@pytest.mark.parametrize(
+    "tamper",
+    ["anchors", "file", "no file", "sha256", "small file", "host entry", "trust record path"],
+)
 def test_a_tampered_record_is_not_a_fresh_start(
     server: PostgresServer,
     big_bundle: Path,
@@ -364,8 +424,18 @@ def test_a_tampered_record_is_not_a_fresh_start(
         record["anchors"] = sorted([*record["anchors"], rogue])
     elif tamper == "file":
         record["file"] = "../" + record["file"]
+    elif tamper == "no file":  # "the whole set was learned", but with a digest of a file
+        record["file"] = None
     elif tamper == "sha256":
         record["sha256"] = "0" * 64
+    elif tamper == "host entry":  # not JSON that holds an entry
+        for entry in cache.glob("host-*.json"):
+            entry.write_text('{"version": 1, "host": ["not", "a", "str"], "anchors": 7}')
+    elif tamper == "trust record path":  # a record made for another file
+        (trust_record,) = cache.glob("trust-*.json")
+        data = json.loads(trust_record.read_text())
+        data["path"] = str(big_bundle) + ".other"
+        trust_record.write_text(json.dumps(data))
     else:
         with Path(small.path).open("ab") as f:
             f.write(rogue_ca.cert_pem)
