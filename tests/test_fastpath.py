@@ -85,7 +85,7 @@ def cache(clean_env: Path) -> Path:
 
 
 def test_warm_connect_uses_only_the_anchor_that_verifies(
-    server: PostgresServer, big_bundle: Path, cache: Path
+    server: PostgresServer, big_bundle: Path, cache: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     conninfo = server.conninfo(sslrootcert=str(big_bundle))
     assert learned(conninfo).path == str(big_bundle)  # first contact: the full set, no probe
@@ -94,7 +94,9 @@ def test_warm_connect_uses_only_the_anchor_that_verifies(
     assert first.origin == "sslrootcert"
     assert fingerprints(first.path) == fingerprints(server.ca_path)
     assert fingerprints(first.path) <= fingerprints(big_bundle)
-    assert learned(conninfo) == first  # warm: the same file, from memory
+    with caplog.at_level(logging.DEBUG, logger="safepg"):
+        assert learned(conninfo) == first  # warm: the same file, from memory
+    assert "fast path: warm (in memory)" in caplog.text  # not rebuilt from the entries
     _fastpath.clear_memory()
     assert learned(conninfo) == first  # a new process: from the disk cache
     entry = json.loads(cache_files(cache, "host-*.json")[0].read_text())

@@ -403,9 +403,44 @@ def test_a_set_changed_behind_an_unchanged_stat_is_caught_in_the_background(
     assert learned(conninfo).path == str(bundle)  # the full set from now on
 
 
+def forge_digest(conninfo: str, cache: Path, record_path: Path, digest: str) -> Path:
+    """Rewrite the trust record, the host entry and the plan record for *digest*, each where
+    safepg would look for it (the names depend on the digest); the plan record's new path."""
+    plan = _params.build_plan(conninfo, {})
+    [trust_record] = cache.glob("trust-*.json")
+    data = json.loads(trust_record.read_text())
+    data["digest"] = digest
+    trust_record.write_text(json.dumps(data))
+    keys = _fastpath._host_keys(plan, digest)
+    [entry_path] = cache.glob("host-*.json")
+    entry = json.loads(entry_path.read_text())
+    entry["trust_digest"] = digest
+    (cache / keys[0].filename()).write_text(json.dumps(entry))
+    record = json.loads(record_path.read_text())
+    record["hosts"] = [k.filename() for k in keys]
+    record_path.unlink()
+    record_path = cache / _fastpath._plan_record_name(keys)
+    record_path.write_text(json.dumps(record))
+    for path in (cache / keys[0].filename(), record_path):
+        path.chmod(0o600)
+    return record_path
+
+
 @pytest.mark.parametrize(
     "tamper",
-    ["anchors", "file", "no file", "sha256", "small file", "host entry", "trust record path"],
+    [
+        "anchors",
+        "file",
+        "no file",
+        "sha256",
+        "no sha256",
+        "hosts",
+        "small file",
+        "host entry",
+        "host entry of another host",
+        "trust record path",
+        "a digest that is no SHA-256",
+    ],
 )
 def test_a_tampered_record_is_not_a_fresh_start(
     server: PostgresServer,
@@ -428,6 +463,18 @@ def test_a_tampered_record_is_not_a_fresh_start(
         record["file"] = None
     elif tamper == "sha256":
         record["sha256"] = "0" * 64
+    elif tamper == "no sha256":
+        record["sha256"] = None
+    elif tamper == "hosts":
+        record["hosts"] = ["host-" + "0" * 32 + ".json"]
+    elif tamper == "host entry of another host":  # the right file name, another host inside
+        for entry_path in cache.glob("host-*.json"):
+            entry = json.loads(entry_path.read_text())
+            entry["host"] = "elsewhere.example.test"
+            entry_path.write_text(json.dumps(entry))
+    elif tamper == "a digest that is no SHA-256":  # every record forged consistently with it
+        record_path = forge_digest(conninfo, cache, record_path, "not-a-digest")
+        record = json.loads(record_path.read_text())
     elif tamper == "host entry":  # not JSON that holds an entry
         for entry in cache.glob("host-*.json"):
             entry.write_text('{"version": 1, "host": ["not", "a", "str"], "anchors": 7}')
