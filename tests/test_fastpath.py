@@ -21,7 +21,7 @@ import psycopg
 import pytest
 
 import safepg
-from safepg import UntrustedCertificateError, _fastpath, _params, _x509
+from safepg import UntrustedCertificateError, _cache, _fastpath, _params, _x509
 from safepg._deadline import Deadline
 from safepg.testing import CertificateAuthority, PostgresServer
 
@@ -146,6 +146,8 @@ def test_anchors_for_walks_issuers_up_to_a_root(
     stranger = CertificateAuthority("stranger").issue("db.example.test")
     assert _fastpath.anchors_for([_x509.parse_pem(stranger.cert_pem)[0].der], index) == []
     assert _fastpath.anchors_for([b"\x30\x03garbage"], index) == []
+    # What does not parse is skipped, not the end of the chain.
+    assert {c.sha256 for c in _fastpath.anchors_for([b"\x30\x03garbage", *ders], index)} == chosen
 
 
 def certifi_pem() -> bytes:
@@ -578,3 +580,61 @@ def test_a_failure_with_the_full_set_is_not_retried(
     ):
         safepg.connect(server.conninfo(sslrootcert=str(big_bundle)))
     assert "retrying once" not in caplog.text
+
+
+def test_a_small_file_whose_mode_changed_is_written_again(
+    server: PostgresServer, big_bundle: Path, cache: Path
+) -> None:
+    conninfo = server.conninfo(sslrootcert=str(big_bundle))
+    small = Path(warm(conninfo).path)
+    small.chmod(0o644)  # the same inode, size and mtime: only _cache's checks see it
+    assert learned(conninfo).path == str(small)
+    assert small.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_small_file_in_a_cache_others_can_now_write_is_not_used(
+    server: PostgresServer, big_bundle: Path, cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    conninfo = server.conninfo(sslrootcert=str(big_bundle))
+    warm(conninfo)
+    cache.chmod(0o777)
+    try:
+        with caplog.at_level(logging.WARNING, logger="safepg"):
+            assert learned(conninfo).path == str(big_bundle)
+    finally:
+        cache.chmod(0o700)
+    assert "not using the cache" in caplog.text
+
+
+@pytest.mark.skipif(
+    psycopg.pq.version() < 170000, reason="a one-certificate set is learned for direct TLS only"
+)
+def test_a_set_learned_whole_stays_warm_in_memory(
+    server: PostgresServer, cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    conninfo = server.conninfo(sslrootcert=str(server.ca_path))  # one certificate: kept whole
+    learned(conninfo)
+    learned(conninfo)
+    with caplog.at_level(logging.DEBUG, logger="safepg"):
+        assert learned(conninfo).path == str(server.ca_path)
+    assert "fast path: warm (in memory)" in caplog.text
+
+
+def test_a_small_file_that_cannot_be_written_leaves_the_full_set(
+    server: PostgresServer, big_bundle: Path, cache: Path
+) -> None:
+    import resource
+
+    conninfo = server.conninfo(sslrootcert=str(big_bundle))
+    learned(conninfo)  # the first contact: learns the anchor, writes its small file
+    for small in cache_files(cache, "anchors-*.pem"):
+        small.unlink()  # made again by the next connect, which cannot write it
+    _fastpath.clear_memory(keep_indexes=True)
+    _cache.clear_memory()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64, hard))  # writes past 64 bytes fail (EFBIG)
+    try:
+        assert learned(conninfo).path == str(big_bundle)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert cache_files(cache, "anchors-*.pem") == []

@@ -218,6 +218,13 @@ def test_a_landing_that_cannot_be_told_counts_as_elsewhere() -> None:
     assert _fastpath._landed(plan, _Where("db.example.test", "5432")) is None
     other = _params.build_plan("host=a.example.test,b.example.test port=5432,5433", {})
     assert _fastpath._landed(other, _Where("b.example.test", "5433")) == 1
+    ports = _params.build_plan("host=a.example.test,a.example.test port=5432,5433", {})
+    assert _fastpath._landed(ports, _Where("a.example.test", "5433")) == 1
+    # Targets with addresses, and a driver that reports none: told apart by name and port.
+    addressed = _params.build_plan(
+        "host=a.example.test,b.example.test hostaddr=192.0.2.1,192.0.2.2 port=5432,5432", {}
+    )
+    assert _fastpath._landed(addressed, _Where("b.example.test", "5432")) == 1
 
 
 def test_a_narrowed_connect_that_landed_on_another_host_forgets_what_was_learned(
@@ -273,6 +280,23 @@ def test_direct_tls_is_learned_from_the_server_version(
     assert learn is not None
     learn(1.0)
     entry = _fastpath._read_entry(keys[0], None)
+    assert entry is not None
+    assert entry.direct is direct
+
+
+@pytest.mark.parametrize(("version", "direct"), [(169999, False), (170000, True)])
+def test_direct_tls_is_learned_with_the_chain_from_the_server_version(
+    server: PostgresServer, big_bundle: Path, cache: Path, version: int, direct: bool
+) -> None:
+    conninfo = server.conninfo(sslrootcert=str(big_bundle))
+    plan = _params.build_plan(conninfo, {})
+    with psycopg.connect(safepg.secure_conninfo(conninfo)) as conn:
+        chain = _fastpath.PsycopgSession(conn.pgconn).chain()
+    assert chain
+    _fastpath.learn_from_session(plan, 0, chain, version, 1.0, 180000)
+    index = _fastpath._index(plan.trust.path)
+    assert index is not None
+    entry = _fastpath._read_entry(_fastpath._host_keys(plan, index.digest)[0], index)
     assert entry is not None
     assert entry.direct is direct
 
