@@ -159,10 +159,14 @@ def run_target(
         for item in work_items(scratch / module, operators, functions)
     }
     if previous is not None:
+        # Not killed last time, and not judged equivalent since (the module is unchanged:
+        # running those again cannot change their outcome).
+        equivalent = load_equivalent()
         wanted &= {
             (m["operator"], m["occurrence"])
             for m in previous["mutants"]
             if m["outcome"] not in ("killed", "timeout")
+            and mutant_id(module, m["function"], m["operator"], m["diff"]) not in equivalent
         }
     with use_db(session, WorkDB.Mode.open) as db:
         for item in db.work_items:
@@ -357,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--retry",
         action="store_true",
-        help="run again only the mutants not killed last time (after adding tests)",
+        help="run again only the mutants not killed last time, nor listed as equivalent",
     )
     args = parser.parse_args(argv)
     config = tomllib.loads(CONFIG.read_text())

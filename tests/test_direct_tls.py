@@ -143,3 +143,25 @@ def test_learned_direct_tls_never_overrides_the_callers_choice(
         mp.setenv("PGSSLNEGOTIATION", "postgres")
         with safepg.connect(pg18.conninfo()) as conn:
             assert negotiation(conn) == "postgres"
+
+
+@needs_libpq17
+def test_the_fallback_from_direct_tls_is_tried_once(server: PostgresServer, cache: Path) -> None:
+    """A host learned as taking direct TLS that now hangs up on every handshake (a proxy put
+    in front of it): one direct attempt, one SSLRequest, then libpq's error; never a loop of
+    fallbacks until the deadline."""
+    from safepg import _params
+
+    from .adversaries import hang_up, running
+
+    with running(hang_up) as adversary:
+        conninfo = server.conninfo(port=str(adversary.port), connect_timeout="3")
+        plan = _params.build_plan(conninfo, {})
+        index = _fastpath._index(plan.trust.path)
+        assert index is not None
+        [key] = _fastpath._host_keys(plan, index.digest)
+        _fastpath._write_entry(key, _fastpath._Learned(tuple(index.by_fingerprint), True))
+        with pytest.raises(psycopg.OperationalError):
+            safepg.connect(conninfo)
+        adversary.settle()
+        assert adversary.connections == 2
