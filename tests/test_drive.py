@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,14 @@ import pytest
 
 import safepg
 import safepg.psycopg2
-from safepg import ConfigurationError, ConnectTarget, TokenRejectedError, _connect
+from safepg import (
+    ConfigurationError,
+    ConnectTarget,
+    TokenRejectedError,
+    _connect,
+    _diagnose,
+    _fastpath,
+)
 from safepg.testing import CertificateAuthority, PostgresServer
 
 from .conftest import CertificateShop
@@ -244,3 +252,141 @@ def test_a_first_attempts_token_is_not_left_in_the_frames_of_a_refusal(
             ]
         tb = tb.tb_next
     assert where == []
+
+
+# -- found by the attacker review: interrupted while diagnosing or deciding --------------------
+
+
+def leaks(obj: object, needle: str) -> list[str]:
+    """Paths by which *needle* is reachable: containers, an error's frames' locals, psycopg's
+    snapshot (_pgconn), __cause__/__context__ chains."""
+    found: list[str] = []
+    seen: set[int] = set()
+    keep: list[object] = []  # ids of freed temporaries would be reused
+
+    def walk(o: object, path: str, depth: int) -> None:
+        if depth > 8 or id(o) in seen:
+            return
+        seen.add(id(o))
+        keep.append(o)
+        if isinstance(o, str):
+            if needle in o:
+                found.append(path)
+            return
+        if isinstance(o, dict):
+            for k, v in o.items():
+                walk(v, f"{path}[{k!r}]", depth + 1)
+            return
+        if isinstance(o, (list, tuple, set)):
+            for i, v in enumerate(o):
+                walk(v, f"{path}[{i}]", depth + 1)
+            return
+        if isinstance(o, BaseException):
+            tb = o.__traceback__
+            while tb is not None:
+                code = tb.tb_frame.f_code
+                if "/tests/" in code.co_filename:  # the test's own frame holds the token
+                    tb = tb.tb_next
+                    continue
+                walk(dict(tb.tb_frame.f_locals), f"{path}<tb {code.co_name}>", depth + 1)
+                tb = tb.tb_next
+            snap = getattr(o, "_pgconn", None)
+            if snap is not None and any((x.val or b"") == needle.encode() for x in snap.info):
+                found.append(f"{path}._pgconn.info")
+            walk(o.__cause__, f"{path}.__cause__", depth + 1)
+            walk(o.__context__, f"{path}.__context__", depth + 1)
+
+    walk(obj, "err", 0)
+    return found
+
+
+def provider_for(token: str) -> Callable[[ConnectTarget], str]:
+    def provider(target: ConnectTarget) -> str:
+        return token
+
+    return provider
+
+
+def test_ctrl_c_during_the_diagnosis_leaves_no_token_in_the_frames(
+    server: PostgresServer,
+    second_ca: CertificateAuthority,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One attempt (fast path off), the chain rejected: safepg diagnoses (probes the server,
+    up to seconds) before scrubbing libpq's error. Ctrl-C during that probe: the
+    KeyboardInterrupt's frames lead to the unscrubbed error and its snapshot."""
+    other = tmp_path / "other.pem"
+    other.write_bytes(second_ca.cert_pem)
+    info = server.conninfo(password=None, sslrootcert=str(other))
+    token = "tok-" + secrets.token_hex(16)
+
+    def slow_probe(*a: object, **k: object) -> None:  # Ctrl-C arriving while the probe waits
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_diagnose, "diagnose", slow_probe)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        safepg.connect(info, password=provider_for(token), fast_path=False)
+    assert leaks(caught.value, token) == []
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is Python 3.11+")
+def test_an_async_timeout_during_the_diagnosis_leaves_no_token_in_the_frames(
+    server: PostgresServer,
+    second_ca: CertificateAuthority,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A timeout (asyncio.timeout in the caller's task) cancels connect_async while safepg
+    diagnoses the failure (in a thread, up to seconds of probes). The TimeoutError the app
+    catches and reports (Sentry reads frame locals when it catches) leads to libpq's raw
+    error: its frames and psycopg's snapshot hold the token."""
+    other = tmp_path / "other.pem"
+    other.write_bytes(second_ca.cert_pem)
+    info = server.conninfo(password=None, sslrootcert=str(other))
+    token = "tok-" + secrets.token_hex(16)
+    real = _diagnose.diagnose
+
+    def slow(*a: Any, **k: Any) -> Any:  # a probe of a slow server
+        time.sleep(1.0)
+        return real(*a, **k)
+
+    monkeypatch.setattr(_diagnose, "diagnose", slow)
+
+    async def go() -> list[str]:
+        try:
+            async with asyncio.timeout(0.5):  # type: ignore[attr-defined,unused-ignore]
+                await safepg.connect_async(info, password=provider_for(token), fast_path=False)
+        except TimeoutError as ex:
+            return leaks(ex, token)  # what an error reporter sees, when it sees it
+        return ["no timeout"]
+
+    assert asyncio.run(go()) == []
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_ctrl_c_while_the_route_decides_on_a_retry_leaves_no_token(
+    server: PostgresServer,
+    role: str,
+    big_bundle: Path,
+    cache: Path,
+    certs: CertificateShop,
+    second_ca: CertificateAuthority,
+    monkeypatch: pytest.MonkeyPatch,
+    driver: str,
+) -> None:
+    """Warm route, CA rotated: the first attempt's chain is rejected; Route.failed runs
+    inside drive's except clause (forget() parses the whole trust set). An exception there
+    has the first attempt's raw error (frames, snapshot: the token) as __context__."""
+    info = warm_conninfo(server, role, big_bundle)
+    rotate(certs, second_ca)
+    token = "tok-" + secrets.token_hex(16)
+
+    def interrupted(*a: object, **k: object) -> None:  # Ctrl-C while the set is parsed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_fastpath, "forget", interrupted)
+    connect = safepg.connect if driver == "psycopg" else safepg.psycopg2.connect
+    with pytest.raises(KeyboardInterrupt) as caught:
+        connect(info, password=provider_for(token))
+    assert leaks(caught.value, token) == []

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
+import os
 import shutil
 import ssl
 import subprocess
@@ -24,6 +26,8 @@ from psycopg import pq
 import safepg
 from safepg import ConfigurationError
 from safepg.testing import CertificateAuthority, PostgresServer
+
+from .conftest import CertificateShop
 
 asyncpg = pytest.importorskip("asyncpg")
 import safepg.asyncpg  # noqa: E402
@@ -400,3 +404,58 @@ def test_variables_no_supported_libpq_reads_are_left_alone(
         monkeypatch.setenv(name, "1")
     assert _asyncpg_connect(server)() == server.user
     safepg.connect(server.url()).close()
+
+
+NOBODY = 65534
+
+
+def connect_in_child(conninfo: str, swap: bool) -> str:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read)
+            if swap:
+                # real user nobody, effective user root (a setuid-root launcher, or a
+                # service that swapped its ids with setreuid to act for a user)
+                os.setreuid(NOBODY, 0)
+            try:
+                with safepg.connect(conninfo, fast_path=False) as conn:
+                    out = "connected: " + str(conn.execute("select 1").fetchone())
+            except Exception as ex:  # reported to the parent
+                out = f"{type(ex).__name__}: {str(ex)[:160]}"
+            os.write(write, json.dumps(out).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        got = json.loads(pipe.read() or b'"nothing"')
+    os.waitpid(pid, 0)
+    return str(got)
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="changing user needs root"
+)
+def test_the_default_root_crl_is_checked_as_the_effective_user_reads_it(
+    server: PostgresServer,
+    clean_env: Path,
+    rogue_ca: CertificateAuthority,
+    certs: CertificateShop,
+    tmp_path: Path,
+) -> None:
+    home = clean_env  # HOME, root's, mode 0700 (like /root)
+    os.chmod(home, 0o700)
+    pg = home / ".postgresql"
+    pg.mkdir()
+    crl = write_crl(tmp_path / "r.crl", rogue_ca)
+    (pg / "root.crl").write_bytes(crl.read_bytes() + rogue_ca.cert_pem)  # a CA in root.crl
+    conninfo = server.conninfo(sslrootcert=str(server.ca_path))
+    # Control: as root/root, safepg refuses the file (docs/security.md row).
+    assert connect_in_child(conninfo, swap=False).startswith("ConfigurationError")
+    certs.present("localhost", ip_addresses=["127.0.0.1"], ca=rogue_ca)  # a man in the middle
+    try:
+        got = connect_in_child(conninfo, swap=True)
+    finally:
+        certs.present("localhost", ip_addresses=["127.0.0.1"])
+    assert not got.startswith("connected"), got

@@ -404,17 +404,19 @@ def test_explicit_do_and_aiven(instance: Instance) -> None:
 # --- rotation ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("fast_path", [None, False])
 def test_rotated_ca_is_fetched_once_more(
-    server: PostgresServer, certs: CertificateShop, instance: Instance
+    server: PostgresServer, certs: CertificateShop, instance: Instance, fast_path: bool | None
 ) -> None:
+    # Without the fast path the fetched CA is the only attempt; with it, a narrowed one first.
     present(certs, GCP_HOST, instance.ca)
-    with connect(server, GCP_HOST):
+    with connect(server, GCP_HOST, fast_path=fast_path):
         pass
     rotated = CertificateAuthority("instance CA, rotated")
     instance.serve(rotated.cert_pem)
     present(certs, GCP_HOST, rotated)
     instance.api.hits.clear()
-    with connect(server, GCP_HOST) as conn:
+    with connect(server, GCP_HOST, fast_path=fast_path) as conn:
         trust = safepg.check(conn).trust
     assert instance.api.hits == [
         "/v1/projects/proj/instances",

@@ -957,3 +957,98 @@ def test_a_check_that_cannot_start_forgets_what_it_would_have_checked(
     assert _fastpath.checks_done(1)
     assert list(cache.glob("plan-*.json")) == []
     assert learned(conninfo).path == str(bundle)  # the full set, parsed in this process
+
+
+def test_a_second_fresh_start_of_the_same_hosts_during_a_check_is_checked_too(
+    server: PostgresServer,
+    tmp_path: Path,
+    cache: Path,
+    rogue_ca: CertificateAuthority,
+    certs: CertificateShop,
+) -> None:
+    """A fresh process connects (records R1, sound): its check is queued. Before it runs (it
+    waits for another set's check, or its delay), the records on disk change to R2 (a rogue
+    anchor added, consistently). The next connect starts fresh again from R2: that is a check
+    of its own, not covered by R1's (found by the attacker review)."""
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(
+        server.ca.cert_pem
+        + CertificateAuthority("another root").cert_pem
+        + CertificateAuthority("a third root").cert_pem
+    )
+    conninfo = server.conninfo(sslrootcert=str(bundle))
+    small = warm(conninfo)
+    [host] = cache.glob("host-*.json")
+    [plan] = cache.glob("plan-*.json")
+    fresh_process()
+    # Another check (of another trust set, a large one) holds the lock for a while.
+    with _fastpath._check_lock:
+        assert learned(conninfo) == small  # fresh start from R1; its check is waiting
+        rogue = tamper_with(cache, host, plan, Path(small.path), rogue_ca)  # R2 on disk
+        os.utime(small.path, ns=(1, 1))  # the small file R1 named changed: memo invalid
+        used = learned(conninfo)  # fresh start again, from R2
+        assert rogue in fingerprints(used.path)
+    wait_for_threads()
+    certs.present("localhost", ip_addresses=["127.0.0.1"], ca=rogue_ca)  # a man in the middle
+    try:
+        with pytest.raises(safepg.UntrustedCertificateError):
+            safepg.connect(conninfo).close()
+    finally:
+        certs.present("localhost", ip_addresses=["127.0.0.1"])
+    assert rogue not in fingerprints(learned(conninfo).path)  # R2's check caught it
+
+
+def test_a_fork_while_another_thread_starts_fresh_forgets_its_records_in_the_child(
+    server: PostgresServer, big_bundle: Path, tmp_path: Path, cache: Path
+) -> None:
+    """Thread A starts fresh (`_warm_start`) while the main thread forks (a multiprocessing
+    worker, a pre-fork server) at the moment A has put the records in memory: the child
+    forgets them too, and checks what it uses itself (found by the attacker review)."""
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(server.ca.cert_pem + big_bundle.read_bytes())
+    conninfo = server.conninfo(sslrootcert=str(bundle))
+    warm(conninfo)
+    change_behind_an_unchanged_stat(bundle)  # what the check would catch
+    fresh_process()
+
+    at_window, forked = threading.Event(), threading.Event()
+    parent = os.getpid()
+
+    class Pause(logging.Handler):  # stands for thread A being preempted at this line
+        def emit(self, record: logging.LogRecord) -> None:
+            if os.getpid() == parent and "a fresh start" in record.getMessage():
+                at_window.set()
+                forked.wait(10)
+
+    handler = Pause(logging.DEBUG)
+    log = logging.getLogger("safepg")
+    old = log.level
+    log.setLevel(logging.DEBUG)
+    log.addHandler(handler)
+    try:
+        a = threading.Thread(target=lambda: learned(conninfo))
+        a.start()
+        assert at_window.wait(10)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            try:
+                os.close(read)
+                first = learned(conninfo).path
+                ok = _fastpath.checks_done(30)
+                os.write(write, json.dumps([first, ok, learned(conninfo).path]).encode())
+            finally:
+                os._exit(0)
+        forked.set()
+        a.join(30)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        child = json.loads(pipe.read() or b"null")
+    os.waitpid(pid, 0)
+    wait_for_threads()
+    assert child is not None
+    # As in tests/test_route.py's forked-child test: the child must end on the full set.
+    assert child[2] == str(bundle)

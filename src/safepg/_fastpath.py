@@ -396,6 +396,9 @@ def _warm_start(plan: Plan, libpq: int) -> Plan | None:
     small_key = _trust.file_key(source.path)
     if small_key is None:
         return None
+    # Its check first, then what it checks into memory: a fork in between (another thread)
+    # then finds it among what a child forgets (`_after_fork`).
+    _verify_later(plan, keys, digest, anchors, source)
     _known[full.path] = (stat_key, digest)
     direct = _direct_of(items)
     _memo[keys] = (source, small_key, direct)
@@ -404,11 +407,13 @@ def _warm_start(plan: Plan, libpq: int) -> Plan | None:
         ", ".join(k.where() for k in keys),
         full,
     )
-    _verify_later(plan, keys, digest, anchors, source)
     return _narrowed(plan, source, direct, libpq)
 
 
-_Check = tuple[str, tuple[_HostKey, ...]]  # the full set's path, the hosts
+# What a check covers: the full set's path, the hosts, and what their records said (digest,
+# anchors, small file). A fresh start from other records (changed on disk meanwhile) is
+# another check, never covered by one that is running.
+_Check = tuple[str, tuple[_HostKey, ...], str, tuple[str, ...], str]
 # Fresh starts not checked yet, with the call that starts their check. An entry stays until its
 # check ends: a forked child, which has none of its parent's threads, forgets them (`_after_fork`)
 # and reads the disk again.
@@ -429,8 +434,14 @@ def _verify_later(
         _start_check(plan, keys, digest, anchors, source)
 
     with _locks_guard:
-        _unchecked[(plan.trust.path, keys)] = start
+        _unchecked[_check_of(plan, keys, digest, anchors, source)] = start
     _pending.append(start)
+
+
+def _check_of(
+    plan: Plan, keys: tuple[_HostKey, ...], digest: str, anchors: Sequence[str], source: TrustSource
+) -> _Check:
+    return (plan.trust.path, keys, digest, tuple(anchors), source.path)
 
 
 def _start_pending() -> None:
@@ -450,7 +461,7 @@ def _forget_unchecked(plan: Plan, keys: tuple[_HostKey, ...]) -> None:
 def _start_check(
     plan: Plan, keys: tuple[_HostKey, ...], digest: str, anchors: Sequence[str], source: TrustSource
 ) -> None:
-    what = (plan.trust.path, keys)
+    what = _check_of(plan, keys, digest, anchors, source)
     with _locks_guard:
         if what in _checking or what not in _unchecked:
             return  # running, or over
@@ -476,7 +487,7 @@ def _start_check(
     # daemon thread, it is stopped at exit; a forked child forgets what it had not checked.
     try:
         _thread.start_new_thread(run, ())
-    except RuntimeError as ex:  # no thread can be started (limits): nothing stays unchecked
+    except Exception as ex:  # no thread can be started (limits, memory): nothing stays unchecked
         logger.warning(
             "safepg: cannot start the check of the fast path's records (%s); forgetting them", ex
         )
@@ -943,7 +954,7 @@ def _after_fork() -> None:
     # A fresh start's records that the parent had not checked yet: its check thread is not
     # here. Forgotten in memory, so that the child's next connect reads the disk again (where
     # the parent's check may have dropped them) and checks what it uses itself.
-    for path, keys in _unchecked:
+    for path, keys, *_ in _unchecked:
         _memo.pop(keys, None)
         _known.pop(path, None)
     _unchecked.clear()
@@ -1001,6 +1012,14 @@ def _libpq_failure(ex: BaseException, lost: type[Exception]) -> TypeGuard[Except
     """*ex* is libpq's failure to connect (the driver's OperationalError), not safepg's own
     error from a password callable (``ConfigurationError`` is a psycopg OperationalError)."""
     return isinstance(ex, lost) and not isinstance(ex, SafePGError)
+
+
+def _not_libpq(failed: tuple[Exception, Plan] | None) -> None:
+    """An error that is not libpq's ends the connect (a password callable's, Ctrl-C): what an
+    earlier attempt's error holds is dropped, and a fresh start's check is started all the
+    same (`Route.verified` and `failed` will not run)."""
+    _drop_secrets(failed)
+    _start_pending()
 
 
 def _drop_secrets(failed: tuple[Exception, Plan] | None) -> None:
@@ -1082,12 +1101,20 @@ class Route:
                 return attempt(params)
             except BaseException as ex:
                 if not _libpq_failure(ex, lost):
-                    _drop_secrets(failed)
+                    _not_libpq(failed)
                     raise
                 failed = (ex, used)
-                if not self.failed(ex):
-                    break
-        raise fail(*_last(failed))
+            # Outside the except clause: an error while deciding (Ctrl-C while the set is
+            # parsed) must not carry libpq's error, and its password, as its context.
+            if not self._go_on(failed):
+                break
+        last = _last(failed)
+        try:
+            err = fail(*last)
+        except BaseException:  # Ctrl-C during the diagnosis's probe
+            _drop_secrets(failed)
+            raise
+        raise err
 
     async def drive_async(
         self,
@@ -1106,12 +1133,26 @@ class Route:
                 return await attempt(params)
             except BaseException as ex:
                 if not _libpq_failure(ex, lost):
-                    _drop_secrets(failed)
+                    _not_libpq(failed)
                     raise
                 failed = (ex, used)
-                if not self.failed(ex):
-                    break
-        raise await fail(*_last(failed))
+            if not self._go_on(failed):
+                break
+        last = _last(failed)
+        try:
+            err = await fail(*last)
+        except BaseException:  # cancelled, or a timeout, during the diagnosis's probe
+            _drop_secrets(failed)
+            raise
+        raise err
+
+    def _go_on(self, failed: tuple[Exception, Plan]) -> bool:
+        """`failed`, dropping what libpq's error holds if deciding raises."""
+        try:
+            return self.failed(failed[0])
+        except BaseException:
+            _drop_secrets(failed)
+            raise
 
     def _then(self, attempt: Plan) -> None:
         """Queue *attempt* right after the current one."""

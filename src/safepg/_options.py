@@ -479,7 +479,7 @@ def crls(path: str | None, origin: str) -> bytes:
     """
     if path is None:
         path = _default_crl()
-        if path is None or not os.access(path, os.F_OK):
+        if path is None or not os.path.exists(path):  # as the effective user, as libpq
             return b""
         origin = "libpq's default file"
     return read_crl(path, origin)
@@ -506,8 +506,8 @@ def check_crl_files(resolved: Mapping[str, str], origin: Origin = _no_origin) ->
     else:
         crl = _default_crl()
         where = "libpq's default file"
-        # os.access: no exception (a few microseconds) on the usual path, a missing file.
-        if crl is not None and not os.access(crl, os.F_OK):
+        # As libpq reads it: as the effective user (os.access would ask as the real one).
+        if crl is not None and not os.path.exists(crl):
             crl = None
     if crl:
         key = _stat(crl)
