@@ -499,3 +499,26 @@ def test_the_default_files_follow_a_change_of_user(
         seen = json.loads(pipe.read() or b"null")
     os.waitpid(pid, 0)
     assert seen == [f"{home}/.postgresql/root.crt", f"{home}/.postgresql/root.crl"]
+
+
+def test_the_default_crl_is_checked_in_every_home_a_libpq_may_take(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """libpq 15 and later read ~/.postgresql from HOME, libpq 14 from the effective user's
+    password-database entry whatever HOME says: both are checked."""
+    import pwd
+
+    from safepg import _trust
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    passwd_home = Path(pwd.getpwuid(os.geteuid()).pw_dir)
+    assert _trust.libpq_homes() == (
+        tmp_path / "home" / ".postgresql",
+        passwd_home / ".postgresql",
+    )
+    assert _options._default_crls() == [
+        str(tmp_path / "home" / ".postgresql" / "root.crl"),
+        str(passwd_home / ".postgresql" / "root.crl"),
+    ]
+    monkeypatch.setenv("HOME", str(passwd_home))  # the same home: listed once
+    assert _trust.libpq_homes() == (passwd_home / ".postgresql",)

@@ -465,6 +465,11 @@ def _default_crl() -> str | None:
     return _beside(root) if root is not None else None
 
 
+def _default_crls() -> list[str]:
+    """libpq's default CRL file in each home a libpq 14-18 may read it from."""
+    return [_beside(home / "root.crt") for home in _trust.libpq_homes()]
+
+
 @functools.lru_cache(maxsize=8)
 def _beside(root: Path) -> str:
     return str(root.with_name("root.crl"))
@@ -502,18 +507,16 @@ def check_crl_files(resolved: Mapping[str, str], origin: Origin = _no_origin) ->
     """
     crl = resolved.get("sslcrl")
     if crl:
-        where = origin("sslcrl", "PGSSLCRL")
+        files = [(crl, origin("sslcrl", "PGSSLCRL"))]
     else:
-        crl = _default_crl()
-        where = "libpq's default file"
+        # libpq's default file, in each home a libpq 14-18 may take (`_trust.libpq_homes`).
         # As libpq reads it: as the effective user (os.access would ask as the real one).
-        if crl is not None and not os.path.exists(crl):
-            crl = None
-    if crl:
-        key = _stat(crl)
-        if key is not None and (crl, key) not in _CLEAN:
-            read_crl(crl, where)
-            _remember(crl, key)
+        files = [(f, "libpq's default file") for f in _default_crls() if os.path.exists(f)]
+    for path, where in files:
+        key = _stat(path)
+        if key is not None and (path, key) not in _CLEAN:
+            read_crl(path, where)
+            _remember(path, key)
     crldir = resolved.get("sslcrldir")
     if crldir:
         where = origin("sslcrldir", "PGSSLCRLDIR")

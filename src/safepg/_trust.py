@@ -207,6 +207,18 @@ def libpq_default_root() -> Path | None:
     return _default_root_for(getenv("HOME"), os.geteuid())
 
 
+def libpq_homes() -> tuple[Path, ...]:
+    """Every ``~/.postgresql`` a libpq 14-18 may read its default files from: libpq 15 and
+    later take ``HOME`` when it is set, libpq 14 always the effective user's home in the
+    password database (``%APPDATA%/postgresql`` on Windows)."""
+    if os.name == "nt":
+        root = libpq_default_root()
+        return (root.parent,) if root is not None else ()
+    euid = os.geteuid()
+    found = [_default_root_for(getenv("HOME"), euid), _default_root_for(None, euid)]
+    return tuple(dict.fromkeys(p.parent for p in found if p is not None))
+
+
 @functools.lru_cache(maxsize=8)
 def _default_root_for(home: str | None, euid: int) -> Path | None:
     if not home:
