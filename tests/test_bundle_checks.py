@@ -39,7 +39,7 @@ def self_signed(
     name: str,
     *,
     ca: bool | None = True,
-    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | None = None,
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | dsa.DSAPrivateKey | None = None,
     pss: bool = False,
 ) -> x509.Certificate:
     """A self-signed certificate: *ca* None leaves out BasicConstraints; *pss* signs with
@@ -202,19 +202,7 @@ def test_another_user_may_use_an_override_root_installed(world: Path) -> None:
 
 def test_a_signature_scheme_without_a_check_is_refused() -> None:
     """A DSA root: safepg verifies RSA (PKCS#1 v1.5), ECDSA and EdDSA signatures only."""
-    key = dsa.generate_private_key(key_size=2048)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dsa root")])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - dt.timedelta(days=1))
-        .not_valid_after(NOW + dt.timedelta(days=365))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
+    cert = self_signed("dsa root", key=dsa.generate_private_key(key_size=2048))
     assert "the signature does not verify" in refused(pem_of(cert))
 
 

@@ -131,6 +131,18 @@ def slow_first(seconds: float) -> tuple[list[dict[str, Any]], Callable[..., Any]
     return seen, opener
 
 
+def rotated_after_learning(
+    server: PostgresServer, bundle: Path, certs: CertificateShop, ca: CertificateAuthority
+) -> str:
+    """A conninfo whose host was learned, then rotated to *ca*: the learned anchor no longer
+    verifies, so the full set is retried. Its deadline is 4.5 s (connect_timeout=3)."""
+    info = server.conninfo(sslrootcert=str(bundle), connect_timeout="3")
+    learned(info)
+    assert "narrowed" in learned(info).label
+    rotate(certs, ca)
+    return info
+
+
 def test_a_retry_gets_what_is_left_of_the_deadline(
     server: PostgresServer,
     big_bundle: Path,
@@ -138,10 +150,7 @@ def test_a_retry_gets_what_is_left_of_the_deadline(
     certs: CertificateShop,
     second_ca: CertificateAuthority,
 ) -> None:
-    info = server.conninfo(sslrootcert=str(big_bundle), connect_timeout="3")  # deadline 4.5 s
-    learned(info)
-    assert "narrowed" in learned(info).label
-    rotate(certs, second_ca)  # the learned anchor no longer verifies: the full set is retried
+    info = rotated_after_learning(server, big_bundle, certs, second_ca)
     seen, opener = slow_first(1.6)
     conn = _connect.open_verified(
         opener, info, {}, allow_unencrypted_unix_socket=False, fast_path=None
@@ -157,10 +166,7 @@ def test_an_async_retry_gets_what_is_left_of_the_deadline(
     certs: CertificateShop,
     second_ca: CertificateAuthority,
 ) -> None:
-    info = server.conninfo(sslrootcert=str(big_bundle), connect_timeout="3")
-    learned(info)
-    assert "narrowed" in learned(info).label
-    rotate(certs, second_ca)
+    info = rotated_after_learning(server, big_bundle, certs, second_ca)
     seen: list[dict[str, Any]] = []
 
     async def opener(**params: Any) -> Any:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import os
 import shutil
 import ssl
@@ -406,32 +405,21 @@ def test_variables_no_supported_libpq_reads_are_left_alone(
     safepg.connect(server.url()).close()
 
 
-NOBODY = 65534
-
-
 def connect_in_child(conninfo: str, swap: bool) -> str:
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
+    from .test_guarantees import NOBODY, in_child
+
+    def run() -> str:
+        if swap:
+            # real user nobody, effective user root (a setuid-root launcher, or a service
+            # that swapped its ids with setreuid to act for a user)
+            os.setreuid(NOBODY, 0)
         try:
-            os.close(read)
-            if swap:
-                # real user nobody, effective user root (a setuid-root launcher, or a
-                # service that swapped its ids with setreuid to act for a user)
-                os.setreuid(NOBODY, 0)
-            try:
-                with safepg.connect(conninfo, fast_path=False) as conn:
-                    out = "connected: " + str(conn.execute("select 1").fetchone())
-            except Exception as ex:  # reported to the parent
-                out = f"{type(ex).__name__}: {str(ex)[:160]}"
-            os.write(write, json.dumps(out).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        got = json.loads(pipe.read() or b'"nothing"')
-    os.waitpid(pid, 0)
-    return str(got)
+            with safepg.connect(conninfo, fast_path=False) as conn:
+                return "connected: " + str(conn.execute("select 1").fetchone())
+        except Exception as ex:  # reported to the parent
+            return f"{type(ex).__name__}: {str(ex)[:160]}"
+
+    return str(in_child(run))
 
 
 @pytest.mark.skipif(

@@ -61,17 +61,15 @@ def world() -> Iterator[Path]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def as_user(uid: int, fn: Callable[[], object]) -> object:
-    """Run *fn* in a forked child whose real and effective user is *uid*; return its result."""
+def in_child(fn: Callable[[], object]) -> object:
+    """Run *fn* in a forked child and return its result (JSON); an error in the child fails
+    the test with its repr."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         code = 0
         try:
             os.close(read)
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
             result: object = fn()
         except BaseException as ex:  # reported to the parent
             result, code = {"error": repr(ex)}, 1
@@ -84,6 +82,18 @@ def as_user(uid: int, fn: Callable[[], object]) -> object:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, data
     return json.loads(data)
+
+
+def as_user(uid: int, fn: Callable[[], object]) -> object:
+    """Run *fn* in a forked child whose real and effective user is *uid*; return its result."""
+
+    def run() -> object:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+        return fn()
+
+    return in_child(run)
 
 
 def make(path: Path, mode: int, uid: int = 0) -> Path:

@@ -6,7 +6,6 @@ the key log file is never written."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -474,30 +473,20 @@ def test_the_default_files_follow_a_change_of_user(
 
     from safepg import _trust
 
-    from .test_guarantees import NOBODY
+    from .test_guarantees import NOBODY, as_user, in_child
 
     monkeypatch.delenv("HOME")
     _options.check_crl_files({})  # the parent (root) looked at its own once
     home = pwd.getpwuid(NOBODY).pw_dir
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        try:
-            os.close(read)
-            if how == "setuid":
-                os.setgroups([])
-                os.setresgid(NOBODY, NOBODY, NOBODY)
-                os.setresuid(NOBODY, NOBODY, NOBODY)
-            else:
-                os.seteuid(NOBODY)  # the real user stays root: libpq goes by the effective one
-            seen = [str(_trust.libpq_default_root()), _options._default_crl()]
-            os.write(write, json.dumps(seen).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        seen = json.loads(pipe.read() or b"null")
-    os.waitpid(pid, 0)
+
+    def look() -> list[str | None]:
+        return [str(_trust.libpq_default_root()), _options._default_crl()]
+
+    def seteuid_and_look() -> list[str | None]:
+        os.seteuid(NOBODY)  # the real user stays root: libpq goes by the effective one
+        return look()
+
+    seen = as_user(NOBODY, look) if how == "setuid" else in_child(seteuid_and_look)
     assert seen == [f"{home}/.postgresql/root.crt", f"{home}/.postgresql/root.crl"]
 
 

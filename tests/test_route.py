@@ -30,7 +30,7 @@ from safepg.testing import CertificateAuthority, PostgresServer
 
 from .conftest import CertificateShop
 from .test_fastpath import fingerprints, learned, warm
-from .test_guarantees import world  # noqa: F401 - a fixture
+from .test_guarantees import in_child, world  # noqa: F401 - world: a fixture
 
 
 @pytest.fixture(scope="module")
@@ -617,22 +617,14 @@ def test_a_remembered_plan_is_not_used_by_another_user(
         return build(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr("safepg._plans.build_plan", counting)
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        try:
-            os.close(read)
-            os.seteuid(NOBODY)
-            with contextlib.suppress(Exception):  # nobody may not read the test's CA file
-                _plans.plan_for(conninfo, {})
-            os.write(write, str(len(built)).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        child = pipe.read()
-    os.waitpid(pid, 0)
-    assert child == b"1"
+
+    def as_nobody() -> int:
+        os.seteuid(NOBODY)
+        with contextlib.suppress(Exception):  # nobody may not read the test's CA file
+            _plans.plan_for(conninfo, {})
+        return len(built)
+
+    assert in_child(as_nobody) == 1
     _plans.plan_for(conninfo, {})
     assert built == []  # the parent's own plan is still remembered
 
@@ -917,22 +909,15 @@ def test_a_forked_child_does_not_use_what_its_parent_had_not_checked(
     change_behind_an_unchanged_stat(bundle)
     fresh_process()
     assert learned(conninfo) == small  # checked later, in a thread (after a delay)
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        try:
-            os.close(read)
-            first = learned(conninfo).path
-            assert _fastpath.checks_done(30)
-            os.write(write, json.dumps([first, learned(conninfo).path]).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        child = json.loads(pipe.read() or b"null")
-    os.waitpid(pid, 0)
+
+    def child_connects() -> list[str]:
+        first = learned(conninfo).path
+        assert _fastpath.checks_done(30)
+        return [first, learned(conninfo).path]
+
+    child = in_child(child_connects)
     wait_for_threads()
-    assert child is not None, "the child reported nothing"
+    assert isinstance(child, list)
     # The child's first connect may start from the records (as its parent's did); its own
     # check then finds the change, and the full set is used from then on.
     assert child[1] == str(bundle)
